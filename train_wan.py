@@ -268,3 +268,227 @@ def count_flops(cfg: WanConfig, f, h, w, text_len=None):
     rest = 2 * L * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * L * d * math.prod(cfg.patch_size) * cfg.out_dim
     rest += 2 * Lt * (cfg.text_dim * d + d * d)
     return cfg.num_layers * per_block + rest
+
+
+# -----------------------------------------------------------------------------------------------------
+# VAE (wan/modules/vae.py)
+# @@VAE@@
+
+# -----------------------------------------------------------------------------------------------------
+# Text encoder: umT5-XXL encoder + tokenizer (wan/modules/t5.py, tokenizers.py)
+# @@T5@@
+
+# -----------------------------------------------------------------------------------------------------
+# LoRA. The adapter lives INSIDE the Linear it adapts, so the base keeps its official key
+# (`blocks.0.self_attn.q.weight`) and the adapter gets `blocks.0.self_attn.q.lora_A.weight` (rank, in) and
+# `.lora_B.weight` (out, rank): the PEFT / ComfyUI naming, which is what we export (prefixed `diffusion_model.`).
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank, alpha):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the frozen base, same tensors, same names
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=base.weight.device)
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
+
+    @torch.no_grad()
+    def init_lora(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT / kohya init; B = 0 => no-op at start
+        nn.init.zeros_(self.lora_B.weight)
+
+
+LORA_TARGETS = "self_attn.q,self_attn.k,self_attn.v,self_attn.o,cross_attn.q,cross_attn.k,cross_attn.v,cross_attn.o,ffn.0,ffn.2"
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
+    """Swap the target Linears of every block for LoRALinear; freeze everything but the adapters."""
+    names = targets.split(",")
+    for blk in model.blocks:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = blk.get_submodule(parent_name)
+            setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    return model
+
+
+def init_lora(model):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.init_lora()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Flow matching, the Wan convention: sigma in [0, 1], sigma = 1 is pure noise,
+#   x_t = (1 - sigma) * x0 + sigma * noise,   target velocity v = noise - x0,   model timestep t = 1000 * sigma.
+
+
+def shift_sigma(sigma, shift):
+    """The resolution shift used by Wan's schedulers: s*sigma / (1 + (s-1)*sigma). shift > 1 moves mass to noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(n, method, shift=1.0, generator=None, device="cpu"):
+    """Training sigmas. uniform: U(0,1). logit_normal: sigmoid(N(0,1)) (SD3; diffusion-pipe's default).
+    shift: U(0,1) through shift_sigma (DiffSynth's Wan recipe; musubi's `shift` uses logit-normal first, which is
+    `logit_normal` with --shift). Any method is shifted when shift != 1."""
+    if method == "uniform" or method == "shift":
+        s = torch.rand(n, generator=generator, device=device)
+    elif method == "logit_normal":
+        s = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    else:
+        raise ValueError(f"--timestep_sampling must be uniform, logit_normal or shift, got {method!r}")
+    return shift_sigma(s, shift) if shift != 1.0 else s
+
+
+def flow_loss(model, x0, context, sigma, noise):
+    """MSE between the predicted and the true velocity; x0, noise (B,C,F,H,W); sigma (B,)."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    v = model(xt, sigma * 1000, context)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+# -----------------------------------------------------------------------------------------------------
+# Loading the released weights. Accepted DiT layouts (README lists them):
+#   1. the official folder (Wan-AI/Wan2.1-T2V-1.3B, -14B): config.json + diffusion_pytorch_model.safetensors, or
+#      diffusion_pytorch_model-0000k-of-0000n.safetensors + diffusion_pytorch_model.safetensors.index.json
+#   2. a single .safetensors file with the official keys, optionally prefixed `model.diffusion_model.` or
+#      `diffusion_model.` (ComfyUI's repackaged wan2.1_t2v_*.safetensors); the config is read off the shapes
+#   3. the diffusers repo (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or its transformer/ folder: renamed back below
+
+
+def read_safetensors(files, dtype=None):
+    """Read one or more .safetensors files into one dict on CPU, casting each tensor as it is read (so a 57 GB
+    fp32 14B checkpoint needs 28.6 GB of host memory when it is trained in bf16)."""
+    from safetensors import safe_open
+    sd = {}
+    for fn in files:
+        with safe_open(fn, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return sd
+
+
+def safetensors_files(folder, stem):
+    """<stem>.safetensors, or the shards listed in <stem>.safetensors.index.json."""
+    index = os.path.join(folder, stem + ".safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(folder, stem + ".safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{folder}: neither {stem}.safetensors nor {stem}.safetensors.index.json is there")
+
+
+# diffusers' WanTransformer3DModel names -> the official names (the reverse of diffusers' own conversion).
+# Order matters: the specific patterns come before the general ones.
+DIFFUSERS_DIT_RENAMES = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    (".attn1.to_out.0.", ".self_attn.o."), (".attn1.to_", ".self_attn."), (".attn1.", ".self_attn."),
+    (".attn2.to_out.0.", ".cross_attn.o."), (".attn2.to_", ".cross_attn."), (".attn2.", ".cross_attn."),
+    (".norm2.", ".norm3."),  # diffusers' only affine block norm (the pre-cross-attention one) is norm2
+    (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+    (".scale_shift_table", ".modulation"), ("proj_out.", "head.head."),
+]
+
+
+def diffusers_to_official_dit(sd):
+    out = {}
+    for k, v in sd.items():
+        if k == "scale_shift_table":
+            k = "head.modulation"
+        for a, b in DIFFUSERS_DIT_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def dit_config_from(cfg_json=None, sd=None):
+    """WanConfig from an official or diffusers config.json, else from the tensor shapes."""
+    if cfg_json is not None and "num_attention_heads" in cfg_json:  # diffusers
+        c = cfg_json
+        cfg_json = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
+                        num_heads=c["num_attention_heads"], num_layers=c["num_layers"], in_dim=c["in_channels"],
+                        out_dim=c["out_channels"], text_dim=c.get("text_dim", 4096), freq_dim=c.get("freq_dim", 256),
+                        eps=c.get("eps", 1e-6), model_type="i2v" if c.get("image_dim") else "t2v")
+    if cfg_json is not None:
+        if cfg_json.get("model_type", "t2v") != "t2v":
+            raise ValueError(f"model_type {cfg_json['model_type']!r}: train_wan.py implements the text-to-video "
+                             "model (t2v); image-to-video checkpoints have extra weights (img_emb, k_img, v_img)")
+        fields = {f.name for f in dataclasses.fields(WanConfig)}
+        return WanConfig(**{k: v for k, v in cfg_json.items() if k in fields and k != "patch_size"})
+    dim, in_dim = sd["patch_embedding.weight"].shape[:2]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return WanConfig(dim=dim, in_dim=in_dim, num_heads=dim // 128, num_layers=n_layers,
+                     ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], text_dim=sd["text_embedding.0.weight"].shape[1],
+                     out_dim=sd["head.head.weight"].shape[0] // 4)
+
+
+def read_dit_checkpoint(path, dtype=None):
+    """-> (WanConfig, state dict with official keys) from any layout listed above."""
+    cfg_json = None
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):  # diffusers repo root
+            path = os.path.join(path, "transformer")
+        cfg_file = os.path.join(path, "config.json")
+        if os.path.exists(cfg_file):
+            with open(cfg_file) as f:
+                cfg_json = json.load(f)
+        files = safetensors_files(path, "diffusion_pytorch_model")
+    elif path.endswith(".safetensors"):
+        files = [path]
+    else:
+        raise ValueError(f"{path}: expected a checkpoint folder or a .safetensors file")
+    sd = read_safetensors(files, dtype)
+    for prefix in ("model.diffusion_model.", "diffusion_model."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if any(k.startswith("condition_embedder.") for k in sd):
+        sd = diffusers_to_official_dit(sd)
+    return dit_config_from(cfg_json, sd), sd
+
+
+def check_keys(expected, got, path, ignore=lambda k: False, hint=""):
+    """Fail with the names of missing and unexpected keys (the first few of each) and a hint."""
+    expected = {k for k in expected if not ignore(k)}
+    missing, unexpected = sorted(expected - set(got)), sorted(set(got) - expected)
+    if missing or unexpected:
+        def show(ks):
+            return ", ".join(ks[:8]) + (f" ... ({len(ks)} in all)" if len(ks) > 8 else "")
+        raise KeyError(f"{path}: the checkpoint does not match the model. missing: [{show(missing)}]; "
+                       f"unexpected: [{show(unexpected)}]. {hint}")
+
+
+def check_shapes(model_sd, sd, path):
+    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in model_sd.items()
+           if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad[:8]))
+
+
+DIT_HINT = ("train_wan.py loads Wan 2.1 text-to-video DiTs: the official folder, a single official-key "
+            ".safetensors (ComfyUI's repackaged files) or a diffusers folder.")
+
+
+def load_dit(path, dtype=torch.float32, device="cpu"):
+    """A WanModel (eval mode) from any supported layout, built on the meta device and filled with the weights."""
+    cfg, sd = read_dit_checkpoint(path, dtype)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    check_keys(model.state_dict().keys(), sd, path, hint=DIT_HINT)
+    check_shapes(model.state_dict(), sd, path)
+    model.load_state_dict(sd, assign=True)
+    return model.to(device).eval()

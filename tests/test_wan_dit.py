@@ -7,18 +7,9 @@ import pytest
 import torch
 
 import train_wan as W
+from tests.helpers import tiny_dit as tiny_model
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    m = W.WanModel(W.DIT_PRESETS["tiny"])
-    m.init_weights()
-    with torch.no_grad():  # upstream init zeroes the head and biases: randomise everything so nothing hides
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
 
 
 def diffusers_twin(model):
