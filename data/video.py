@@ -1,0 +1,167 @@
+"""Video and image I/O with PyAV: anything FFmpeg reads goes in, a (3, F, H, W) tensor in [-1, 1] comes out.
+
+    probe(path) -> {"width", "height", "frames", "duration", "fps", "is_image"}
+    read_clip(path, start, frames, fps, size=(H, W)) -> float32 (3, F, H, W) in [-1, 1]
+    resize_crop(img uint8 (h, w, 3), (H, W)) -> float32 (3, H, W) in [-1, 1]
+    write_video(path, video (3, F, H, W) float in [-1, 1] or uint8, fps)   # h264 mp4, yuv420p
+
+Time is always frame pts * time_base (seconds, relative to the stream's start), never the nominal frame
+rate: phone videos and screen recordings are often variable-frame-rate, and the nominal rate then lies.
+Resampling to a target fps picks, for output time t = start + k/fps, the last source frame with time <= t
+(what a player would be showing at t), so frames are repeated when upsampling and skipped when downsampling.
+Still images (png/jpg/webp/...) and 1-frame videos are 1-frame clips.
+"""
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".flv", ".wmv", ".mpg", ".mpeg",
+              ".ts", ".mts", ".m2ts", ".3gp", ".ogv"}
+MEDIA_EXTS = IMAGE_EXTS | VIDEO_EXTS
+EPS = 1e-6  # seconds; absorbs float error in pts * time_base vs k / fps
+
+
+def _origin(stream):
+    # Times are relative to the stream start: mp4 with B-frames or an edit list, and MPEG-TS, do not start at pts 0.
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _rgb(frame):
+    """Decoded frame -> uint8 (h, w, 3), upright (phone videos store a rotation in the display matrix)."""
+    img = frame.to_ndarray(format="rgb24")
+    k = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def probe(path):
+    """Size, duration, fps and frame count, from the packet timestamps (no full decode; one frame is decoded to
+    check that the stream decodes and to get the upright size). Raises on anything unreadable. Returns
+    {"width", "height", "frames", "duration" (s), "fps" (measured average), "is_image"}."""
+    with av.open(str(path)) as c:
+        if not c.streams.video:
+            raise ValueError("no video stream")
+        s = c.streams.video[0]
+        tb = s.time_base
+        pts, last_pts, last_dur = [], None, 0
+        for p in c.demux(s):
+            if p.size == 0:  # the flush packet at the end
+                continue
+            if p.pts is None:  # some raw streams have no timestamps: fall back to decoding
+                pts = None
+                break
+            pts.append(p.pts)
+            if last_pts is None or p.pts >= last_pts:  # packets come in decode order; keep the latest in time
+                last_pts, last_dur = p.pts, p.duration or 0
+        if pts is None or not pts:
+            # decode everything; slow but rare (raw elementary streams, or demux gave no packets)
+            c.seek(0)
+            times = [f.time for f in c.decode(s) if f.time is not None]
+            if not times:
+                raise ValueError("no decodable frames")
+            times = sorted(t - _origin(s) for t in times)
+        else:
+            times = sorted(float((x - (s.start_time or 0)) * tb) for x in pts)
+        c.seek(0)
+        first = next(c.decode(s), None)
+        if first is None:
+            raise ValueError("no decodable frames")
+        h, w = _rgb(first).shape[:2]
+        rate = float(s.guessed_rate or s.average_rate or 0) or 25.0  # read before close: PyAV segfaults after
+        tb = float(tb)
+    n = len(times)
+    if n > 1:
+        step = float(np.median(np.diff(times))) or 1 / rate
+        fps = (n - 1) / (times[-1] - times[0]) if times[-1] > times[0] else rate
+    else:
+        step, fps = 1 / rate, rate
+    dur = last_dur * tb if last_dur else step
+    is_image = n == 1 or os.path.splitext(str(path))[1].lower() in IMAGE_EXTS
+    return {"width": w, "height": h, "frames": n, "duration": times[-1] + dur, "fps": fps, "is_image": is_image}
+
+
+def resize_crop(img, size):
+    """uint8 (h, w, 3) -> float32 (3, H, W) in [-1, 1]: scale so the image covers (H, W) keeping its aspect,
+    then centre-crop. Bicubic with antialias, i.e. a proper low-pass when shrinking (plain bicubic aliases)."""
+    H, W = size
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
+    h, w = img.shape[:2]
+    scale = max(H / h, W / w)
+    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - H) // 2, (nw - W) // 2
+    x = x[0, :, top:top + H, left:left + W]
+    return (x / 127.5 - 1).clamp(-1, 1)  # bicubic overshoots; clamp back into range
+
+
+def read_clip(path, start, frames, fps, size):
+    """Decode `frames` frames at `fps` starting at `start` seconds, resized and centre-cropped to size=(H, W).
+    Returns float32 (3, F, H, W) in [-1, 1]. Output frame k is the last source frame with time <= start + k/fps;
+    past the end of the video the last frame repeats (the dataset never asks for that)."""
+    targets = [start + k / fps for k in range(frames)]
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        t0 = _origin(s)
+        out = _decode_at(c, s, t0, targets, size, seek=start > 0)
+        if out is None:  # the seek landed after `start` (happens with some demuxers): decode from the top
+            c.seek(0)
+            out = _decode_at(c, s, t0, targets, size, seek=False)
+    return torch.stack(out, dim=1)  # (3, F, H, W)
+
+
+def _decode_at(c, s, t0, targets, size, seek):
+    if seek:
+        try:
+            c.seek(int((targets[0] + t0) / s.time_base), stream=s, backward=True)  # to the keyframe before start
+        except av.error.FFmpegError:
+            c.seek(0)
+    out, k, prev, last = [], 0, None, [None, None]
+
+    def take(frame):  # the same source frame is often taken twice (upsampling): convert it once
+        if last[0] is not frame:  # `is`, not id(): holding the frame keeps its id from being reused
+            last[:] = frame, resize_crop(_rgb(frame), size)
+        out.append(last[1])
+
+    for i, frame in enumerate(c.decode(s)):
+        t = frame.time - t0 if frame.time is not None else i / float(s.guessed_rate or 25)
+        if prev is None and seek and t > targets[0] + EPS:
+            return None
+        while k < len(targets) and t > targets[k] + EPS:
+            take(prev if prev is not None else frame)  # before the first frame: show the first frame
+            k += 1
+        if k == len(targets):
+            break
+        prev = frame
+    if prev is None:
+        raise ValueError("no decodable frames")
+    while k < len(targets):
+        take(prev)
+        k += 1
+    return out
+
+
+def write_video(path, video, fps, crf=18):
+    """Write (3, F, H, W) float in [-1, 1] (or uint8) as an h264/yuv420p mp4 that every player opens.
+    yuv420p needs even sizes: an odd H or W is padded by repeating the last row/column."""
+    assert video.ndim == 4 and video.shape[0] == 3, f"expected (3, F, H, W), got {tuple(video.shape)}"
+    if video.dtype != torch.uint8:
+        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
+    _, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        s.width, s.height, s.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
+        s.options = {"crf": str(crf)}
+        for img in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():  # flush
+            c.mux(p)
