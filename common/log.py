@@ -1,0 +1,53 @@
+"""The run's log: one JSON object per line in <out_dir>/log.jsonl (the machine-readable record that tests and
+users compare runs with), a short human line on stdout, and TensorBoard / W&B when installed and asked for."""
+import json
+import os
+
+
+class RunLog:
+    def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project="", config=None):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.tb = self.wb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except ImportError:
+                print("tensorboard is not installed: pip install tensorboard (logging to log.jsonl only)")
+        if wandb_project:
+            try:
+                import wandb
+                self.wb = wandb.init(project=wandb_project, dir=out_dir, config=config)
+            except ImportError:
+                print("wandb is not installed: pip install wandb (logging to log.jsonl only)")
+
+    def log(self, rec, echo=True):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        step = rec.get("step", 0)
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(k, v, step)
+        if self.wb:
+            self.wb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        if echo:
+            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
+                  flush=True)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
