@@ -50,6 +50,11 @@ def make_buckets(area, multiple=16, max_ratio=3.0):
         w = area // h // m * m  # the widest W that keeps H*W within the area
         if w >= m and max(h / w, w / h) <= max_ratio:
             out |= {(h, w), (w, h)}  # the transpose too: floor rounding is not symmetric
+    # the transposes add some (h, w) with a wider (h, w') or taller (h', w) next to them: drop those
+    widest, tallest = {}, {}
+    for h, w in out:
+        widest[h], tallest[w] = max(widest.get(h, 0), w), max(tallest.get(w, 0), h)
+    out = {(h, w) for h, w in out if widest[h] == w and tallest[w] == h}
     assert out, f"no bucket of area <= {area} with sides multiple of {multiple}"
     return sorted(out)
 

@@ -1,0 +1,494 @@
+"""Tests for data/: decoding, bucketing, bad-input reporting, cache, batch sampler, toy dataset, write_video.
+
+Every clip is made here with PyAV, tiny (<= 64 px, <= 50 frames). Frame i of most clips is a flat gray of
+level 10 + step*i, so the level of a decoded frame says which source frame it came from."""
+import copy
+import json
+import os
+import re
+import socket
+import wave
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from data.cache import cache_entries, encode_dataset, load_batch, load_entry
+from data.dataset import load_dataset, make_buckets, nearest_bucket
+from data.loader import batches, epoch_plan, split_val, val_batches
+from data.toy import COLORS, DIRECTIONS, make_toy_dataset
+from data.video import probe, read_clip, write_video
+
+SMALL = dict(area=64 * 64, fps=16, max_frames=17, multiple=16, frame_step=4, min_frames=5)
+
+
+def has_encoder(name):
+    try:
+        av.Codec(name, "w")
+        return True
+    except Exception:
+        return False
+
+
+def encode(path, codec="libx264", n=20, w=32, h=48, fps=16, fmt=None, pix="yuv420p", pts=None, step=12,
+           opts=None, frames=None):
+    """Write a clip whose frame i is gray level 10 + step*i (or `frames[i]`, uint8 (h, w, 3)). `pts` in ms."""
+    if opts is None:
+        opts = {"qp": "0"} if codec == "libx264" else {}  # lossless: levels come back within rounding
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        s.options = opts
+        for i in range(n):
+            img = frames[i] if frames is not None else np.full((h, w, 3), 10 + step * i, np.uint8)
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if pts is not None:
+                f.pts, f.time_base = pts[i], Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def write_image(path, codec, pix, w=53, h=37):
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream(codec, rate=1)
+        s.width, s.height, s.pix_fmt = w, h, pix
+        for p in s.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 100, np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def caption(path, text="a test clip"):
+    with open(os.path.splitext(str(path))[0] + ".txt", "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+
+
+def levels(video):
+    """(3, F, H, W) in [-1, 1] -> the gray level (0..255) of each frame's centre."""
+    return ((video[:, :, video.shape[2] // 2, video.shape[3] // 2].mean(0) + 1) * 127.5).tolist()
+
+
+def frame_ids(video, step=12):
+    return [round((v - 10) / step) for v in levels(video)]
+
+
+# --- decoding: containers, codecs, sizes ---
+
+CASES = [  # name, writer, expected (source w, h), expected frames at 16 fps / max 17
+    ("h264.mp4", lambda p: encode(p), (32, 48), 17),
+    ("vp9_odd.webm", lambda p: encode(p, "libvpx-vp9", w=37, h=53), (37, 53), 17),
+    ("ffv1_odd.mkv", lambda p: encode(p, "ffv1", w=37, h=53), (37, 53), 17),
+    ("mpeg4.mov", lambda p: encode(p, "mpeg4"), (32, 48), 17),
+    ("anim.gif", lambda p: encode(p, "gif", fps=10, pix="rgb8", w=37, h=53), (37, 53), 17),
+    ("portrait.mp4", lambda p: encode(p, w=32, h=96), (32, 96), 17),
+    ("landscape.mp4", lambda p: encode(p, w=64, h=32, n=9), (64, 32), 9),
+    pytest.param("hevc.mp4", lambda p: encode(p, "libx265", opts={"x265-params": "log-level=none"}), (32, 48), 17,
+                 marks=pytest.mark.skipif(not has_encoder("libx265"), reason="no hevc encoder")),
+    pytest.param("av1.mkv", lambda p: encode(p, "libsvtav1", w=64, h=64), (64, 64), 17,
+                 marks=pytest.mark.skipif(not has_encoder("libsvtav1"), reason="no av1 encoder")),
+    ("still.png", lambda p: write_image(p, "png", "rgb24"), (53, 37), 1),
+    ("still.jpg", lambda p: write_image(p, "mjpeg", "yuvj420p"), (53, 37), 1),
+    pytest.param("still.webp", lambda p: write_image(p, "libwebp", "yuv420p"), (53, 37), 1,
+                 marks=pytest.mark.skipif(not has_encoder("libwebp"), reason="no webp encoder")),
+]
+
+
+@pytest.mark.parametrize("name,write,src_size,frames", CASES)
+def test_formats(tmp_path, name, write, src_size, frames):
+    path = write(tmp_path / name)
+    caption(path)
+    info = probe(path)
+    assert (info["width"], info["height"]) == src_size
+    lines = []
+    (r,) = load_dataset(tmp_path, **SMALL, log=lines.append)
+    H, W, F = r["bucket"]
+    assert H % 16 == 0 and W % 16 == 0 and H * W <= 64 * 64 and (F - 1) % 4 == 0
+    assert F == frames and r["caption"] == "a test clip" and r["start"] == 0.0
+    assert (H > W) == (src_size[1] > src_size[0]) or H == W  # orientation kept
+    json.dumps(r)  # records are plain data
+    v = read_clip(r["path"], r["start"], F, r["fps"], (H, W))
+    assert v.shape == (3, F, H, W) and v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1
+    if F > 1 and not name.endswith(".gif"):  # gif is palettised: levels are approximate
+        ids = frame_ids(v)
+        assert ids == sorted(ids) and ids[0] == 0  # in order, from the first frame
+
+
+def test_resample_picks_last_frame_at_or_before_t(tmp_path):
+    path = encode(tmp_path / "a.mp4", n=24, fps=24, step=10)  # 1 s
+    for fps, start, n in [(16, 0.0, 16), (16, 0.25, 12), (30, 0.0, 30), (24, 0.5, 12), (8, 0.1, 7)]:
+        v = read_clip(path, start, n, fps, (32, 32))
+        want = [min(23, int((start + k / fps) * 24 + 1e-9)) for k in range(n)]  # floor(t * 24)
+        assert frame_ids(v, step=10) == want, (fps, start)
+
+
+def test_variable_frame_rate(tmp_path):
+    pts = [0, 40, 50, 130, 200, 210, 300, 420]  # ms, irregular
+    path = encode(tmp_path / "vfr.mp4", n=8, w=32, h=32, pts=pts)
+    info = probe(path)
+    assert info["frames"] == 8 and info["duration"] >= 0.42
+    assert info["fps"] == pytest.approx(7 / 0.42)  # measured from pts, not the nominal 16
+    for fps, n in [(10, 5), (25, 11)]:
+        v = read_clip(path, 0.0, n, fps, (32, 32))
+        want = [max(i for i, p in enumerate(pts) if p <= 1000 * k / fps + 1e-6) for k in range(n)]
+        assert frame_ids(v) == want
+
+
+def test_rotation_metadata(tmp_path):
+    """A phone video: stored landscape, display matrix says rotate 90 degrees counter-clockwise."""
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32] = 255  # left half white: after the rotation it is the bottom half
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    assert (probe(path)["width"], probe(path)["height"]) == (32, 64)
+    v = read_clip(path, 0, 1, 16, (64, 32))
+    assert v[:, 0, :28].mean() < -0.9 and v[:, 0, 36:].mean() > 0.9
+
+
+def test_write_video_roundtrip(tmp_path):
+    F, H, W = 9, 37, 50  # odd H: padded to even for yuv420p
+    y, x = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    video = torch.stack([x.expand(F, H, W), y.expand(F, H, W), (x * y).expand(F, H, W)])  # smooth: codec-friendly
+    write_video(tmp_path / "out.mp4", video, fps=16)
+    info = probe(tmp_path / "out.mp4")
+    assert (info["frames"], info["width"], info["height"]) == (F, 50, 38)
+    back = read_clip(tmp_path / "out.mp4", 0, F, 16, (38, 50))[:, :, :H]
+    assert back.shape == (3, F, H, W) and (back - video).abs().mean() < 0.05
+    write_video(tmp_path / "u8.mp4", ((video + 1) * 127.5).round().to(torch.uint8), fps=24)
+    assert probe(tmp_path / "u8.mp4")["frames"] == F
+
+
+def test_buckets():
+    b = make_buckets(480 * 832, 16)
+    assert (480, 832) in b and (832, 480) in b
+    assert all(h % 16 == 0 and w % 16 == 0 and h * w <= 480 * 832 and max(h / w, w / h) <= 3 for h, w in b)
+    assert len({h for h, _ in b}) == len(b) == len({w for _, w in b})  # one bucket per height and per width
+    assert nearest_bucket(1080, 1920, b) == (480, 832) and nearest_bucket(1920, 1080, b) == (832, 480)
+    assert nearest_bucket(512, 512, b) in [(624, 640), (640, 624)]  # 624*640 is exactly the area; 632^2 is over
+    assert make_buckets(32 * 32, 16) == [(16, 48), (32, 32), (48, 16)]
+
+
+# --- bad input: one line each, a summary, an error if nothing is left ---
+
+def wav(path):
+    with wave.open(str(path), "wb") as w:  # audio only, named .mp4: FFmpeg reads it, there is no video
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 800)
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    caption(encode(d / "good.mp4"))
+    caption(encode(d / "sub" / "nested.webm", "libvpx-vp9"), "nested clip")
+    caption(write_image(d / "image.png", "png", "rgb24"), "an image")
+    caption(encode(d / "short.mp4", n=3))
+    (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    good = (d / "good.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    caption(d / "corrupt.mp4"), caption(d / "truncated.mp4")
+    (d / "empty.mp4").write_bytes(b"")
+    caption(d / "empty.mp4")
+    encode(d / "nocaption.mp4")
+    caption(encode(d / "latin1.mp4"), b"caf\xe9 au lait")
+    caption(encode(d / "blank.mp4"), "  \n\t ")
+    wav(d / "audio.mp4")
+    caption(d / "audio.mp4")
+    (d / "notes.md").write_text("not media: ignored without a word")
+    lines = []
+    recs = load_dataset(d, **SMALL, log=lines.append)
+    assert sorted(os.path.basename(r["path"]) for r in recs) == ["good.mp4", "image.png", "nested.webm"]
+    want = {"short.mp4": "too short", "corrupt.mp4": "corrupt", "truncated.mp4": "corrupt",
+            "empty.mp4": "empty file", "nocaption.mp4": "no caption", "latin1.mp4": "caption not utf-8",
+            "blank.mp4": "empty caption", "audio.mp4": "no video stream"}
+    skips = [ln for ln in lines if ln.startswith("skip ")]
+    assert len(skips) == len(want)  # one line per bad file
+    for name, reason in want.items():
+        (ln,) = [ln for ln in skips if f"{os.sep}{name}:" in ln]
+        assert ln.startswith(f"skip {d / name}: {reason}"), ln
+    summary = next(ln for ln in lines if ln.startswith("data "))
+    assert "3 samples from 3 files; skipped 8 files" in summary
+    for reason, n in [("corrupt", 2), ("too short", 1), ("empty file", 1), ("no caption", 1),
+                      ("caption not utf-8", 1), ("empty caption", 1), ("no video stream", 1)]:
+        assert re.search(rf"\b{reason} {n}\b", summary), (reason, summary)
+    # min_frames=1 accepts the 3-frame clip as a 1-frame sample
+    recs = load_dataset(d, **{**SMALL, "min_frames": 1}, log=lines.append)
+    assert [r["bucket"][2] for r in recs if r["path"].endswith("short.mp4")] == [1]
+
+
+def test_default_log_prints(tmp_path, capsys):
+    caption(encode(tmp_path / "ok.mp4"))
+    (tmp_path / "bad.mp4").write_bytes(b"")
+    caption(tmp_path / "bad.mp4")
+    load_dataset(tmp_path, **SMALL)
+    out = capsys.readouterr().out
+    assert f"skip {tmp_path / 'bad.mp4'}: empty file" in out and "skipped 1 files (empty file 1)" in out
+
+
+def test_all_bad_raises(tmp_path):
+    (tmp_path / "x.mp4").write_bytes(b"garbage" * 100)
+    caption(tmp_path / "x.mp4")
+    encode(tmp_path / "y.mp4")  # no caption
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*corrupt 1, no caption 1"):
+        load_dataset(tmp_path, **SMALL, log=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos or images found in .*empty"):
+        load_dataset(tmp_path / "empty", **SMALL)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset(tmp_path / "nowhere", **SMALL)
+
+
+def test_jsonl_and_csv(tmp_path):
+    m = tmp_path / "media"
+    m.mkdir()
+    encode(m / "a.mp4")
+    encode(m / "b.webm", "libvpx-vp9", w=37, h=53)
+    write_image(m / "c.png", "png", "rgb24")
+    (m / "dir.mp4").mkdir()  # exists but cannot be read as a file
+    lines = [json.dumps({"path": "media/a.mp4", "caption": "clip a"}),
+             json.dumps({"video": str(m / "b.webm"), "text": "clip b"}),  # absolute path
+             json.dumps({"file": "media/c.png", "prompt": "image c"}),
+             "{not json",
+             json.dumps({"path": "media/a.mp4"}),  # no caption
+             json.dumps({"path": "media/missing.mp4", "caption": "x"}),
+             json.dumps({"path": "media/dir.mp4", "caption": "x"}),
+             ""]
+    (tmp_path / "set.jsonl").write_text("\n".join(lines))
+    log = []
+    recs = load_dataset(tmp_path / "set.jsonl", **SMALL, log=log.append)
+    assert [(os.path.basename(r["path"]), r["caption"], r["bucket"][2]) for r in recs] == \
+        [("a.mp4", "clip a", 17), ("b.webm", "clip b", 17), ("c.png", "image c", 1)]
+    reasons = [ln.split(": ")[1].split(" (")[0] for ln in log if ln.startswith("skip ")]
+    assert reasons == ["bad line", "no caption", "missing file", "unreadable"]
+    assert any(f"set.jsonl:4" in ln for ln in log)
+    # csv: any of the path/caption column names, quoted commas, relative and absolute paths
+    (tmp_path / "set.csv").write_text('File,Prompt,extra\nmedia/a.mp4,"red, then blue",1\n'
+                                      f'{m / "c.png"},image,2\nmedia/gone.mp4,x,3\n')
+    log = []
+    recs = load_dataset(tmp_path / "set.csv", **SMALL, log=log.append)
+    assert [(os.path.basename(r["path"]), r["caption"]) for r in recs] == [("a.mp4", "red, then blue"),
+                                                                            ("c.png", "image")]
+    assert sum(ln.startswith("skip ") and "missing file" in ln for ln in log) == 1
+    (tmp_path / "nocap.csv").write_text("path,notes\nmedia/a.mp4,x\n")
+    with pytest.raises(ValueError, match="no caption column"):
+        load_dataset(tmp_path / "nocap.csv", **SMALL)
+
+
+def test_clips_per_video(tmp_path):
+    caption(encode(tmp_path / "long.mp4", n=50, step=4))  # 3.125 s at 16 fps: two full 17-frame clips
+    assert len(load_dataset(tmp_path, **SMALL, log=lambda s: None)) == 1
+    recs = load_dataset(tmp_path, **SMALL, clips_per_video=0, log=lambda s: None)
+    assert [(r["clip"], r["start"], r["bucket"][2]) for r in recs] == [(0, 0.0, 17), (1, 17 / 16, 17)]
+    assert len(load_dataset(tmp_path, **SMALL, clips_per_video=5, log=lambda s: None)) == 2
+    v = read_clip(recs[1]["path"], recs[1]["start"], 17, 16, (48, 80))
+    assert frame_ids(v, step=4) == list(range(17, 34))  # consecutive: the second clip starts where the first ended
+    recs = load_dataset(tmp_path, **{**SMALL, "max_frames": 81}, log=lambda s: None)
+    assert recs[0]["bucket"][2] == 49  # 50 frames -> largest 4k+1
+
+
+# --- cache ---
+
+def small_dataset(d):
+    d.mkdir(parents=True, exist_ok=True)
+    caption(encode(d / "a.mp4"), "clip a")
+    caption(encode(d / "b.mp4", n=40, step=6), "clip b, longer")  # two clips, same bucket as a
+    caption(write_image(d / "c.png", "png", "rgb24"), "image c")
+    return load_dataset(d, **SMALL, clips_per_video=2, log=lambda s: None)
+
+
+class Counter:  # encoders that count their calls; the "latent" is a downsampled mean of the clip
+    def __init__(self):
+        self.video, self.text = 0, 0
+
+    def encode_video(self, v):  # (1, 3, F, H, W) -> (1, 1, (F-1)/4+1, H/8, W/8)
+        assert v.ndim == 5 and v.shape[:2] == (1, 3)
+        self.video += 1
+        return v.mean(1, keepdim=True)[:, :, ::4, ::8, ::8]
+
+    def encode_text(self, caps):  # variable length, like unpadded T5 output
+        self.text += 1
+        return torch.full((1, len(caps[0]) % 5 + 2, 4), float(len(caps[0])))
+
+
+def test_cache(tmp_path):
+    recs = small_dataset(tmp_path / "data")
+    assert len(recs) == 4
+    cache, settings = tmp_path / "cache", {"model": "toy", "area": 64 * 64, "fps": 16}
+    enc = Counter()
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=lambda s: None)
+    assert len(entries) == 4 and enc.video == 4 and enc.text == 3  # the two clips of b.mp4 share one text call
+    assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+    t, meta = load_entry(entries[1]["file"])
+    H, W, F = recs[1]["bucket"]
+    assert t["latents"].shape == (1, (F - 1) // 4 + 1, H // 8, W // 8)
+    assert meta["caption"] == recs[1]["caption"] and meta["bucket"] == recs[1]["bucket"]
+    assert meta["path"] == recs[1]["path"] and meta["settings"] == settings and meta["start"] == recs[1]["start"]
+    clip = read_clip(recs[1]["path"], recs[1]["start"], F, 16, (H, W))
+    assert torch.allclose(t["latents"], enc.encode_video(clip[None])[0])
+    # a re-run encodes nothing; the reader finds everything
+    enc = Counter()
+    assert len(encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=lambda s: None)) == 4
+    assert enc.video == enc.text == 0
+    assert [e["file"] for e in cache_entries(recs, cache, settings)] == [e["file"] for e in entries]
+    # new bytes in a.mp4 -> only its entry is re-encoded
+    a = tmp_path / "data" / "a.mp4"
+    st = os.stat(a)
+    encode(a, step=11)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime even on a coarse clock
+    enc = Counter()
+    new = encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=lambda s: None)
+    assert enc.video == 1 and new[0]["file"] != entries[0]["file"] and new[1:] == entries[1:]
+    # a changed caption -> that entry; changed settings -> everything
+    recs[3] = dict(recs[3], caption="image c, recaptioned")
+    enc = Counter()
+    encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=lambda s: None)
+    assert enc.video == 1
+    enc = Counter()
+    encode_dataset(recs, enc.encode_video, enc.encode_text, cache, {**settings, "fps": 24}, log=lambda s: None)
+    assert enc.video == 4
+    assert len(cache_entries(recs, cache, {**settings, "model": "other"}, log=lambda s: None)) == 0
+    # a batch of one bucket stacks; text of different lengths is padded, with the lengths
+    assert new[0]["bucket"] == new[1]["bucket"]
+    b = load_batch([new[0]["file"], new[1]["file"]])
+    texts = [load_entry(e["file"])[0]["text"] for e in new[:2]]  # "clip a" -> 3 tokens, "clip b, longer" -> 6
+    assert b["latents"].shape == (2, *t["latents"].shape) and b["text"].shape == (2, 6, 4)
+    assert b["text_lens"].tolist() == [3, 6] and torch.equal(b["text"][0, :3], texts[0])
+    assert b["text"][0, 3:].abs().sum() == 0 and torch.equal(b["text"][1], texts[1])
+
+
+# --- two real ranks (gloo): scan and cache are sharded, everyone ends with the same list ---
+
+def _dist_worker(rank, world, root, port):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    log = []
+    make_toy_dataset(os.path.join(root, "toy"), n=5, size=32, frames=9)  # rank 0 writes, rank 1 waits
+    recs = load_dataset(os.path.join(root, "toy"), area=32 * 32, fps=16, max_frames=9, log=log.append)
+    enc = Counter()
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, os.path.join(root, "cache"), {"m": 1},
+                             log=log.append)
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(recs=recs, calls=enc.video, entries=[e["file"] for e in entries], log=log), f)
+    dist.destroy_process_group()
+
+
+def test_two_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, str(tmp_path), port), nprocs=2)
+    r0, r1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert r0["recs"] == r1["recs"] and len(r0["recs"]) == 5 and r0["entries"] == r1["entries"]
+    assert (r0["calls"], r1["calls"]) == (3, 2) and len(r0["entries"]) == 5  # i::world shares
+    assert any(ln.startswith("data ") for ln in r0["log"]) and not any(ln.startswith("data ") for ln in r1["log"])
+
+
+# --- batch sampler ---
+
+def take(gen, n):
+    return [next(gen) for _ in range(n)]
+
+
+def test_sampler_deterministic_one_bucket_per_batch():
+    buckets = [(32, 32, 17)] * 13 + [(48, 16, 9)] * 7 + [(16, 48, 1)] * 2
+    kw = dict(micro_batch=4, rank=0, world=1, seed=3)
+    a = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 30)
+    b = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 30)
+    c = take(batches(buckets, **{**kw, "seed": 4}, state={"epoch": 0, "pos": 0}), 30)
+    assert a == b and a != c
+    assert all(len(x) == 4 and len({buckets[i] for i in x}) == 1 for x in a)
+    plan = epoch_plan(buckets, 4, 1, seed=3, epoch=0)
+    assert len(plan) == 4 + 2 + 1  # ceil(13/4) + ceil(7/4) + ceil(2/4): remainders wrap, nothing dropped
+    assert {i for step in plan for x in step for i in x} == set(range(len(buckets)))
+    assert plan != epoch_plan(buckets, 4, 1, seed=3, epoch=1)  # reshuffled every epoch
+
+
+def test_sampler_resume_reproduces_sequence():
+    buckets = [(i % 3, 0, 0) for i in range(23)]
+    kw = dict(micro_batch=2, rank=1, world=2, seed=0)
+    full = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 40)  # crosses several epochs
+    for cut in (1, 6, 7, 17):
+        state = {"epoch": 0, "pos": 0}
+        first = take(batches(buckets, **kw, state=state), cut)
+        saved = json.loads(json.dumps(state))  # what a checkpoint would hold
+        rest = take(batches(buckets, **kw, state=copy.deepcopy(saved)), 40 - cut)
+        assert first + rest == full, cut
+
+
+def test_sampler_ranks():
+    buckets = [(0,)] * 12 + [(1,)] * 12  # 6 batches of 4: divisible by world 3, nothing wraps
+    plan = epoch_plan(buckets, 4, 3, seed=1, epoch=0)
+    per_rank = [[i for step in plan for i in step[r]] for r in range(3)]
+    assert all(len(p) == 8 for p in per_rank)
+    assert sorted(sum(per_rank, [])) == list(range(24))  # disjoint, and together the whole set
+    gens = [batches(buckets, 4, r, 3, seed=1, state={"epoch": 0, "pos": 0}) for r in range(3)]
+    assert [[next(g) for g in gens] for _ in range(2)] == plan  # rank r takes column r of the plan
+    # uneven: 5 batches over 3 ranks -> wrapped to 6 so every rank gets 2 steps
+    plan = epoch_plan([(0,)] * 20, 4, 3, seed=1, epoch=0)
+    assert len(plan) == 2 and all(len(step) == 3 for step in plan)
+    # more ranks than batches still gives every rank a batch
+    assert len(epoch_plan([(0,)] * 3, 2, 8, seed=0, epoch=0)[0]) == 8
+
+
+def test_split_val():
+    entries = [{"path": f"v{i // 2}.mp4", "n": i} for i in range(20)]  # 10 files, 2 clips each
+    train, val = split_val(entries, 0.2, seed=5)
+    assert len({e["path"] for e in val}) == 2 and len(val) == 4 and len(train) == 16
+    assert not {e["path"] for e in val} & {e["path"] for e in train}  # no file on both sides
+    assert split_val(entries, 0.2, seed=5) == (train, val) and split_val(entries, 0.2, seed=6)[1] != val
+    assert len({e["path"] for e in split_val(entries, 3, seed=0)[1]}) == 3
+    assert len(split_val(entries, 100, seed=0)[0]) == 2  # one file always stays for training
+    assert split_val(entries, 0, seed=0) == (entries, [])
+    vb = [val_batches([(0,)] * 5, 2, r, 2) for r in range(2)]
+    assert len(vb[0]) == len(vb[1]) and {i for b in vb for x in b for i in x} == set(range(5))
+
+
+# --- toy dataset ---
+
+def test_toy_dataset(tmp_path):
+    a = make_toy_dataset(tmp_path / "a", n=8, size=32, frames=17)
+    b = make_toy_dataset(tmp_path / "b", n=8, size=32, frames=17)
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b)) and len([n for n in names if n.endswith(".mp4")]) == 8
+    for n in names:  # same seed, same files
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    mtime = os.stat(a / "toy_000.mp4").st_mtime_ns
+    make_toy_dataset(a, n=8, size=32, frames=17)  # complete: nothing rewritten
+    assert os.stat(a / "toy_000.mp4").st_mtime_ns == mtime
+    assert (make_toy_dataset(tmp_path / "c", n=8, size=32, frames=17, seed=1) / "toy_000.txt").read_text() \
+        != (a / "toy_000.txt").read_text() or (tmp_path / "c" / "toy_000.mp4").read_bytes() != \
+        (a / "toy_000.mp4").read_bytes()
+    recs = load_dataset(a, area=32 * 32, fps=16, max_frames=17, log=lambda s: None)
+    assert len(recs) == 8 and all(r["bucket"] == [32, 32, 17] for r in recs)
+    for r in recs:
+        m = re.fullmatch(r"a (\w+) (circle|square|triangle) moving (left|right|up|down) on a (\w+) background",
+                         r["caption"])
+        assert m, r["caption"]
+        color, direction = m.group(1), m.group(3)
+        v = read_clip(r["path"], 0, 17, 16, (32, 32))
+        rgb = (v + 1) * 127.5  # (3, F, H, W)
+        dist = (rgb - torch.tensor(COLORS[color], dtype=torch.float32)[:, None, None, None]).norm(dim=0)
+        mask = (dist < 60).float()  # (F, H, W): pixels of the shape's colour
+        assert mask[0].sum() > 20 and mask[-1].sum() > 20, r["caption"]
+        yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        cx = [(mask[t] * xx).sum() / mask[t].sum() for t in (0, -1)]
+        cy = [(mask[t] * yy).sum() / mask[t].sum() for t in (0, -1)]
+        dx, dy = DIRECTIONS[direction]
+        moved = (cx[1] - cx[0], cy[1] - cy[0])
+        assert moved[0] * dx + moved[1] * dy > 10 and abs(moved[0] * dy) + abs(moved[1] * dx) < 2, \
+            (r["caption"], moved)
