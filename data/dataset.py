@@ -144,6 +144,7 @@ def _list_items(data):
     for n, row in rows:
         where = f"{data}:{n}"
         path = next((row[k] for k in PATH_KEYS if isinstance(row, dict) and row.get(k)), None)
+        path = path.strip() if isinstance(path, str) else path
         if not isinstance(path, str):
             err = row if isinstance(row, str) else f"no {'/'.join(PATH_KEYS)} field"
             items.append(dict(path=where, caption=None, txt=None, error=("bad line", err)))

@@ -24,10 +24,11 @@ import random
 
 def split_val(entries, val, seed):
     """Split into (train, val) by source file, so clips of one video never sit on both sides. `val` < 1 is a
-    fraction of the files, >= 1 a number of files; at least one file stays in train. Orders are kept."""
+    fraction of the files, >= 1 a number of files. val > 0 holds out at least one file, and at least one file
+    stays in train. The input order is kept on both sides."""
     paths = sorted({e["path"] for e in entries})
     n = round(val * len(paths)) if val < 1 else int(val)
-    n = max(0, min(n, len(paths) - 1))
+    n = max(1 if val > 0 else 0, min(n, len(paths) - 1))
     held = set(random.Random(f"val-{seed}").sample(paths, n))  # string seeds hash the same in every process
     return [e for e in entries if e["path"] not in held], [e for e in entries if e["path"] in held]
 

@@ -2,7 +2,6 @@
 
     probe(path) -> {"width", "height", "frames", "duration", "fps", "is_image"}
     read_clip(path, start, frames, fps, size=(H, W)) -> float32 (3, F, H, W) in [-1, 1]
-    resize_crop(img uint8 (h, w, 3), (H, W)) -> float32 (3, H, W) in [-1, 1]
     write_video(path, video (3, F, H, W) float in [-1, 1] or uint8, fps)   # h264 mp4, yuv420p
 
 Time is always frame pts * time_base (seconds, relative to the stream's start), never the nominal frame
@@ -17,7 +16,6 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".flv", ".wmv", ".mpg", ".mpeg",
@@ -31,11 +29,29 @@ def _origin(stream):
     return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
 
 
-def _rgb(frame):
-    """Decoded frame -> uint8 (h, w, 3), upright (phone videos store a rotation in the display matrix)."""
-    img = frame.to_ndarray(format="rgb24")
-    k = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
-    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+def _rotation(frame):
+    # phone videos store a rotation in the display matrix; counter-clockwise quarter turns, as np.rot90 counts
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _upright_size(frame):
+    return (frame.height, frame.width) if _rotation(frame) % 2 == 0 else (frame.width, frame.height)
+
+
+def frame_to_array(frame, size):
+    """Decoded frame -> uint8 (H, W, 3), upright: scaled (aspect kept) to cover size=(H, W), then centre-cropped.
+    Scaling is swscale's, in C on uint8: "area" (a box average, no aliasing) when shrinking, bicubic when
+    enlarging. Doing it in torch float is ~10x slower at 480p and the frames are the bulk of a caching run."""
+    H, W = size
+    k = _rotation(frame)
+    h, w = _upright_size(frame)
+    scale = max(H / h, W / w)
+    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
+    sh, sw = (nh, nw) if k % 2 == 0 else (nw, nh)  # the size before the rotation
+    img = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="AREA" if scale < 1 else "BICUBIC")
+    img = np.rot90(img, k) if k else img  # (nh, nw, 3)
+    top, left = (nh - H) // 2, (nw - W) // 2
+    return torch.from_numpy(np.ascontiguousarray(img[top:top + H, left:left + W]))
 
 
 def probe(path):
@@ -70,7 +86,8 @@ def probe(path):
         first = next(c.decode(s), None)
         if first is None:
             raise ValueError("no decodable frames")
-        h, w = _rgb(first).shape[:2]
+        first.to_ndarray(format="rgb24")  # converts, i.e. the pixels are really there
+        h, w = _upright_size(first)
         rate = float(s.guessed_rate or s.average_rate or 0) or 25.0  # read before close: PyAV segfaults after
         tb = float(tb)
     n = len(times)
@@ -84,66 +101,51 @@ def probe(path):
     return {"width": w, "height": h, "frames": n, "duration": times[-1] + dur, "fps": fps, "is_image": is_image}
 
 
-def resize_crop(img, size):
-    """uint8 (h, w, 3) -> float32 (3, H, W) in [-1, 1]: scale so the image covers (H, W) keeping its aspect,
-    then centre-crop. Bicubic with antialias, i.e. a proper low-pass when shrinking (plain bicubic aliases)."""
-    H, W = size
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
-    h, w = img.shape[:2]
-    scale = max(H / h, W / w)
-    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - H) // 2, (nw - W) // 2
-    x = x[0, :, top:top + H, left:left + W]
-    return (x / 127.5 - 1).clamp(-1, 1)  # bicubic overshoots; clamp back into range
-
-
 def read_clip(path, start, frames, fps, size):
     """Decode `frames` frames at `fps` starting at `start` seconds, resized and centre-cropped to size=(H, W).
     Returns float32 (3, F, H, W) in [-1, 1]. Output frame k is the last source frame with time <= start + k/fps;
     past the end of the video the last frame repeats (the dataset never asks for that)."""
     targets = [start + k / fps for k in range(frames)]
+    out = torch.empty(frames, *size, 3, dtype=torch.uint8)  # frame-major, as decoded: each frame is one memcpy
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         t0 = _origin(s)
-        out = _decode_at(c, s, t0, targets, size, seek=start > 0)
-        if out is None:  # the seek landed after `start` (happens with some demuxers): decode from the top
-            c.seek(0)
-            out = _decode_at(c, s, t0, targets, size, seek=False)
-    return torch.stack(out, dim=1)  # (3, F, H, W)
+        if not _decode_at(c, s, t0, targets, out, seek=start > 0):
+            c.seek(0)  # the seek landed after `start` (happens with some demuxers): decode from the top
+            _decode_at(c, s, t0, targets, out, seek=False)
+    video = torch.empty(3, frames, *size).copy_(out.permute(3, 0, 1, 2))  # (3, F, H, W) float32
+    return video.div_(127.5).sub_(1)  # [0, 255] -> [-1, 1]
 
 
-def _decode_at(c, s, t0, targets, size, seek):
+def _decode_at(c, s, t0, targets, out, seek):
+    """Fill out[k] (uint8 (F, H, W, 3)) with the frame showing at targets[k]. False if the seek overshot."""
     if seek:
         try:
             c.seek(int((targets[0] + t0) / s.time_base), stream=s, backward=True)  # to the keyframe before start
         except av.error.FFmpegError:
             c.seek(0)
-    out, k, prev, last = [], 0, None, [None, None]
+    k, prev, last = 0, None, (None, -1)  # last: (frame, the k it went to); holding it keeps `is` honest
 
-    def take(frame):  # the same source frame is often taken twice (upsampling): convert it once
-        if last[0] is not frame:  # `is`, not id(): holding the frame keeps its id from being reused
-            last[:] = frame, resize_crop(_rgb(frame), size)
-        out.append(last[1])
+    def put(frame):  # upsampling puts the same frame at several k: convert it once
+        nonlocal k, last
+        out[k] = out[last[1]] if frame is last[0] else frame_to_array(frame, out.shape[1:3])
+        last, k = (frame, k), k + 1
 
     for i, frame in enumerate(c.decode(s)):
         t = frame.time - t0 if frame.time is not None else i / float(s.guessed_rate or 25)
         if prev is None and seek and t > targets[0] + EPS:
-            return None
+            return False
         while k < len(targets) and t > targets[k] + EPS:
-            take(prev if prev is not None else frame)  # before the first frame: show the first frame
-            k += 1
+            put(prev if prev is not None else frame)  # before the first frame: show the first frame
         if k == len(targets):
             break
         prev = frame
     if prev is None:
         raise ValueError("no decodable frames")
     while k < len(targets):
-        take(prev)
-        k += 1
-    return out
+        put(prev)
+    return True
 
 
 def write_video(path, video, fps, crf=18):

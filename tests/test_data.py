@@ -142,6 +142,22 @@ def test_variable_frame_rate(tmp_path):
         assert frame_ids(v) == want
 
 
+def test_resize_keeps_aspect_and_crops_centre(tmp_path):
+    img = np.zeros((32, 64, 3), np.uint8)  # 64 wide: red | green green | blue
+    img[:, :16, 0], img[:, 16:48, 1], img[:, 48:, 2] = 255, 255, 255
+    path = encode(tmp_path / "rgb.mkv", "ffv1", n=1, w=64, h=32, pix="yuv444p", frames=[img])
+    for size in [(32, 32), (16, 16), (64, 64)]:  # crop only, shrink then crop, enlarge then crop
+        v = read_clip(path, 0, 1, 16, size)[:, 0]  # the centre square is green: aspect kept, centre kept
+        assert v.shape == (3, *size)
+        v = v[:, :, 2:-2]  # the outer columns sit on the colour edges when enlarging: filter overshoot
+        assert v[1].min() > 0.8 and v[0].max() < -0.8 and v[2].max() < -0.8, size
+    check = np.indices((64, 64)).sum(0) % 2 * 255  # 1-px checkerboard: a box filter gives flat gray
+    path = encode(tmp_path / "check.mkv", "ffv1", n=1, w=64, h=64, pix="yuv444p",
+                  frames=[np.repeat(check[:, :, None], 3, 2).astype(np.uint8)])
+    v = read_clip(path, 0, 1, 16, (16, 16))
+    assert (v - v.mean()).abs().max() < 0.05  # no aliasing moire
+
+
 def test_rotation_metadata(tmp_path):
     """A phone video: stored landscape, display matrix says rotate 90 degrees counter-clockwise."""
     img = np.zeros((32, 64, 3), np.uint8)
@@ -289,15 +305,15 @@ def test_jsonl_and_csv(tmp_path):
 
 
 def test_clips_per_video(tmp_path):
-    caption(encode(tmp_path / "long.mp4", n=50, step=4))  # 3.125 s at 16 fps: two full 17-frame clips
+    caption(encode(tmp_path / "long.mp4", n=25, fps=8, step=10))  # 3.125 s: two full 17-frame clips at 16 fps
     assert len(load_dataset(tmp_path, **SMALL, log=lambda s: None)) == 1
     recs = load_dataset(tmp_path, **SMALL, clips_per_video=0, log=lambda s: None)
     assert [(r["clip"], r["start"], r["bucket"][2]) for r in recs] == [(0, 0.0, 17), (1, 17 / 16, 17)]
     assert len(load_dataset(tmp_path, **SMALL, clips_per_video=5, log=lambda s: None)) == 2
     v = read_clip(recs[1]["path"], recs[1]["start"], 17, 16, (48, 80))
-    assert frame_ids(v, step=4) == list(range(17, 34))  # consecutive: the second clip starts where the first ended
+    assert frame_ids(v, step=10) == [(17 + k) // 2 for k in range(17)]  # 8 fps source, each frame twice
     recs = load_dataset(tmp_path, **{**SMALL, "max_frames": 81}, log=lambda s: None)
-    assert recs[0]["bucket"][2] == 49  # 50 frames -> largest 4k+1
+    assert recs[0]["bucket"][2] == 49  # 3.125 s = 50 frames at 16 fps -> largest 4k+1
 
 
 # --- cache ---
@@ -454,6 +470,7 @@ def test_split_val():
     assert len({e["path"] for e in split_val(entries, 3, seed=0)[1]}) == 3
     assert len(split_val(entries, 100, seed=0)[0]) == 2  # one file always stays for training
     assert split_val(entries, 0, seed=0) == (entries, [])
+    assert len({e["path"] for e in split_val(entries, 0.01, seed=0)[1]}) == 1  # asked for some: at least one
     vb = [val_batches([(0,)] * 5, 2, r, 2) for r in range(2)]
     assert len(vb[0]) == len(vb[1]) and {i for b in vb for x in b for i in x} == set(range(5))
 
