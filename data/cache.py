@@ -113,7 +113,8 @@ def _flat(x, name):
     out = {}
     for k, t in items:
         assert torch.is_tensor(t) and t.shape[0] == 1, f"{name}: the encoder must return (1, ...) tensors"
-        out[name if k is None else f"{name}.{k}"] = t[0].detach().cpu().clone()  # clone: safetensors refuses shared storage
+        # clone: views of one storage (mu and logvar from one chunk) would make safetensors refuse to save
+        out[name if k is None else f"{name}.{k}"] = t[0].detach().cpu().clone()
     return out
 
 

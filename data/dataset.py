@@ -6,7 +6,7 @@ file (to check it decodes); data/cache.py reads the clips.
 
 `data` is one of
     - a folder (searched recursively) of videos/images, each with a same-name .txt caption (clip.mp4 + clip.txt);
-    - a .jsonl file, one object per line: {"path" | "video" | "file" | "media_path": ..., "caption" | "text" | "prompt": ...};
+    - a .jsonl file, one object per line: {"path"|"video"|"file"|"media_path": ..., "caption"|"text"|"prompt": ...};
     - a .csv file with a header row naming a path column and a caption column (same names as for jsonl).
 Relative paths in a jsonl/csv are relative to the folder of that file.
 

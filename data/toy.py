@@ -4,8 +4,8 @@ frame), then the shape, then the direction: a quick check that text conditioning
 
     root = make_toy_dataset("toy_data")          # then: python train_wan.py --data toy_data ...
 
-Defaults, and why: 64 clips (every colour x shape x direction combination is there at most once; with 6
-colours each colour gets ~11 clips), 64x64 pixels (8x8 latents for an 8x VAE, i.e. 4x4 tokens per latent frame
+Defaults, and why: 64 clips (the 6 colours take turns, so each has 10 or 11 clips; no colour x shape x
+direction combination repeats until n > 72), 64x64 pixels (8x8 latents for an 8x VAE, i.e. 4x4 tokens per latent frame
 with a 2x2 patch: small enough for a CPU), 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so Wan/Hunyuan and LTX use
 every frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame width over the clip.
 Generation takes about a second. Frames are drawn with numpy (4x4 supersampled edges) from a seeded generator
@@ -70,7 +70,7 @@ def toy_clip(color, shape, direction, background, size, frames, rng):
 
 def make_toy_dataset(root, n=64, size=64, frames=17, fps=16, seed=0):
     """Write toy_000.mp4 + toy_000.txt, ... into `root` (skipped if already complete). Returns root."""
-    params = dict(n=n, size=size, frames=frames, fps=fps, seed=seed, version=1)
+    params = dict(n=n, size=size, frames=frames, fps=fps, seed=seed, version=2)
     marker = os.path.join(root, ".toy_complete")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0 and not _complete(marker, params):
@@ -78,10 +78,11 @@ def make_toy_dataset(root, n=64, size=64, frames=17, fps=16, seed=0):
         for f in glob.glob(os.path.join(root, "toy_*.mp4")) + glob.glob(os.path.join(root, "toy_*.txt")):
             os.remove(f)  # a previous toy set with other parameters
         rng = np.random.default_rng(seed)
-        combos = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
-        order = rng.permutation(len(combos))
+        colors, pairs = list(COLORS), [(s, d) for s in SHAPES for d in DIRECTIONS]
+        perms = [rng.permutation(len(pairs)) for _ in colors]  # per colour, its 12 (shape, direction) in a random order
         for i in range(n):
-            color, shape, direction = combos[order[i % len(combos)]]
+            c = i % len(colors)  # colours take turns: each gets n/6 clips, +-1
+            color, (shape, direction) = colors[c], pairs[perms[c][i // len(colors) % len(pairs)]]
             background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
             clip = toy_clip(color, shape, direction, background, size, frames, rng)
             name = os.path.join(root, f"toy_{i:03d}")
