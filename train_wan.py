@@ -11,16 +11,24 @@ Reading order: configs -> DiT -> VAE -> text encoder -> LoRA -> flow matching ->
 released files load as they are. Facts and references: README.md.
 """
 import dataclasses
+import glob
+import html
 import json
 import math
 import os
+import re
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from safetensors.torch import load_file
+
+from common.fsdp import full_state_dict, load_full_state_dict, parallelize
 
 # -----------------------------------------------------------------------------------------------------
 # Configs and presets
@@ -46,9 +54,9 @@ DIT_PRESETS = {
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # tiny: the tests; head_dim 32 keeps the 3-axis RoPE split non-trivial (6 + 5 + 5 rotation pairs)
     "tiny": WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=32, text_len=16),
-    # toy: trained from scratch in pixel space on the synthetic dataset (in_dim 3 = RGB), see README
+    # toy: trained from scratch in pixel space on the synthetic dataset (in_dim 3 = RGB, 4x4-pixel patches), README
     "toy": WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=4, in_dim=3, out_dim=3, text_dim=64,
-                     text_len=16),
+                     text_len=16, patch_size=(1, 4, 4)),
 }
 
 # -----------------------------------------------------------------------------------------------------
@@ -266,17 +274,622 @@ def count_flops(cfg: WanConfig, f, h, w, text_len=None):
     per_block += 2 * (L * 2 * d * d + Lt * 2 * d * d) + 4 * L * Lt * d  # cross-attn: q,o on video, k,v on text
     per_block += 2 * L * 2 * d * cfg.ffn_dim  # ffn
     rest = 2 * L * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * L * d * math.prod(cfg.patch_size) * cfg.out_dim
-    rest += 2 * Lt * (cfg.text_dim * d + d * d)
+    rest += 2 * Lt * (cfg.text_dim * d + d * d) + 2 * (cfg.freq_dim * d + d * d + d * 6 * d)  # text, time MLPs
     return cfg.num_layers * per_block + rest
 
 
 # -----------------------------------------------------------------------------------------------------
-# VAE (wan/modules/vae.py)
-# @@VAE@@
+# VAE: the Wan 2.1 causal 3-D VAE (video <-> 16-channel latents, stride 4 x 8 x 8)
+#
+# Same architecture and the same state_dict keys as the official wan/modules/vae.py (Wan2.1_VAE.pth, 194 tensors,
+# 126.9M params), so the official file loads as is. Frozen and inference-only here: we only ever encode videos into
+# training latents and decode samples. Shapes: video (B, 3, T, H, W) in [-1, 1] with T = 1 + 4k and H, W multiples of 8
+# <-> latents (B, 16, 1 + k, H/8, W/8).
+
+# Per-channel statistics of the latents (mu) over Wan's training data. encode() returns (mu - mean) / std, which is what
+# the DiT was trained on; decode() undoes it. The same numbers are in diffusers' AutoencoderKLWan config.
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass
+class VAEConfig:
+    dim: int = 96                                   # base width; the 4 stages run at dim * dim_mult channels
+    z_dim: int = 16                                 # latent channels (the encoder head makes 2 * z_dim: mu and log_var)
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2                         # per encoder stage; each decoder stage has one more
+    temperal_downsample: tuple = (False, True, True)  # (sic, upstream's name) which of the 3 downsamples also halve time
+    latents_mean: tuple = WAN21_LATENTS_MEAN
+    latents_std: tuple = WAN21_LATENTS_STD
+
+
+VAE_PRESETS = {
+    "2.1": VAEConfig(),
+    "tiny": VAEConfig(dim=8),  # tests only: same blocks, same keys, same latent channels, 12x narrower
+}
 
 # -----------------------------------------------------------------------------------------------------
-# Text encoder: umT5-XXL encoder + tokenizer (wan/modules/t5.py, tokenizers.py)
-# @@T5@@
+# How the video goes through the VAE: in time chunks, with a cache
+#
+# Every conv with a temporal kernel is causal: output frame t only sees input frames <= t, because all of its 2*pt
+# temporal padding goes in front. The official code never runs the whole video at once. encode() feeds the encoder
+# frame 0 alone, then frames 1-4, 5-8, ... (one latent frame per chunk); decode() feeds the decoder one latent frame at
+# a time (latent 0 -> 1 video frame, every later latent -> 4). To make the chunks add up to one causal conv over the
+# whole video, each conv keeps the last 2 frames of its input, and the next chunk uses them instead of zero padding.
+#
+# The cache is a plain dict {conv module: its last input frames}, created empty for each encode()/decode() call and
+# handed down through every forward. It fills in forward order during the first chunk (one entry per temporal conv:
+# 24 in the encoder, 32 in the decoder at this architecture). Upstream keeps a list with a running index instead;
+# keying by the module itself is the same thing without the index bookkeeping.
+#
+# This is not only a memory trick: the temporal down/upsampling (Resample below) is *defined* by the chunking. The
+# first chunk is never resampled in time, which is where the "1 +" in T = 1 + 4k comes from. Run without chunks,
+# upstream skips temporal resampling altogether, so we don't offer that mode.
+
+
+class CausalConv3d(nn.Conv3d):
+    # A 3-D conv whose temporal padding (2 * pt frames) is all in front. H and W are zero padded on both sides as usual.
+    # The conv is built with padding 0 and we pad in forward, because in chunked mode the front padding is replaced by
+    # the frames cached from the previous chunk.
+    def __init__(self, c_in, c_out, kernel_size, padding=0):
+        super().__init__(c_in, c_out, kernel_size)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        assert pt > 0, "a conv with no temporal padding needs no cache: use nn.Conv3d"
+        self.time_pad = 2 * pt
+        self.space_pad = (pw, pw, ph, ph)
+
+    def forward(self, x, cache):
+        # x: (B, C, T, H, W) -> (B, C', T, H, W). cache[self] holds the last (up to time_pad) frames this conv saw in
+        # the previous chunk; None or absent means "start of the video", i.e. zero padding.
+        prev = cache.get(self)
+        if prev is not None:
+            x = torch.cat([prev, x], dim=2)
+        # .clone(): a slice would keep the whole chunk's activation alive until the next chunk
+        cache[self] = x[:, :, -self.time_pad:].clone()
+        x = F.pad(x, self.space_pad + (self.time_pad - (0 if prev is None else prev.shape[2]), 0))
+        return super().forward(x)
+
+
+class ChannelRMSNorm(nn.Module):
+    # RMS norm over the channel dim (dim 1) with a learned per-channel gain and no bias. F.normalize divides by the L2
+    # norm, times sqrt(C) that is x / rms(x). gamma is (C, 1, 1, 1) for video tensors and (C, 1, 1) for the per-frame
+    # images in the attention block: those are the checkpoint's shapes.
+    def __init__(self, dim, images=False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResBlock3d(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        # a Sequential only so that the keys come out as upstream's residual.{0,2,3,6}.*; slot 5 is upstream's
+        # Dropout, with p = 0 in every Wan config, so an Identity here
+        self.residual = nn.Sequential(
+            ChannelRMSNorm(c_in), nn.SiLU(), CausalConv3d(c_in, c_out, 3, padding=1),
+            ChannelRMSNorm(c_out), nn.SiLU(), nn.Identity(), CausalConv3d(c_out, c_out, 3, padding=1))
+        # a 1x1x1 conv has nothing to look back at, so a plain Conv3d (no cache)
+        self.shortcut = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, cache):
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class FrameAttention(nn.Module):
+    # Single-head self-attention over the H*W positions of each frame on its own. Nothing mixes across time, so it
+    # needs no cache. Only used in the middle (1/8 resolution) of the encoder and the decoder.
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = ChannelRMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = x.transpose(1, 2).reshape(B * T, C, H, W)                    # every frame is an image
+        qkv = self.to_qkv(self.norm(y)).reshape(B * T, 3 * C, H * W)
+        q, k, v = qkv.transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)      # each (B*T, 1, H*W, C)
+        y = F.scaled_dot_product_attention(q, k, v)                      # (B*T, 1, H*W, C)
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(B * T, C, H, W))
+        return x + y.reshape(B, T, C, H, W).transpose(1, 2)
+
+
+class Resample(nn.Module):
+    # 2x down/upsampling in H, W (mode *2d), and also in time (mode *3d). Keys: resample.1 is the 2-D conv (slot 0 is
+    # the parameter-free pad / upsample), time_conv only exists in the 3d modes.
+    def __init__(self, dim, mode):
+        super().__init__()
+        assert mode in ("down2d", "down3d", "up2d", "up3d")
+        self.mode = mode
+        if mode.startswith("down"):
+            # pad right and bottom by one, then a stride-2 3x3 conv: (H, W) -> (H/2, W/2)
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            # upstream does the upsample in fp32 to dodge missing bf16 kernels; nearest at exactly 2x is a pure copy
+            # (nearest-exact == nearest here), so any dtype gives identical values and we skip the cast.
+            # The conv halves the channels: (C, H, W) -> (C/2, 2H, 2W).
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode == "down3d":
+            # kernel 3, stride 2 over time, no padding: the cache supplies the one frame of history (see forward)
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        elif mode == "up3d":
+            # causal over time; makes 2C channels per frame that become 2 frames of C (see forward)
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x, cache):
+        if self.mode == "up3d":
+            # Frame doubling. Chunk 0 (latent frame 0) is not doubled: it becomes exactly one video frame. We only
+            # record that chunk 0 went by (an entry of None), so that chunk 1 starts time_conv from zero padding, and
+            # from then on time_conv is an ordinary cached causal conv.
+            if self.time_conv not in cache:
+                cache[self.time_conv] = None
+            else:
+                B, C, T, H, W = x.shape
+                x = self.time_conv(x, cache)                             # (B, 2C, T, H, W)
+                # channels [0, C) are frame 2t, [C, 2C) frame 2t+1
+                x = x.reshape(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
+
+        B, C, T, H, W = x.shape
+        x = self.resample(x.transpose(1, 2).reshape(B * T, C, H, W))   # every frame is an image
+        x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)              # (B, C', T, H', W')
+
+        if self.mode == "down3d":
+            # Frame halving: time_conv (kernel 3, stride 2) runs over [last frame of the previous chunk, this chunk].
+            # Chunk 0 (one frame) passes through unchanged and only leaves its frame behind. Later chunks bring 4
+            # frames (at the first down3d) or 2 (at the second): with the one cached frame that is 5 -> 2 or 3 -> 1,
+            # and each window starts on the frame where the previous one ended.
+            prev = cache.get(self.time_conv)
+            cache[self.time_conv] = x[:, :, -1:].clone()
+            if prev is not None:
+                x = self.time_conv(torch.cat([prev, x], dim=2))
+        return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1,) + tuple(cfg.dim_mult)]        # 96, 96, 192, 384, 384
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks = []                                                      # indices = upstream's downsamples.N
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock3d(c_in, c_out))
+                c_in = c_out
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Resample(c_out, "down3d" if cfg.temperal_downsample[i] else "down2d"))
+        self.downsamples = nn.Sequential(*blocks)
+        C = dims[-1]
+        self.middle = nn.Sequential(ResBlock3d(C, C), FrameAttention(C), ResBlock3d(C, C))
+        self.head = nn.Sequential(ChannelRMSNorm(C), nn.SiLU(), CausalConv3d(C, 2 * cfg.z_dim, 3, padding=1))
+
+    def forward(self, x, cache):
+        # one chunk: (B, 3, 1 or 4, H, W) -> (B, 2*z_dim, 1, H/8, W/8)
+        x = self.conv1(x, cache)
+        for block in self.downsamples:
+            x = block(x, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        mult = tuple(cfg.dim_mult)
+        dims = [cfg.dim * m for m in (mult[-1],) + mult[::-1]]           # 384, 384, 384, 192, 96
+        temperal_upsample = tuple(cfg.temperal_downsample)[::-1]         # (True, True, False)
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResBlock3d(dims[0], dims[0]), FrameAttention(dims[0]), ResBlock3d(dims[0], dims[0]))
+        blocks = []                                                      # indices = upstream's upsamples.N
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                c_in //= 2                                               # the Resample before this stage halved C
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResBlock3d(c_in, c_out))
+                c_in = c_out
+            if i < len(mult) - 1:
+                blocks.append(Resample(c_out, "up3d" if temperal_upsample[i] else "up2d"))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(ChannelRMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x, cache):
+        # one latent frame: (B, z_dim, 1, h, w) -> (B, 3, 1 (first chunk) or 4, 8h, 8w)
+        x = self.conv1(x, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        for block in self.upsamples:
+            x = block(x, cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class WanVAE(nn.Module):
+    def __init__(self, cfg=VAEConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)   # after the encoder, on (mu, log_var)
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)           # before the decoder
+        self.decoder = Decoder3d(cfg)
+
+    def _stats(self, device):
+        # (1, z_dim, 1, 1, 1) fp32. Plain constants rather than buffers: they are not checkpoint keys, and buffers
+        # would stay on the meta device through load_vae's assign=True load.
+        mean = torch.tensor(self.cfg.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.cfg.latents_std, device=device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode(self, video):
+        # (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, z_dim, 1 + (T-1)/4, H/8, W/8), fp32.
+        # Returns (mu - mean) / std: the posterior mean, no sampling (log_var is computed and dropped, as upstream).
+        B, C, T, H, W = video.shape
+        assert C == 3 and T % 4 == 1 and H % 8 == 0 and W % 8 == 0, \
+            f"video must be (B, 3, 1+4k, 8m, 8n), got {tuple(video.shape)}"
+        x = video.to(self.conv1.weight.dtype)
+        cache = {}
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, T, 4)]
+        out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # (B, 2*z_dim, 1+k, H/8, W/8)
+        mu = self.conv1(out)[:, :self.cfg.z_dim]
+        mean, std = self._stats(mu.device)
+        return (mu.float() - mean) / std
+
+    def decode(self, latents):
+        # normalised latents (B, z_dim, t, h, w) -> video (B, 3, 1 + 4(t-1), 8h, 8w) clamped to [-1, 1], fp32
+        mean, std = self._stats(latents.device)
+        z = (latents.float() * std + mean).to(self.conv2.weight.dtype)
+        x = self.conv2(z)
+        cache = {}
+        out = torch.cat([self.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
+        return out.float().clamp(-1, 1)
+
+
+def load_vae(path, dtype=torch.float32, device="cpu", config=VAE_PRESETS["2.1"]) -> WanVAE:
+    # path: the official checkpoint folder (with Wan2.1_VAE.pth), Wan2.1_VAE.pth itself, or a .safetensors file with
+    # the same keys (ComfyUI's wan_2.1_vae.safetensors). Returns the model in eval mode, frozen, on device in dtype.
+    path = str(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "Wan2.1_VAE.pth")
+    if path.endswith(".safetensors"):
+        sd = load_file(path)
+    else:
+        # weights_only: a .pth is a pickle, and this way it can't run code. mmap: no second copy in RAM.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    with torch.device("meta"):
+        model = WanVAE(config)
+    expected = model.state_dict().keys()
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - expected)
+    if missing or unexpected:
+        msg = f"{path} does not match the Wan 2.1 VAE: {len(missing)} missing keys {missing[:5]}, " \
+              f"{len(unexpected)} unexpected keys {unexpected[:5]}. "
+        if any(".down_blocks." in k or ".up_blocks." in k or k.startswith("quant_conv.") for k in sd):
+            msg += "This looks like a diffusers-format VAE (AutoencoderKLWan, keys like 'decoder.up_blocks.0...'), " \
+                   "which is not supported: use the official Wan2.1_VAE.pth (or ComfyUI's wan_2.1_vae.safetensors)."
+        elif any(k.startswith("decoder.upsamples.0.upsamples.") for k in sd):
+            msg += "This looks like the Wan 2.2 VAE (48 latent channels), which is a different model."
+        else:
+            msg += "Is this a Wan 2.1 VAE file? Expected the official Wan2.1_VAE.pth keys, e.g. " \
+                   "'encoder.downsamples.0.residual.0.gamma'."
+        raise ValueError(msg)
+    # assign=True: the params become these tensors (no allocation on meta, no copy); shape mismatches still raise
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    return model.eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------------------------------
+# Text encoder: umT5-XXL encoder (Wan 2.1 / 2.2), inference only, frozen.
+# Facts from Wan-Video/Wan2.1 wan/modules/t5.py (model), wan/modules/tokenizers.py (cleaning),
+# wan/text2video.py (how the context reaches the DiT) and HF transformers' UMT5EncoderModel (the parity reference).
+# Module names equal the keys of the official models_t5_umt5-xxl-enc-bf16.pth, so that file loads with no renames.
+import glob
+import html
+import json
+import math
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import sentencepiece
+import tokenizers
+import sentencepiece
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+@dataclass
+class T5Config:
+    vocab: int = 256384  # 256,000 sentencepiece pieces + 300 <extra_id_*>, rounded up to a multiple of 128
+    dim: int = 4096
+    dim_attn: int = 4096  # num_heads * head_dim (64)
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32  # relative-position buckets, 16 per direction
+    max_distance: int = 128  # the log-spaced buckets reach this far; farther keys are clamped into the last one
+    eps: float = 1e-6
+
+
+T5_PRESETS = {
+    "umt5-xxl": T5Config(),  # 5,680,910,336 params, 242 tensors
+    "tiny": T5Config(vocab=300, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=2),  # tests
+}
+
+
+class T5LayerNorm(nn.Module):
+    # RMSNorm: no mean subtraction, no bias. Statistics in fp32; the normalized x is rounded to the weight dtype
+    # *before* the scale, which is where upstream and HF round in bf16.
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def relative_position_bucket(rel, num_buckets, max_distance):
+    # rel = key_pos - query_pos. Bidirectional: buckets [0, n) for rel <= 0 and [n, 2n) for rel > 0.
+    # Within a direction, distances 0..n/2-1 get a bucket each; n/2..max_distance are spread logarithmically over
+    # the other n/2 buckets; farther ones share the last bucket. (Must stay fp32 log + truncation, as upstream.)
+    n = num_buckets // 2
+    exact = n // 2
+    bucket = (rel > 0).long() * n
+    rel = rel.abs()
+    far = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact) * (n - exact)).long()
+    return bucket + torch.where(rel < exact, rel, far.clamp(max=n - 1))  # log(0) = -inf is never selected
+
+
+class T5RelativeEmbedding(nn.Module):
+    # umT5 has one of these per layer (mT5/T5 share the first layer's): a learned scalar per (bucket, head).
+    def __init__(self, num_buckets, num_heads, max_distance):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, L):
+        pos = torch.arange(L, device=self.embedding.weight.device)
+        rel = pos[None, :] - pos[:, None]  # (Lq, Lk)
+        bias = self.embedding(relative_position_bucket(rel, self.num_buckets, self.max_distance))  # (Lq, Lk, H)
+        return bias.permute(2, 0, 1)[None]  # (1, H, Lq, Lk)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, dim, dim_attn, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+
+    def forward(self, x, bias):  # x (B, L, C); bias (B, H, L, L) additive: rel-pos bias + padding mask
+        B, L, _ = x.shape
+        q, k, v = (f(x).view(B, L, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        # (B, H, L, D). T5 has no 1/sqrt(head_dim): Mesh-TF folded it into the init of q, so the trained weights
+        # expect scale=1.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return self.o(x.transpose(1, 2).reshape(B, L, -1))
+
+
+class T5FeedForward(nn.Module):
+    # gated GELU (tanh approximation = HF "gelu_new"): fc2(fc1(x) * gelu(gate(x))). gate is an nn.Sequential only
+    # so that its weight is called gate.0.weight, as in the checkpoint.
+    def __init__(self, dim, dim_ffn):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) * self.gate(x))
+
+
+class T5Block(nn.Module):
+    # pre-norm self-attention + pre-norm FFN. Dropout (0.1 upstream) is omitted: this encoder is never trained here.
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = T5LayerNorm(cfg.dim, cfg.eps)
+        self.attn = T5Attention(cfg.dim, cfg.dim_attn, cfg.num_heads)
+        self.norm2 = T5LayerNorm(cfg.dim, cfg.eps)
+        self.ffn = T5FeedForward(cfg.dim, cfg.dim_ffn)
+        self.pos_embedding = T5RelativeEmbedding(cfg.num_buckets, cfg.num_heads, cfg.max_distance)
+
+    def forward(self, x, mask_bias):  # x (B, L, C); mask_bias (B, 1, 1, L)
+        bias = self.pos_embedding(x.size(1)).to(x.dtype) + mask_bias  # (B, H, L, L)
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.ffn(self.norm2(x))
+
+
+class T5Encoder(nn.Module):
+    # No fp16 support: T5 activations overflow fp16 (upstream clamps them); use bf16 or fp32.
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
+        self.blocks = nn.ModuleList([T5Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm = T5LayerNorm(cfg.dim, cfg.eps)
+
+    def forward(self, ids, mask=None):  # ids (B, L) int64; mask (B, L), 1 = token, 0 = padding
+        x = self.token_embedding(ids)  # (B, L, C); T5 does not scale embeddings by sqrt(dim)
+        mask = torch.ones_like(ids) if mask is None else mask
+        # padded keys get the dtype's most negative value (not -inf, so an all-padding row could never give NaN)
+        mask_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        mask_bias = mask_bias.masked_fill(mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, L)
+        for block in self.blocks:
+            x = block(x, mask_bias)
+        return self.norm(x)  # (B, L, C)
+
+
+# What ftfy.fix_text does to plain (non-mojibake) text, as one str.translate table: fullwidth/halfwidth forms to
+# normal width (，！（ -> ,!( : the Wan negative prompt is full of them), U+3000 to a space, Latin ligatures and
+# digraphs split (ﬁ -> fi), curly quotes straightened (don’t -> don't, common in LLM captions), control chars
+# dropped.
+_FTFY_TABLE = {i: unicodedata.normalize("NFKC", chr(i)) for i in [
+    *range(0xFF01, 0xFFF0), 0x132, 0x133, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB07)]}
+_FTFY_TABLE |= {0x3000: " ", 0xFB05: "\u017ft", 0x149: "'n"}  # the two ligatures ftfy splits unlike NFKC
+_FTFY_TABLE |= dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
+_FTFY_TABLE |= dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                              *range(0xFFF9, 0xFFFD)])  # -> None: deleted
+_ANSI_ESCAPES = re.compile("\x1b\\[[0-9;]*[a-zA-Z]")  # terminal colour codes, also removed by ftfy
+
+
+def clean_prompt(text):
+    # Upstream: ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space, strip.
+    # ftfy is not a dependency, so its plain-text fixes are redone above (+ its final NFC); checked equal to upstream
+    # on plain text in tests. Not redone is ftfy's real job, mojibake repair ("cafÃ©" -> "café", C1 controls);
+    # plain text has no mojibake. Other differences, for HTML entities only: ftfy itself unescapes until nothing
+    # changes when a line has no literal "<" (we stop after two levels: "&amp;amp;amp;" stays "&amp;"), and on lines
+    # with a "<" the entities get the fixes here but not upstream ("<b>&rsquo;" keeps its ’ there).
+    text = html.unescape(html.unescape(text))
+    text = unicodedata.normalize("NFC", _ANSI_ESCAPES.sub("", text).translate(_FTFY_TABLE))
+    # Python's \s also matches \x1c-\x1f, which upstream's `regex` module does not; the table removed them already.
+    return re.sub(r"\s+", " ", text.strip()).strip()
+
+
+class Tokenizer:
+    # umT5 sentencepiece unigram tokenizer: pieces + EOS (id 1), no BOS, right-padded with <pad> (id 0). This is
+    # what HF's tokenizer returns for padding="max_length", truncation=True, add_special_tokens=True: truncation
+    # keeps max_len - 1 pieces so that EOS always fits (both HF's slow T5 tokenizer and the tokenizers library
+    # reserve room for the special tokens the post-processor appends).
+    # `path`: a folder (Wan's google/umt5-xxl/, diffusers' tokenizer/), a tokenizer.json or spiece.model file, or
+    # the bytes of a spiece.model (ComfyUI embeds it as a uint8 tensor "spiece_model").
+    # tokenizer.json (HF `tokenizers`, what upstream's AutoTokenizer actually runs) is preferred; the sentencepiece
+    # fallback gives the same ids on normal text. Known difference: tokenizer.json also matches special tokens
+    # written in the text ("</s>", "<extra_id_0>") as single ids; sentencepiece splits them into ordinary pieces.
+    pad_id, eos_id = 0, 1
+
+    def __init__(self, path):
+        self.tok = self.sp = None
+        path = path if isinstance(path, bytes) else os.fspath(path)
+        if isinstance(path, str) and os.path.isdir(path):
+            json_file = os.path.join(path, "tokenizer.json")
+            path = json_file if os.path.exists(json_file) else os.path.join(path, "spiece.model")
+        if isinstance(path, bytes):
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=path)
+        elif path.endswith(".json"):
+            self.tok = tokenizers.Tokenizer.from_file(path)
+        else:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        to_id = self.tok.token_to_id if self.tok else self.sp.piece_to_id
+        assert to_id("<pad>") == self.pad_id and to_id("</s>") == self.eos_id, "not a T5-style vocabulary"
+
+    def __call__(self, prompts, max_len=512):  # -> ids, mask: (B, max_len) int64
+        if self.tok:
+            pieces = [e.ids for e in self.tok.encode_batch(prompts, add_special_tokens=False)]
+        else:
+            pieces = self.sp.encode(prompts)
+        ids = torch.full((len(prompts), max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), max_len, dtype=torch.long)
+        for i, p in enumerate(pieces):
+            p = p[: max_len - 1] + [self.eos_id]
+            ids[i, : len(p)] = torch.tensor(p)
+            mask[i, : len(p)] = 1
+        return ids, mask
+
+
+class TextEncoder:
+    # prompts -> the DiT's text context, exactly as upstream builds it: clean, tokenize to 512, encode with the mask,
+    # keep each row's first len tokens (EOS included) and zero-pad back to 512. The DiT then cross-attends to all
+    # 512 rows with no mask, so the padded rows must be zeros, not the encoder's outputs at pad positions.
+    def __init__(self, model, tokenizer, max_len=512):
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+
+    @torch.no_grad()
+    def encode(self, prompts):  # list[str] -> (B, max_len, dim) in the model's dtype
+        ids, mask = self.tokenizer([clean_prompt(p) for p in prompts], self.max_len)
+        device = self.model.token_embedding.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = self.model(ids, mask)  # (B, L, C)
+        return x.masked_fill(mask[..., None] == 0, 0.0)  # mask is a prefix of ones: same as trim + zero-pad
+
+
+WAN_T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
+
+
+def hf_to_wan_keys(sd):
+    # HF UMT5EncoderModel names (diffusers text_encoder/, ComfyUI umt5_xxl_*.safetensors) -> official Wan names.
+    # HF ties encoder.embed_tokens.weight to shared.weight; files carry either or both.
+    embed_tokens = sd.pop("encoder.embed_tokens.weight", None)
+    out = {"token_embedding.weight": sd.pop("shared.weight", embed_tokens)}
+    renames = [("encoder.final_layer_norm.", "norm."), ("encoder.block.", "blocks."),
+               (".layer.0.layer_norm.", ".norm1."), (".layer.1.layer_norm.", ".norm2."),
+               (".layer.0.SelfAttention.relative_attention_bias.", ".pos_embedding.embedding."),
+               (".layer.0.SelfAttention.", ".attn."), (".layer.1.DenseReluDense.wi_0.", ".ffn.gate.0."),
+               (".layer.1.DenseReluDense.wi_1.", ".ffn.fc1."), (".layer.1.DenseReluDense.wo.", ".ffn.fc2.")]
+    for k, v in sd.items():
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=T5_PRESETS["umt5-xxl"], tokenizer_path=None):
+    # path: the official Wan folder (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/), a diffusers-format folder
+    # (text_encoder/*.safetensors + tokenizer/), or one file: the .pth, or an HF-key .safetensors such as ComfyUI's
+    # umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled (their tokenizer is the embedded "spiece_model" tensor).
+    assert dtype in (torch.bfloat16, torch.float32), "T5 overflows fp16; use bf16 or fp32"
+    path, tok = str(path), None
+    if os.path.isfile(os.path.join(path, WAN_T5_CHECKPOINT)):
+        path, tok = os.path.join(path, WAN_T5_CHECKPOINT), os.path.join(path, "google", "umt5-xxl")
+    if os.path.isdir(os.path.join(path, "text_encoder")):
+        index = glob.glob(os.path.join(path, "text_encoder", "*.safetensors.index.json"))
+        files = sorted(set(json.load(open(index[0]))["weight_map"].values())) if index else \
+            [os.path.basename(f) for f in sorted(glob.glob(os.path.join(path, "text_encoder", "*.safetensors")))]
+        sd = {k: v for f in files for k, v in load_file(os.path.join(path, "text_encoder", f)).items()}
+        tok = os.path.join(path, "tokenizer")
+    elif os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: expected {WAN_T5_CHECKPOINT} (Wan) or text_encoder/ (diffusers) in it")
+    elif path.endswith(".safetensors"):
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "spiece_model" in sd:
+        tok = sd.pop("spiece_model").numpy().tobytes()
+    hf_keys = "shared.weight" in sd or "encoder.embed_tokens.weight" in sd
+    if hf_keys:
+        sd = hf_to_wan_keys(sd)
+    # ComfyUI "fp8_scaled": fp8 weight + per-tensor `<name>.scale_weight`; `scaled_fp8` and `scale_input` are markers
+    # (dequantized in the target dtype, as ComfyUI does, so no fp32 copy of the model is ever made)
+    for k in [k for k in sd if k.endswith(".scale_weight")]:
+        w = k[: -len("scale_weight")] + "weight"
+        sd[w] = sd[w].to(dtype) * sd.pop(k).to(dtype)
+    sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
+
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}{' (HF names, shown renamed to Wan names)' if hf_keys else ''}. Expected "
+                         f"the official Wan umT5-XXL encoder keys (or HF UMT5EncoderModel keys) for config {config}: "
+                         f"is this the T5 encoder checkpoint (not the full encoder-decoder), with the matching config?")
+    for k, v in sd.items():  # one tensor at a time, so a converted copy never coexists with all the originals
+        sd[k] = v.to(device=device, dtype=dtype)
+    # assign=True: the params become these tensors (nothing was allocated on meta); shape mismatches still raise
+    model.load_state_dict(sd, assign=True)
+    model.eval().requires_grad_(False)
+    tok = tokenizer_path or tok
+    if tok is None:
+        raise FileNotFoundError(f"{path} has no tokenizer: pass tokenizer_path=<folder with tokenizer.json or "
+                                f"spiece.model>, e.g. <Wan checkpoint folder>/google/umt5-xxl")
+    return TextEncoder(model, Tokenizer(tok))
 
 # -----------------------------------------------------------------------------------------------------
 # LoRA. The adapter lives INSIDE the Linear it adapts, so the base keeps its official key
@@ -296,11 +909,6 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
 
-    @torch.no_grad()
-    def init_lora(self):
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT / kohya init; B = 0 => no-op at start
-        nn.init.zeros_(self.lora_B.weight)
-
 
 LORA_TARGETS = "self_attn.q,self_attn.k,self_attn.v,self_attn.o,cross_attn.q,cross_attn.k,cross_attn.v,cross_attn.o,ffn.0,ffn.2"
 
@@ -318,10 +926,18 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     return model
 
 
-def init_lora(model):
-    for m in model.modules():
+def lora_init_state(model, seed):
+    """Fresh adapter weights as a CPU state dict: A ~ kaiming-uniform (PEFT / kohya init), B = 0, so training starts
+    from exactly the base model. Made on one rank and broadcast like any checkpoint, so 1 or N ranks start equal."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            m.init_lora()
+            r, n_in = m.lora_A.weight.shape
+            bound = 1 / math.sqrt(n_in)  # = kaiming_uniform_(a=sqrt(5)) for a (r, n_in) weight
+            sd[name + ".lora_A.weight"] = (torch.rand(r, n_in, generator=g) * 2 - 1) * bound
+            sd[name + ".lora_B.weight"] = torch.zeros(m.lora_B.weight.shape)
+    return sd
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -353,6 +969,120 @@ def flow_loss(model, x0, context, sigma, noise):
     xt = (1 - s) * x0 + s * noise
     v = model(xt, sigma * 1000, context)
     return F.mse_loss(v.float(), (noise - x0).float())
+
+
+# The official negative prompt (wan/configs/shared_config.py), used for classifier-free guidance.
+NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                   "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                   "三条腿，背景人很多，倒着走")
+
+
+def sampling_sigmas(steps, shift):
+    """The official schedule: sigma = linspace(0.999, 0, steps+1)[:-1] shifted, then a final 0 (sigma_max is 0.999
+    because the training table of the schedulers is 1 - linspace(1, 1/1000, 1000)). -> (steps+1,) float64."""
+    s = torch.linspace(0.999, 0, steps + 1, dtype=torch.float64)[:-1]
+    return torch.cat([shift_sigma(s, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+def velocity(model, x, sigma, context, neg_context, guidance):
+    """v = uncond + g * (cond - uncond); cond and uncond in one batch of 2B."""
+    t = torch.full((x.shape[0],), float(sigma) * 1000, device=x.device)
+    if guidance == 1.0 or neg_context is None:
+        return model(x, t, context).float()
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, neg_context])).float()
+    cond, uncond = v.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_euler(model, noise, context, neg_context=None, steps=50, guidance=5.0, shift=5.0):
+    """First-order flow-matching ODE solver from sigma = 0.999 to 0. Given the exact velocity of the straight path
+    through the current point, (x - x0) / sigma, every step stays on that path and x0 comes back exactly."""
+    sigmas = sampling_sigmas(steps, shift).tolist()
+    x = noise.float()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * velocity(model, x, s, context, neg_context, guidance)
+    return x
+
+
+# -----------------------------------------------------------------------------------------------------
+# UniPC: the official Wan 2.1 sampler (FlowUniPCMultistepScheduler in wan/utils/fm_solvers_unipc.py, called by
+# wan/text2video.py with solver_order 2, bh2, predict_x0, lower_order_final, final_sigmas_type zero), as a plain
+# loop. Same sigmas as sample_euler; the ODE is solved in the half log-SNR lambda = log(alpha / sigma), alpha =
+# 1 - sigma, where it is exactly linear in the x0 prediction m = x - sigma * v (an exponential integrator):
+#   x_t = (sigma_t / sigma_s) * x_s - alpha_t * expm1(-h) * m + (terms in past m's),   h = lambda_t - lambda_s
+# Each step k: 1 model call at x_k -> m_k; UniC corrects x_k (redoes step k-1 -> k, now also using m_k); UniP
+# predicts x_{k+1} from the corrected x_k with m_k and m_{k-1}. Order 1 on the first step (no m_{k-1} yet) and on the
+# last (sigma = 0, where the update is exactly x = m). Coefficients in float64 python floats (upstream: fp32 scalars).
+#
+# Model timesteps: upstream feeds the DiT int64(sigma * 1000), truncated (999 for sigma 0.9998), while the solver
+# uses the float sigma; we do the same so that a released model sees exactly the timesteps it sees upstream.
+# unipc_timesteps() recomputes them op for op as upstream does (numpy's linspace from sigma_max = fp32(0.999)):
+# int(sampling_sigmas * 1000) would differ by 1 wherever sigma * 1000 lands on an integer (shift 1: steps 3, 6, 9, ...).
+
+
+def unipc_timesteps(steps, shift):
+    """The integer timesteps upstream's FlowUniPCMultistepScheduler.set_timesteps(steps, shift=shift) passes to the
+    model -> (steps,) int64. Its training table stores sigma_max = 1 - 1/1000 in fp32 (0.99900001287...), and
+    np.linspace(a, 0, n + 1) computes a + i * ((0 - a) / n); the shift is in float64; astype(int64) truncates."""
+    sigma_max = float(torch.tensor(0.999, dtype=torch.float32))
+    s = torch.arange(steps + 1, dtype=torch.float64) * ((0 - sigma_max) / steps) + sigma_max
+    return (shift_sigma(s[:-1], shift) * 1000).long()  # .long() truncates toward zero like astype(int64)
+
+
+def _x0_step(x, m, s, s_next):
+    """First-order exponential-integrator step from sigma s to s_next (> 0), x0-prediction form; also the base of
+    every higher-order step. x, m (B,C,F,H,W). Returns (x_next, alpha_next * expm1(-h), h)."""
+    h = math.log((1 - s_next) / s_next) - math.log((1 - s) / s)  # lambda_next - lambda > 0 (sigma decreases)
+    a_e = (1 - s_next) * math.expm1(-h)  # alpha_next * (exp(-h) - 1) < 0
+    return (s_next / s) * x - a_e * m, a_e, h
+
+
+@torch.no_grad()
+def sample_unipc(model, noise, context, neg_context=None, steps=50, guidance=5.0, shift=5.0):
+    """UniPC-2 (bh2) flow-matching sampler, the official Wan 2.1 inference loop, from sigma = 0.999 (shifted) to 0.
+    noise (B,C,F,H,W); context, neg_context (B,L,D); guidance as in `velocity`. -> x0 estimate (B,C,F,H,W) fp32."""
+    sigmas = sampling_sigmas(steps, shift).tolist()  # (steps + 1,), last one 0
+    lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sigmas]  # half log-SNR per sigma, increasing
+    ts = unipc_timesteps(steps, shift).tolist()  # (steps,) ints the model sees
+    x = noise.float()
+    x_last = None  # x_{k-1}: the (corrected) point the previous predictor started from
+    ms = []  # x0 predictions m_{k-2}, m_{k-1}, m_k (only the last 3 are kept)
+    order_last = 1  # order of the previous predictor = order of this step's corrector
+    for k in range(steps):
+        # t/1000 * 1000 rounds back to the integer t in velocity's fp32 timestep (checked for t = 0..1000)
+        v = velocity(model, x, ts[k] / 1000, context, neg_context, guidance)
+        ms = (ms + [x - sigmas[k] * v])[-3:]  # m_k, from the *uncorrected* x_k, as upstream
+        m = ms[-1]
+
+        if k > 0:  # UniC: redo step k-1 -> k from x_{k-1}, using m_{k-1} and the new m_k (and m_{k-2} if order 2)
+            x, a_e, h = _x0_step(x_last, ms[-2], sigmas[k - 1], sigmas[k])
+            d_t = m - ms[-2]
+            if order_last == 1:
+                x = x - a_e * 0.5 * d_t  # upstream fixes rho = 0.5 for the order-1 corrector (the trapezoid rule)
+            else:
+                # rho solves [[1, 1], [r, 1]] @ rho = b, with r the previous lambda step relative to this one and b the
+                # bh2 weights of the phi functions; D1 the backward difference of m over that previous step
+                r = (lam[k - 2] - lam[k - 1]) / h  # < 0
+                d1 = (ms[-3] - ms[-2]) / r
+                phi1 = math.expm1(-h) / -h - 1  # upstream's h_phi_k after the first and second update
+                phi2 = phi1 / -h - 0.5
+                b1, b2 = phi1 / math.expm1(-h), 2 * phi2 / math.expm1(-h)
+                rho0 = (b1 - b2) / (1 - r)
+                rho1 = b1 - rho0
+                x = x - a_e * (rho0 * d1 + rho1 * d_t)
+
+        # UniP: predict x_{k+1}. Order 1 on the first step (warm-up) and the last (lower_order_final; sigma = 0)
+        order = 1 if k == 0 or k == steps - 1 else 2
+        x_last, order_last = x, order
+        if sigmas[k + 1] == 0:  # lambda = inf: exp(-h) = 0, the step lands on the x0 prediction itself
+            x = m
+        else:
+            x, a_e, h = _x0_step(x, m, sigmas[k], sigmas[k + 1])
+            if order == 2:  # + alpha * expm1(-h) * 0.5 * D1 (bh2 predictor with upstream's fixed rho = 0.5)
+                r = (lam[k - 1] - lam[k]) / h
+                x = x - a_e * 0.5 * (ms[-2] - m) / r
+    return x
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -492,3 +1222,544 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     check_shapes(model.state_dict(), sd, path)
     model.load_state_dict(sd, assign=True)
     return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Flags (common/args.py turns every field into --name value). The same names in every train_*.py.
+
+
+@dataclass
+class Args:
+    mode: str = "train"  # train | cache (encode the dataset, stop) | sample (videos for --sample_prompts) | bench
+    preset: str = "1.3B"  # toy | tiny | 1.3B | 14B (with --ckpt_dir, the checkpoint's own config wins)
+    ckpt_dir: str = ""  # the official Wan2.1-T2V-* folder (DiT + VAE + umT5); empty = random init (toy/tiny)
+    dit_path: str = ""  # a DiT somewhere else than ckpt_dir (a ComfyUI file, a diffusers folder)
+    data: str = ""  # folder of videos/images with same-name .txt captions, or a .jsonl / .csv of path + caption
+    cache_dir: str = "cache"  # encoded latents and text embeddings (keyed by content and settings)
+    out_dir: str = ""  # the run folder; default runs/wan-<preset>
+    # data
+    height: int = 480  # the bucket area is height*width; buckets keep that area at other aspect ratios
+    width: int = 832
+    frames: int = 81  # the most frames of a clip (4k+1); shorter videos get the largest 4k+1 that fits
+    min_frames: int = 1  # shorter clips are skipped
+    fps: int = 16  # Wan's frame rate: videos are resampled to it
+    clips_per_video: int = 1  # consecutive clips from one long video (0 = as many as fit)
+    val_count: int = 0  # samples held out for the validation loss
+    # LoRA (rank 0 = full fine-tune)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0 = the rank (scale 1, as diffusion-pipe)
+    lora_targets: str = LORA_TARGETS
+    lora: str = ""  # --mode sample: a LoRA file to apply
+    # optimisation
+    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
+    micro_batch: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    seed: int = 0
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift
+    shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
+    # speed
+    dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    ac: bool = False  # activation checkpointing per block
+    compile: bool = False  # torch.compile per block, in place
+    # checkpoints, samples, validation, logging
+    ckpt_every: int = 0
+    keep: int = 3
+    resume: bool = False
+    sample_every: int = 0
+    sample_prompts: str = ""  # prompts separated by |, or a text file with one per line
+    sample_steps: int = 50
+    sample_guidance: float = 5.0
+    sample_shift: float = 5.0
+    sample_solver: str = "euler"  # euler | unipc
+    sample_frames: int = 0  # 0 = --frames
+    val_every: int = 0
+    log_every: int = 10
+    tensorboard: bool = False
+    wandb: str = ""  # a W&B project name
+    # bench
+    bench_steps: int = 5
+    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0 = known GPUs by name (H100: 989)
+
+
+# The toy preset is the project's embedded default: a tiny DiT trained from scratch on the synthetic dataset that
+# data/toy.py writes, on CPU, in minutes. It runs in pixel space: a "latent" is the RGB video itself (3 channels,
+# no VAE; the DiT's 4x4 patches do the compression), and its text encoder is a tiny umT5 with fixed random weights
+# over a word-level tokenizer of the toy captions: untrained, but distinct captions give distinct embeddings,
+# which is all that conditioning needs. Flags given on the command line still win over these.
+TOY_ARGS = dict(data="toy_data", height=32, width=32, frames=9, fps=8, global_batch=16, micro_batch=8, lr=2e-3,
+                warmup_steps=20, max_steps=400, weight_decay=0.0, timestep_sampling="uniform", log_every=20,
+                sample_prompts="a red circle moving right on a gray background|a blue square moving down on a gray background",
+                sample_steps=20, sample_guidance=1.0, sample_shift=1.0, val_count=8)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The pieces main() puts together
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then constant or cosine down to 0 at --max_steps. step counts from 0."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "cosine":
+        p = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return args.lr
+
+
+def sample_noise(seed, step, index, shape, method, shift):
+    """The noise and sigma of one training sample, a pure function of (seed, step, its index in the global batch):
+    a run gives the same numbers on 1 or N ranks and after a resume, with no RNG state to save."""
+    g = torch.Generator().manual_seed(hash((seed, step, index)) % 2**63)
+    sigma = sample_sigmas(1, method, shift, generator=g)
+    return torch.randn(shape, generator=g), sigma
+
+
+def val_loss(model, val, entries, args, device, rank, world, load_batch):
+    """Mean flow loss over the held-out clips at fixed sigmas with fixed noise: the same numbers at every
+    evaluation, so the curve is comparable across steps and runs."""
+    sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for idx in val:
+            b = load_batch([entries[i]["file"] for i in idx])
+            x0, ctx = b["latents"].to(device).float(), b["text"].to(device)
+            for j, s in enumerate(sigmas):
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+                    hash((-1, i, j)) % 2**63)) for i in idx]).to(device)
+                loss = flow_loss(model, x0, ctx, torch.full((len(idx),), s, device=device), noise)
+                total += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def device_peak_flops(device, override_tflops):
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("4090", 165), ("A10", 125)):
+            if key in name:
+                return tf * 1e12  # dense bf16
+    return None  # unknown (CPU): MFU is not reported
+
+
+def prompts_from(arg):
+    if not arg:
+        return []
+    if os.path.isfile(arg):
+        with open(arg, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [p.strip() for p in arg.split("|") if p.strip()]
+
+
+def toy_text_encoder(words, text_dim, text_len):
+    """The toy preset's text encoder: a word-level tokenizer over `words` and a tiny umT5 with fixed random
+    weights (seed 0). Same code path as the real one (Tokenizer reads a tokenizer.json, T5Encoder encodes)."""
+    import tempfile
+
+    import tokenizers
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(sorted(set(words)))}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(os.path.join(d, "tokenizer.json"))
+        tokenizer = Tokenizer(d)
+    cfg = T5Config(vocab=len(vocab), dim=text_dim, dim_attn=text_dim, dim_ffn=2 * text_dim, num_heads=4, num_layers=2)
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(0)
+        model = T5Encoder(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    return TextEncoder(model.eval(), tokenizer, max_len=text_len)
+
+
+def build_encoders(args, cfg, device):
+    """-> (encode_video, decode_video, encode_text, settings): the VAE and text encoder as plain functions, and
+    what identifies their encoding in the cache key. Called only while caching or sampling."""
+    if args.preset == "toy":  # pixel space: the "latent" is the video, the decoder is the identity
+        from data.toy import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+        words = [*COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS, "a", "moving", "on", "background"]
+        te = toy_text_encoder(words, cfg.text_dim, cfg.text_len)
+        return (lambda v: v.clone(), lambda z: z.clamp(-1, 1), te.encode,
+                dict(model="wan-toy", vae="pixels", text="toy-umt5", text_len=cfg.text_len))
+    if not args.ckpt_dir:
+        raise ValueError("--ckpt_dir (the official Wan2.1-T2V-* folder) is needed for its VAE and umT5")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = load_vae(args.ckpt_dir, dtype=torch.float32, device=device)  # the VAE runs in fp32, as upstream
+    te = load_text_encoder(args.ckpt_dir, dtype=dtype, device=device)
+
+    def encode_text(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
+        n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
+        return te.encode(prompts)[:, :n].to(torch.bfloat16)
+
+    return (lambda v: vae.encode(v.to(device)).to(torch.bfloat16), lambda z: vae.decode(z.float().to(device)),
+            encode_text, dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl-bf16", text_len=512))
+
+
+def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
+    """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
+    `sd` is the full state dict on rank 0 (None on the others): the checkpoint, or a fresh init."""
+    rank = torch.distributed.get_rank()
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    if args.lora_rank:
+        model.blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype: half the memory in bf16
+        add_lora(model, args.lora_rank, lora_alpha or args.lora_alpha or args.lora_rank, args.lora_targets)
+        if rank == 0 and not any(".lora_" in k for k in sd):
+            sd.update(lora_init_state(model, args.seed))
+    if rank == 0:
+        check_keys(model.state_dict().keys(), sd, args.dit_path or args.ckpt_dir or "init", hint=DIT_HINT)
+        check_shapes(model.state_dict(), sd, args.dit_path or args.ckpt_dir)
+    parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
+    model.to_empty(device=device)
+    load_full_state_dict(model, sd if rank == 0 else {})
+    return model
+
+
+def read_dit(args, rank):
+    """-> (cfg on every rank, full state dict on rank 0): the checkpoint, or a fresh init for toy/tiny."""
+    sd, path = None, args.dit_path or args.ckpt_dir
+    if path:
+        cfg = None
+        if rank == 0:
+            cfg, sd = read_dit_checkpoint(path, None if args.lora_rank == 0 else torch.bfloat16)
+            sd = {k: v.float() if args.lora_rank == 0 else v for k, v in sd.items()}  # full fine-tune: fp32 masters
+        obj = [cfg]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        return obj[0], sd
+    cfg = DIT_PRESETS[args.preset]
+    if rank == 0:
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            m = WanModel(cfg)
+            m.init_weights()
+        sd = m.state_dict()
+    return cfg, sd
+
+
+def latent_shape(cfg, args, frames, pixel_space):
+    if pixel_space:
+        return (cfg.in_dim, frames, args.height, args.width)
+    return (cfg.in_dim, (frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+
+
+def export_weights(model, args, cfg, path):
+    """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
+    ComfyUI and diffusers load without conversion; a full fine-tune as the official-key DiT in bf16. Rank 0 writes."""
+    from safetensors.torch import save_file
+    lora = args.lora_rank > 0
+    sd = full_state_dict(model, only=(lambda k: ".lora_" in k) if lora else None)
+    if torch.distributed.get_rank() != 0:
+        return
+    meta = {"format": "pt", "base_model": "Wan2.1-T2V-" + (args.preset if args.preset in ("1.3B", "14B") else "custom"),
+            "wan_config": json.dumps(dataclasses.asdict(cfg)), "args": json.dumps(dataclasses.asdict(args))}
+    if lora:
+        alpha = args.lora_alpha or args.lora_rank
+        out = {"diffusion_model." + k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+        for k in list(out):
+            if k.endswith(".lora_A.weight"):
+                out[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(float(alpha))
+        meta.update(lora_rank=str(args.lora_rank), lora_alpha=str(float(alpha)), lora_targets=args.lora_targets)
+    else:
+        out = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+    tmp = path + ".tmp"
+    save_file(out, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_lora(path):
+    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's) or musubi's kohya format -> (official-key state dict
+    `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha). The alpha/rank scale is folded into B when files differ."""
+    from safetensors.torch import load_file
+    raw = load_file(path)
+    sd, alphas = {}, {}
+    for k, v in raw.items():
+        if k.startswith("lora_unet_"):  # kohya: lora_unet_blocks_0_self_attn_q.lora_down.weight
+            mod, _, rest = k[len("lora_unet_"):].partition(".")
+            mod = mod.replace("_", ".")
+            for a, b in (("self.attn", "self_attn"), ("cross.attn", "cross_attn"), ("norm.q", "norm_q")):
+                mod = mod.replace(a, b)
+            k = mod + "." + rest.replace("lora_down", "lora_A").replace("lora_up", "lora_B")
+        k = k.removeprefix("diffusion_model.")
+        if k.endswith(".alpha"):
+            alphas[k[: -len(".alpha")]] = float(v)
+        else:
+            sd[k] = v.float()
+    ranks = {v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
+    rank = ranks.pop()
+    mods = [k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")]
+    per = {m: alphas.get(m, float(rank)) for m in mods}  # no .alpha = scale 1, as ComfyUI and diffusers read it
+    if len(set(per.values())) > 1:  # per-module (or partly missing) alphas: fold each into its B, scale 1
+        for m, a in per.items():
+            sd[m + ".lora_B.weight"] *= a / rank
+        return sd, rank, float(rank)
+    return sd, rank, next(iter(per.values()), float(rank))
+
+
+def bench(args, cfg, sd, device, compute_dtype, world):
+    """--mode bench: a few training steps on random latents of --height x --width x --frames (and a random
+    512-token context); prints step time, tokens/s, peak memory and MFU. No data, no VAE, no text encoder."""
+    from common import dist as cdist
+    model = build_dit(args, cfg, sd, device, compute_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    shape = (args.micro_batch, *latent_shape(cfg, args, args.frames, args.preset == "toy"))
+    x0 = torch.randn(shape, device=device)
+    ctx = torch.randn(args.micro_batch, cfg.text_len, cfg.text_dim, device=device)
+    f, h, w = shape[2:]
+    tokens = args.micro_batch * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    flops = args.micro_batch * 3 * count_flops(cfg, f, h, w)
+    peak = device_peak_flops(device, args.peak_tflops)
+    times = []
+    for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sigma = torch.rand(args.micro_batch, device=device)
+        loss = flow_loss(model, x0, ctx, sigma, torch.randn_like(x0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]  # median
+    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile,
+               shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
+               mfu=flops / dt / peak if peak else None,
+               mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world=world)
+    cdist.print0(json.dumps(res))
+    cdist.cleanup()
+    return res
+
+
+# -----------------------------------------------------------------------------------------------------
+# main: a flat script. cache -> build -> train loop (log, validate, sample, checkpoint) -> export.
+
+
+def main(argv=None):
+    from common import ckpt, dist as cdist
+    from common.args import parse
+    from common.log import RunLog
+    from data.cache import cache_entries, encode_dataset, load_batch
+    from data.dataset import load_dataset
+    from data.loader import batches, split_val, val_batches
+    from data.video import write_video
+
+    args = parse(Args, argv)
+    if args.preset == "toy":  # the toy defaults, unless a flag says otherwise
+        given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        args = dataclasses.replace(args, **{k: v for k, v in TOY_ARGS.items() if k not in given})
+    rank, world, device = cdist.init()
+    print0 = cdist.print0
+    compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
+        else torch.bfloat16
+    out_dir = args.out_dir or os.path.join("runs", f"wan-{args.preset}")
+    pixel_space = args.preset == "toy"
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "torch": torch.__version__, "world_size": world}, f, indent=1)
+    print0(f"wan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype}")
+
+    cfg, sd = read_dit(args, rank)
+    if args.mode == "bench":
+        return bench(args, cfg, sd, device, compute_dtype, world)
+
+    # 1. Data -> cache. The VAE and the text encoder exist only inside this block.
+    prompts = prompts_from(args.sample_prompts)
+    import hashlib
+    key = hashlib.sha1(json.dumps([prompts, NEGATIVE_PROMPT, args.preset, args.ckpt_dir]).encode()).hexdigest()[:16]
+    prompt_file = os.path.join(args.cache_dir, f"prompts-{key}.pt")
+    entries = []
+    if args.mode in ("train", "cache"):
+        if args.preset == "toy":
+            from data.toy import make_toy_dataset
+            make_toy_dataset(args.data)  # a no-op when it is already there
+        records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
+                               multiple=8 * 2 if not pixel_space else cfg.patch_size[1], frame_step=4,
+                               min_frames=args.min_frames, clips_per_video=args.clips_per_video, log=print0)
+    needs_prompts = prompts and not os.path.exists(prompt_file)
+    enc = None
+    if args.mode in ("train", "cache"):
+        settings = None
+        enc = build_encoders(args, cfg, device)
+        encode_video, _, encode_text, settings = enc
+        entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
+    if needs_prompts or args.mode == "sample":
+        enc = enc or build_encoders(args, cfg, device)
+        if rank == 0:
+            ctx = {p: enc[2]([p])[0].cpu() for p in prompts + [NEGATIVE_PROMPT]}
+            torch.save(ctx, prompt_file + ".tmp")
+            os.replace(prompt_file + ".tmp", prompt_file)
+        torch.distributed.barrier()
+    decode = enc[1] if args.mode == "sample" else None
+    del enc  # frees the VAE and the text encoder before the DiT is built
+    if args.mode == "cache":
+        return cdist.cleanup()
+    prompt_ctx = torch.load(prompt_file) if prompts else {}
+
+    # 2. The DiT: LoRA, FSDP2, weights
+    lora_alpha = None
+    if args.mode == "sample" and args.lora:
+        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
+        outside = [k for k in lsd if not k.startswith("blocks.")]
+        if outside:
+            raise ValueError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+        args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        if rank == 0:
+            sd.update(lsd)
+            with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+                probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
+            for k, v in probe.state_dict().items():
+                if ".lora_" in k and k not in sd:
+                    sd[k] = torch.zeros(v.shape)
+    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+    del sd
+
+    def write_samples(step):
+        nonlocal decode
+        model.eval()
+        if decode is None:  # during training: the VAE comes back just for this, then goes again
+            decode = build_encoders(args, cfg, device)[1] if pixel_space else (
+                lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device)))
+        frames = args.sample_frames or args.frames
+        for i, p in enumerate(prompts):
+            shape = latent_shape(cfg, args, frames, pixel_space)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + i))[None].to(device)
+            ctx = prompt_ctx[p][None].to(device).float()
+            neg = prompt_ctx[NEGATIVE_PROMPT][None].to(device).float()
+            if neg.shape[1] != ctx.shape[1]:  # pad both to text_len
+                ctx, neg = (F.pad(c, (0, 0, 0, cfg.text_len - c.shape[1])) for c in (ctx, neg))
+            solver = sample_unipc if args.sample_solver == "unipc" else sample_euler
+            z = solver(model, noise, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance,
+                       shift=args.sample_shift)
+            if rank == 0:
+                video = decode(z)[0].float().cpu()
+                os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+                path = os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4")
+                write_video(path, video, args.fps)
+                print0(f"sample -> {path}")
+        model.train()
+
+    if args.mode == "sample":
+        write_samples(0)
+        return cdist.cleanup()
+
+    # 3. Optimizer, data order, resume
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, training {n_train / 1e6:.2f}M"
+           + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else " (full fine-tune)"))
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    accum = args.global_batch // (args.micro_batch * world)
+    assert accum * args.micro_batch * world == args.global_batch, \
+        f"--global_batch {args.global_batch} must be a multiple of micro_batch*world = {args.micro_batch * world}"
+    train, val = split_val(entries, args.val_count, args.seed) if args.val_count else (entries, [])
+    assert train, "no training samples after the validation split"
+    state, start = {"epoch": 0, "pos": 0}, 0
+    if args.resume and (done := ckpt.complete_checkpoints(out_dir)):
+        extra = ckpt.load(out_dir, done[-1], model, opt)
+        state, start = extra["data"], extra["step"]
+        print0(f"resumed from step {start} ({out_dir}/checkpoints)")
+    it = batches([tuple(e["bucket"]) for e in train], args.micro_batch, rank, world, args.seed, state)
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], args.micro_batch, rank, world) if val else []
+
+    # A SIGTERM (the cluster's pre-emption notice) or Ctrl-C: finish the step, checkpoint, exit.
+    import signal
+    stop = {"flag": False}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.update(flag=True))
+
+    log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
+                 config=dataclasses.asdict(args))
+    peak = device_peak_flops(device, args.peak_tflops)
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    model.train()
+    step = start
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        tokens = flops = 0
+        for micro in range(accum):
+            idx = next(it)
+            b = load_batch([train[i]["file"] for i in idx])
+            x0, ctx = b["latents"].to(device).float(), b["text"].to(device)
+            # the index of each sample in the global batch: rank r takes micro-batches r, r + world, ...
+            first = (micro * world + rank) * args.micro_batch
+            ns = [sample_noise(args.seed, step, first + j, x0.shape[1:], args.timestep_sampling, args.shift)
+                  for j in range(len(idx))]
+            noise = torch.stack([n for n, _ in ns]).to(device)
+            sigma = torch.cat([s for _, s in ns]).to(device)
+            model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step, not per micro
+            loss = flow_loss(model, x0, ctx, sigma, noise)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            f, h, w = x0.shape[2:]
+            tokens += len(idx) * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+            flops += len(idx) * 3 * count_flops(cfg, f, h, w)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        # the step's loss: mean over every micro-batch of every rank
+        stats = torch.stack([loss_sum / accum, torch.tensor(float(stop["flag"]), device=device)])
+        torch.distributed.all_reduce(stats)
+        loss_val, stop_now = stats[0].item() / world, stats[1].item() > 0
+        dt = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.4f}")
+        if step % args.log_every == 0 or step == 1 or step == args.max_steps:
+            rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=float(grad_norm.full_tensor() if hasattr(
+                grad_norm, "full_tensor") else grad_norm), step_s=dt, samples_s=args.global_batch / dt,
+                tokens_s=tokens * world / dt)
+            if peak:
+                rec["mfu"] = flops * world / dt / (peak * world)
+            if device.type == "cuda":
+                rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if val_idx and args.val_every and step % args.val_every == 0:
+                rec["val_loss"] = val_loss(model, val_idx, val, args, device, rank, world, load_batch)
+            log.log(rec, echo=False)
+            bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())) \
+                if rank == 0 else None
+        elif val_idx and args.val_every and step % args.val_every == 0:
+            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, args, device, rank, world, load_batch)))
+        if prompts and args.sample_every and step % args.sample_every == 0:
+            write_samples(step)
+        if (args.ckpt_every and step % args.ckpt_every == 0) or stop_now:
+            path = ckpt.save(out_dir, step, model, opt, {"step": step, "data": dict(state), "args": dataclasses.asdict(args)},
+                             keep=args.keep)
+            print0(f"checkpoint -> {path}")
+        if stop_now:
+            print0(f"stopped by a signal at step {step}; resume with --resume 1")
+            break
+    bar.close()
+    if step >= args.max_steps:
+        name = "lora.safetensors" if args.lora_rank else "model.safetensors"
+        export_weights(model, args, cfg, os.path.join(out_dir, name))
+        print0(f"exported -> {os.path.join(out_dir, name)}")
+        if prompts:
+            write_samples(step)
+    log.close()
+    cdist.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,7 @@ from safetensors.torch import load_file
 import train_wan as W
 from data.video import write_video
 
-if hasattr(W, "sample_unipc"):  # merged into train_wan.py
-    sample_unipc, unipc_timesteps = W.sample_unipc, W.unipc_timesteps
-else:
-    from parts.wan_unipc import sample_unipc, unipc_timesteps
+sample_unipc, unipc_timesteps = W.sample_unipc, W.unipc_timesteps
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "wan21_unipc_golden.safetensors")
 # (steps, shift, guidance) of the golden file; shift 1 with 9 steps has sigma * 1000 on integers (666, 333), where

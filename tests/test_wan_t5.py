@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from parts.wan_t5 import (T5_PRESETS, T5Encoder, TextEncoder, Tokenizer, clean_prompt, load_text_encoder,
+from train_wan import (T5_PRESETS, T5Encoder, TextEncoder, Tokenizer, clean_prompt, load_text_encoder,
                           relative_position_bucket)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

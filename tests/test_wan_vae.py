@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from parts.wan_vae import VAE_PRESETS, WanVAE, load_vae
+from train_wan import VAE_PRESETS, WanVAE, load_vae
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = VAE_PRESETS["tiny"]
