@@ -1183,6 +1183,13 @@ def read_dit_checkpoint(path, dtype=None):
     else:
         raise ValueError(f"{path}: expected a checkpoint folder or a .safetensors file")
     sd = read_safetensors(files, dtype)
+    if cfg_json is None and len(files) == 1:  # our own exports carry their config (toy/tiny/custom shapes)
+        from safetensors import safe_open
+        with safe_open(files[0], framework="pt") as f:
+            meta = f.metadata() or {}
+        if "wan_config" in meta:
+            c = json.loads(meta["wan_config"])
+            return WanConfig(**{**c, "patch_size": tuple(c["patch_size"])}), sd
     for prefix in ("model.diffusion_model.", "diffusion_model."):
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}

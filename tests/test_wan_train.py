@@ -64,8 +64,12 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
 
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     from safetensors.torch import load_file
+    # a from-scratch toy DiT has a zero head (upstream init), which would block every gradient into the blocks:
+    # fine-tune a briefly trained one, loaded back from its own export (official keys + its config in the header)
+    run(toy, tmp_path / "base", "--max_steps", "3")
     out = tmp_path / "lora"
-    run(toy, out, "--max_steps", "4", "--lora_rank", "4", "--lr", "1e-2", "--ckpt_every", "4")
+    run(toy, out, "--max_steps", "4", "--lora_rank", "4", "--lr", "1e-2", "--ckpt_every", "4",
+        "--dit_path", str(tmp_path / "base" / "model.safetensors"))
     sd = load_file(str(out / "lora.safetensors"))
     assert sd and all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in sd), list(sd)[:5]
     assert all(k.startswith("diffusion_model.blocks.") for k in sd)
