@@ -1681,6 +1681,11 @@ def main(argv=None):
     if args.resume and (done := ckpt.complete_checkpoints(out_dir)):
         extra = ckpt.load(out_dir, done[-1], model, opt)
         state, start = extra["data"], extra["step"]
+        # The global order of micro-batches does not depend on the world size (rank r takes r, r + world, ...), so a
+        # run resumed on another number of ranks continues at the same global position (exact while the epoch's
+        # padding to a multiple of world agrees, e.g. when its batch count divides by both world sizes).
+        if extra.get("world", world) != world:
+            state = {"epoch": state["epoch"], "pos": state["pos"] * extra["world"] // world}
         print0(f"resumed from step {start} ({out_dir}/checkpoints)")
     it = batches([tuple(e["bucket"]) for e in train], args.micro_batch, rank, world, args.seed, state)
     val_idx = val_batches([tuple(e["bucket"]) for e in val], args.micro_batch, rank, world) if val else []
@@ -1751,7 +1756,8 @@ def main(argv=None):
         if prompts and args.sample_every and step % args.sample_every == 0:
             write_samples(step)
         if (args.ckpt_every and step % args.ckpt_every == 0) or stop_now:
-            path = ckpt.save(out_dir, step, model, opt, {"step": step, "data": dict(state), "args": dataclasses.asdict(args)},
+            path = ckpt.save(out_dir, step, model, opt, {"step": step, "data": dict(state), "world": world,
+                                                       "args": dataclasses.asdict(args)},
                              keep=args.keep)
             print0(f"checkpoint -> {path}")
         if stop_now:

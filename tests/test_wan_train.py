@@ -129,3 +129,56 @@ def test_toy_model_learns_colour(toy, tmp_path):
     # chance (an untrained model, or one that ignores the caption) gives the same colour balance for both
     assert excess(red, 0) - excess(blue, 0) > 0.05, (excess(red, 0), excess(blue, 0))
     assert excess(blue, 2) - excess(red, 2) > 0.05, (excess(blue, 2), excess(red, 2))
+
+
+def test_resume_on_another_world_size(toy, tmp_path):
+    """2 ranks to step 4 with a checkpoint, then 1 rank from there: weights, optimizer and data position carry over,
+    and the losses equal an uninterrupted 1-rank run (64 clips / micro 4 = 16 batches: both world sizes divide it)."""
+    run(toy, tmp_path / "one", "--max_steps", "7")
+    run(toy, tmp_path / "two", "--max_steps", "4", "--ckpt_every", "4", nproc=2)
+    run(toy, tmp_path / "two", "--max_steps", "7", "--resume", "1")
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for s in range(5, 8):
+        assert abs(a[s] - b[s]) <= 1e-4 * max(1.0, abs(a[s])), (s, a[s], b[s])
+
+
+def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
+    run(toy, tmp_path / "v1", "--max_steps", "4", "--val_count", "4", "--val_every", "2", "--lr", "0")
+    run(toy, tmp_path / "v2", "--max_steps", "4", "--val_count", "4", "--val_every", "2", "--lr", "0")
+    with open(tmp_path / "v1" / "log.jsonl") as f:
+        v1 = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    with open(tmp_path / "v2" / "log.jsonl") as f:
+        v2 = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    assert len(v1) == 2 and v1 == v2  # same clips, sigmas and noise every time
+    assert v1[0] == v1[1]  # lr 0: the weights did not move, so the fixed-noise validation loss cannot either
+
+
+def test_sample_mode_with_lora_and_bench(toy, tmp_path):
+    """--mode sample applies an exported LoRA and writes an mp4 that decodes to the right size and frame count;
+    --mode bench prints its figures."""
+    import av
+    run(toy, tmp_path / "base", "--max_steps", "2")
+    run(toy, tmp_path / "lora", "--max_steps", "2", "--lora_rank", "2",
+        "--dit_path", str(tmp_path / "base" / "model.safetensors"))
+    run(toy, tmp_path / "s", "--mode", "sample", "--dit_path", str(tmp_path / "base" / "model.safetensors"),
+        "--lora", str(tmp_path / "lora" / "lora.safetensors"), "--sample_prompts", "a red circle moving left",
+        "--sample_steps", "3", "--sample_solver", "unipc")
+    with av.open(str(tmp_path / "s" / "samples" / "step_00000000_0.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (16, 16, 3)
+    p = run(toy, tmp_path / "b", "--mode", "bench", "--bench_steps", "1", "--ac", "1")
+    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    assert res["tokens"] == 4 * 5 * 4 * 4 and res["step_s"] > 0 and res["tokens_s"] > 0
+
+
+def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
+    """--compile 1 --ac 1 give the same losses as the plain run, and the exported keys carry no wrapper names."""
+    from safetensors.torch import load_file
+    run(toy, tmp_path / "plain", "--max_steps", "2")
+    run(toy, tmp_path / "fast", "--max_steps", "2", "--compile", "1", "--ac", "1", timeout=900)
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "fast")
+    for s in (1, 2):
+        assert abs(a[s] - b[s]) <= 1e-4 * max(1.0, abs(a[s])), (s, a[s], b[s])
+    keys = load_file(str(tmp_path / "fast" / "model.safetensors")).keys()
+    assert "blocks.0.self_attn.q.weight" in keys
+    assert not [k for k in keys if "_orig_mod" in k or "_checkpoint_wrapped" in k]
