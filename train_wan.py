@@ -12,6 +12,7 @@ released files load as they are. Facts and references: README.md.
 """
 import dataclasses
 import glob
+import hashlib
 import html
 import json
 import math
@@ -1388,27 +1389,32 @@ def toy_text_encoder(words, text_dim, text_len):
     return TextEncoder(model.eval(), tokenizer, max_len=text_len)
 
 
+def encoder_settings(args, cfg):
+    """What identifies the encoding of a clip or caption, for the cache key (data/cache.py)."""
+    if args.preset == "toy":
+        return dict(model="wan-toy", vae="pixels", text="toy-umt5", text_len=cfg.text_len)
+    return dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl-bf16", text_len=512, ckpt=os.path.abspath(args.ckpt_dir))
+
+
 def build_encoders(args, cfg, device):
-    """-> (encode_video, decode_video, encode_text, settings): the VAE and text encoder as plain functions, and
-    what identifies their encoding in the cache key. Called only while caching or sampling."""
+    """-> (encode_video, decode_video, encode_text): the VAE and the text encoder as plain functions. Called only
+    while caching and sampling, so that neither is in memory while the DiT trains."""
     if args.preset == "toy":  # pixel space: the "latent" is the video, the decoder is the identity
         from data.toy import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
         words = [*COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS, "a", "moving", "on", "background"]
         te = toy_text_encoder(words, cfg.text_dim, cfg.text_len)
-        return (lambda v: v.clone(), lambda z: z.clamp(-1, 1), te.encode,
-                dict(model="wan-toy", vae="pixels", text="toy-umt5", text_len=cfg.text_len))
+        return lambda v: v.clone(), lambda z: z.clamp(-1, 1), te.encode
     if not args.ckpt_dir:
         raise ValueError("--ckpt_dir (the official Wan2.1-T2V-* folder) is needed for its VAE and umT5")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = load_vae(args.ckpt_dir, dtype=torch.float32, device=device)  # the VAE runs in fp32, as upstream
-    te = load_text_encoder(args.ckpt_dir, dtype=dtype, device=device)
+    te = load_text_encoder(args.ckpt_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                           device=device)
 
     def encode_text(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
         n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
         return te.encode(prompts)[:, :n].to(torch.bfloat16)
 
-    return (lambda v: vae.encode(v.to(device)).to(torch.bfloat16), lambda z: vae.decode(z.float().to(device)),
-            encode_text, dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl-bf16", text_len=512))
+    return (lambda v: vae.encode(v.to(device)).cpu(), lambda z: vae.decode(z.float().to(device)), encode_text)
 
 
 def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
@@ -1586,12 +1592,13 @@ def main(argv=None):
     if args.mode == "bench":
         return bench(args, cfg, sd, device, compute_dtype, world)
 
-    # 1. Data -> cache. The VAE and the text encoder exist only inside this block.
+    # 1. Data -> cache. The VAE and the text encoder exist only inside this block, and only if something is
+    # not cached yet (or in --mode sample, where the VAE decodes).
     prompts = prompts_from(args.sample_prompts)
-    import hashlib
-    key = hashlib.sha1(json.dumps([prompts, NEGATIVE_PROMPT, args.preset, args.ckpt_dir]).encode()).hexdigest()[:16]
-    prompt_file = os.path.join(args.cache_dir, f"prompts-{key}.pt")
-    entries = []
+    settings = encoder_settings(args, cfg)
+    key = hashlib.sha1(json.dumps([prompts, NEGATIVE_PROMPT, settings]).encode()).hexdigest()[:16]
+    prompt_file = os.path.join(args.cache_dir, f"prompts-{key}.pt")  # the sample prompts' text contexts
+    records = entries = []
     if args.mode in ("train", "cache"):
         if args.preset == "toy":
             from data.toy import make_toy_dataset
@@ -1599,22 +1606,23 @@ def main(argv=None):
         records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
                                multiple=8 * 2 if not pixel_space else cfg.patch_size[1], frame_step=4,
                                min_frames=args.min_frames, clips_per_video=args.clips_per_video, log=print0)
-    needs_prompts = prompts and not os.path.exists(prompt_file)
-    enc = None
-    if args.mode in ("train", "cache"):
-        settings = None
-        enc = build_encoders(args, cfg, device)
-        encode_video, _, encode_text, settings = enc
-        entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
-    if needs_prompts or args.mode == "sample":
-        enc = enc or build_encoders(args, cfg, device)
-        if rank == 0:
-            ctx = {p: enc[2]([p])[0].cpu() for p in prompts + [NEGATIVE_PROMPT]}
+        entries = cache_entries(records, args.cache_dir, settings, log=print0)
+    need = torch.tensor(float(len(entries) < len(records) or (bool(prompts) and not os.path.exists(prompt_file))
+                              or args.mode == "sample"))
+    torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # every rank takes the same branch
+    decode = None
+    if need.item():
+        encode_video, decode, encode_text = build_encoders(args, cfg, device)
+        if args.mode in ("train", "cache"):
+            entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
+        if prompts and rank == 0:
+            ctx = {p: encode_text([p])[0].cpu() for p in prompts + [NEGATIVE_PROMPT]}
             torch.save(ctx, prompt_file + ".tmp")
             os.replace(prompt_file + ".tmp", prompt_file)
         torch.distributed.barrier()
-    decode = enc[1] if args.mode == "sample" else None
-    del enc  # frees the VAE and the text encoder before the DiT is built
+        del encode_video, encode_text  # frees the text encoder (and the VAE, unless sampling) before the DiT
+        if args.mode != "sample":
+            decode = None
     if args.mode == "cache":
         return cdist.cleanup()
     prompt_ctx = torch.load(prompt_file) if prompts else {}
@@ -1638,11 +1646,10 @@ def main(argv=None):
     del sd
 
     def write_samples(step):
-        nonlocal decode
         model.eval()
-        if decode is None:  # during training: the VAE comes back just for this, then goes again
-            decode = build_encoders(args, cfg, device)[1] if pixel_space else (
-                lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device)))
+        # during training the VAE comes back just for this, and goes again when this function returns
+        dec = decode or (build_encoders(args, cfg, device)[1] if pixel_space else
+                         (lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device))))
         frames = args.sample_frames or args.frames
         for i, p in enumerate(prompts):
             shape = latent_shape(cfg, args, frames, pixel_space)
@@ -1655,7 +1662,7 @@ def main(argv=None):
             z = solver(model, noise, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance,
                        shift=args.sample_shift)
             if rank == 0:
-                video = decode(z)[0].float().cpu()
+                video = dec(z)[0].float().cpu()
                 os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
                 path = os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4")
                 write_video(path, video, args.fps)
@@ -1671,7 +1678,8 @@ def main(argv=None):
     n_train = sum(p.numel() for p in params)
     print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, training {n_train / 1e6:.2f}M"
            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else " (full fine-tune)"))
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
     accum = args.global_batch // (args.micro_batch * world)
     assert accum * args.micro_batch * world == args.global_batch, \
         f"--global_batch {args.global_batch} must be a multiple of micro_batch*world = {args.micro_batch * world}"
@@ -1748,11 +1756,10 @@ def main(argv=None):
                 rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if val_idx and args.val_every and step % args.val_every == 0:
                 rec["val_loss"] = val_loss(model, val_idx, val, args, device, rank, world, load_batch)
-            log.log(rec, echo=False)
-            bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())) \
-                if rank == 0 else None
+            log.log(rec, echo=bar.write)
         elif val_idx and args.val_every and step % args.val_every == 0:
-            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, args, device, rank, world, load_batch)))
+            rec = dict(step=step, val_loss=val_loss(model, val_idx, val, args, device, rank, world, load_batch))
+            log.log(rec, echo=bar.write)
         if prompts and args.sample_every and step % args.sample_every == 0:
             write_samples(step)
         if (args.ckpt_every and step % args.ckpt_every == 0) or stop_now:

@@ -25,21 +25,20 @@ class RunLog:
             except ImportError:
                 print("wandb is not installed: pip install wandb (logging to log.jsonl only)")
 
-    def log(self, rec, echo=True):
+    def log(self, rec, echo=print):
+        """Append `rec` to log.jsonl and pass one human line to `echo` (e.g. tqdm's bar.write; None: quiet)."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         step = rec.get("step", 0)
         for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(k, v, step)
+            if self.tb and k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
         if self.wb:
             self.wb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
         if echo:
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                  flush=True)
+            echo(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
     def close(self):
         if self.tb:
