@@ -1299,10 +1299,10 @@ class Args:
 # no VAE; the DiT's 4x4 patches do the compression), and its text encoder is a tiny umT5 with fixed random weights
 # over a word-level tokenizer of the toy captions: untrained, but distinct captions give distinct embeddings,
 # which is all that conditioning needs. Flags given on the command line still win over these.
-TOY_ARGS = dict(data="toy_data", height=32, width=32, frames=9, fps=8, global_batch=16, micro_batch=8, lr=2e-3,
-                warmup_steps=20, max_steps=400, weight_decay=0.0, timestep_sampling="uniform", log_every=20,
+TOY_ARGS = dict(data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=16, lr=3e-3,
+                warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="uniform", log_every=50,
                 sample_prompts="a red circle moving right on a gray background|a blue square moving down on a gray background",
-                sample_steps=20, sample_guidance=1.0, sample_shift=1.0, val_count=8)
+                sample_steps=30, sample_guidance=1.0, sample_shift=1.0, val_count=4, val_every=100)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1600,7 +1600,7 @@ def main(argv=None):
     prompt_file = os.path.join(args.cache_dir, f"prompts-{key}.pt")  # the sample prompts' text contexts
     records = entries = []
     if args.mode in ("train", "cache"):
-        if args.preset == "toy":
+        if args.preset == "toy" and args.data == TOY_ARGS["data"]:
             from data.toy import make_toy_dataset
             make_toy_dataset(args.data)  # a no-op when it is already there
         records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,

@@ -20,7 +20,9 @@ SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
+    from data.toy import make_toy_dataset
     d = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(str(d / "data"))
     return {"data": str(d / "data"), "cache": str(d / "cache"), "root": d}
 
 
