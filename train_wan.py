@@ -92,8 +92,7 @@ def rope_angles(f, h, w, head_dim, device):
 
 def rope_apply(x, cos, sin):
     """x (B, L, n, d); rotate ADJACENT pairs (x[2j], x[2j+1]) by the angles; cos/sin (L, d/2) fp32. Returns fp32."""
-    x = x.float().unflatten(-1, (-1, 2))  # (B, L, n, d/2, 2)
-    x0, x1 = x[..., 0], x[..., 1]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, n, d/2) each; unbind's backward is one stack
     cos, sin = cos[None, :, None], sin[None, :, None]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
@@ -107,8 +106,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight  # fused kernel
 
 
 class WanLayerNorm(nn.LayerNorm):

@@ -16,20 +16,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_wan as W  # noqa: E402
 
 
-def step_time(model, call, x, steps):
-    ts = []
-    for i in range(steps + 2):  # 2 warm-up steps (compile, allocator)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = call(model)
-        out.float().square().mean().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
-        if i >= 2:
-            ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+def one_step(model, call, x):
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    call(model).float().square().mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def interleaved(models, steps):
+    """Median step time of each (model, call), the models taking turns step by step, so that a slow phase of the
+    machine (another process, the clock) hits them all alike. Two warm-up rounds (compile, allocator) first."""
+    times = {k: [] for k in models}
+    for i in range(steps + 2):
+        for k, (m, call, x) in models.items():
+            dt = one_step(m, call, x)
+            if i >= 2:
+                times[k].append(dt)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main():
@@ -40,7 +47,7 @@ def main():
     p.add_argument("--frames", type=int, default=3)  # latent frames
     p.add_argument("--height", type=int, default=16)  # latent height
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -64,12 +71,13 @@ def main():
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else os.cpu_count()} "
           f"{'GPU' if dev.type == 'cuda' else 'CPU threads: ' + str(torch.get_num_threads())}), {dtype}, "
           f"dim {cfg.dim} x {cfg.num_layers} layers, {L} video tokens + {cfg.text_len} text tokens")
-    res = {}
-    res["diffusers"] = step_time(ref, lambda m: m(x, t, ctx, return_dict=False)[0], x, a.steps)
-    res["ours"] = step_time(ours, lambda m: m(x, t, ctx), x, a.steps)
-    for blk in ours.blocks:
-        blk.compile()
-    res["ours + compile"] = step_time(ours, lambda m: m(x, t, ctx), x, a.steps)
+    import copy
+    compiled = copy.deepcopy(ours)
+    for blk in compiled.blocks:
+        blk.compile()  # per block, in place, as train_wan.py --compile does
+    res = interleaved({"diffusers": (ref, lambda m: m(x, t, ctx, return_dict=False)[0], x),
+                       "ours": (ours, lambda m: m(x, t, ctx), x),
+                       "ours + compile": (compiled, lambda m: m(x, t, ctx), x)}, a.steps)
     for k, v in res.items():
         print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
 
