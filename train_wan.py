@@ -1354,6 +1354,14 @@ def device_peak_flops(device, override_tflops):
     return None  # unknown (CPU): MFU is not reported
 
 
+def peak_memory_gb(device):
+    """Peak GPU memory allocated by torch; on CPU the process's peak resident memory (all of it, not just torch)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def prompts_from(arg):
     if not arg:
         return []
@@ -1550,7 +1558,7 @@ def bench(args, cfg, sd, device, compute_dtype, world):
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None,
-               mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               mem_gb=peak_memory_gb(device),
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world=world)
     cdist.print0(json.dumps(res))
     cdist.cleanup()
@@ -1750,8 +1758,7 @@ def main(argv=None):
                 tokens_s=tokens * world / dt)
             if peak:
                 rec["mfu"] = flops * world / dt / (peak * world)
-            if device.type == "cuda":
-                rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["mem_gb"] = peak_memory_gb(device)
             if val_idx and args.val_every and step % args.val_every == 0:
                 rec["val_loss"] = val_loss(model, val_idx, val, args, device, rank, world, load_batch)
             log.log(rec, echo=bar.write)
