@@ -21,12 +21,13 @@ import re
 import sys
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import sentencepiece
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from safetensors.torch import load_file
 
 from common.fsdp import full_state_dict, load_full_state_dict, parallelize
@@ -586,28 +587,12 @@ def load_vae(path, dtype=torch.float32, device="cpu", config=VAE_PRESETS["2.1"])
     model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)
 
+
 # -----------------------------------------------------------------------------------------------------
 # Text encoder: umT5-XXL encoder (Wan 2.1 / 2.2), inference only, frozen.
 # Facts from Wan-Video/Wan2.1 wan/modules/t5.py (model), wan/modules/tokenizers.py (cleaning),
 # wan/text2video.py (how the context reaches the DiT) and HF transformers' UMT5EncoderModel (the parity reference).
 # Module names equal the keys of the official models_t5_umt5-xxl-enc-bf16.pth, so that file loads with no renames.
-import glob
-import html
-import json
-import math
-import os
-import re
-import unicodedata
-from dataclasses import dataclass
-
-import sentencepiece
-import tokenizers
-import sentencepiece
-import tokenizers
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 
 @dataclass
@@ -1375,8 +1360,6 @@ def toy_text_encoder(words, text_dim, text_len):
     """The toy preset's text encoder: a word-level tokenizer over `words` and a tiny umT5 with fixed random
     weights (seed 0). Same code path as the real one (Tokenizer reads a tokenizer.json, T5Encoder encodes)."""
     import tempfile
-
-    import tokenizers
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(sorted(set(words)))}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = tokenizers.normalizers.Lowercase()
@@ -1443,14 +1426,14 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
     return model
 
 
-def read_dit(args, rank):
-    """-> (cfg on every rank, full state dict on rank 0): the checkpoint, or a fresh init for toy/tiny."""
+def read_dit(args, rank, compute_dtype):
+    """-> (cfg on every rank, full state dict on rank 0): the checkpoint, or a fresh init for toy/tiny. A full
+    fine-tune keeps fp32 master weights; a LoRA's frozen base is read straight into the compute dtype."""
     sd, path = None, args.dit_path or args.ckpt_dir
     if path:
         cfg = None
         if rank == 0:
-            cfg, sd = read_dit_checkpoint(path, None if args.lora_rank == 0 else torch.bfloat16)
-            sd = {k: v.float() if args.lora_rank == 0 else v for k, v in sd.items()}  # full fine-tune: fp32 masters
+            cfg, sd = read_dit_checkpoint(path, torch.float32 if args.lora_rank == 0 else compute_dtype)
         obj = [cfg]
         torch.distributed.broadcast_object_list(obj, src=0)
         return obj[0], sd
@@ -1594,7 +1577,7 @@ def main(argv=None):
             json.dump({**dataclasses.asdict(args), "torch": torch.__version__, "world_size": world}, f, indent=1)
     print0(f"wan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype}")
 
-    cfg, sd = read_dit(args, rank)
+    cfg, sd = read_dit(args, rank, compute_dtype)
     if args.mode == "bench":
         return bench(args, cfg, sd, device, compute_dtype, world)
 

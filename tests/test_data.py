@@ -290,7 +290,7 @@ def test_jsonl_and_csv(tmp_path):
         [("a.mp4", "clip a", 17), ("b.webm", "clip b", 17), ("c.png", "image c", 1)]
     reasons = [ln.split(": ")[1].split(" (")[0] for ln in log if ln.startswith("skip ")]
     assert reasons == ["bad line", "no caption", "missing file", "unreadable"]
-    assert any(f"set.jsonl:4" in ln for ln in log)
+    assert any("set.jsonl:4" in ln for ln in log)
     # csv: any of the path/caption column names, quoted commas, relative and absolute paths
     (tmp_path / "set.csv").write_text('File,Prompt,extra\nmedia/a.mp4,"red, then blue",1\n'
                                       f'{m / "c.png"},image,2\nmedia/gone.mp4,x,3\n')

@@ -1,7 +1,6 @@
 """Every DiT layout the README promises loads to the same model; a wrong checkpoint fails naming the keys."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch

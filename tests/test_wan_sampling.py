@@ -1,7 +1,6 @@
 """Samplers: UniPC against diffusers' UniPCMultistepScheduler (configured as the official FlowUniPC) and against golden
 outputs of the official scheduler itself; Euler and UniPC on an exactly straight path; classifier-free guidance;
 the official sigma/timestep schedule; and an mp4 write/read round trip."""
-import math
 import os
 
 import av

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small toy run: 16x16 pixels, 5 frames at 4 fps -> 80 tokens per clip
@@ -70,8 +69,9 @@ def test_lora_trains_only_the_adapters(toy, tmp_path):
     # fine-tune a briefly trained one, loaded back from its own export (official keys + its config in the header)
     run(toy, tmp_path / "base", "--max_steps", "3")
     out = tmp_path / "lora"
-    run(toy, out, "--max_steps", "4", "--lora_rank", "4", "--lr", "1e-2", "--ckpt_every", "4",
+    run(toy, out, "--max_steps", "4", "--lora_rank", "4", "--lr", "1e-2", "--ckpt_every", "1", "--keep", "2",
         "--dit_path", str(tmp_path / "base" / "model.safetensors"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000004"]  # --keep 2
     sd = load_file(str(out / "lora.safetensors"))
     assert sd and all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in sd), list(sd)[:5]
     assert all(k.startswith("diffusion_model.blocks.") for k in sd)
