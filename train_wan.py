@@ -1565,6 +1565,12 @@ def main(argv=None):
     if args.preset == "toy":  # the toy defaults, unless a flag says otherwise
         given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
         args = dataclasses.replace(args, **{k: v for k, v in TOY_ARGS.items() if k not in given})
+    if args.mode not in ("train", "cache", "sample", "bench"):
+        raise ValueError(f"--mode must be train, cache, sample or bench, got {args.mode!r}")
+    if args.mode in ("train", "cache") and not args.data:
+        raise ValueError("--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
+    if args.mode == "sample" and not args.sample_prompts:
+        raise ValueError("--mode sample needs --sample_prompts ('a|b', or a text file with one prompt per line)")
     rank, world, device = cdist.init()
     print0 = cdist.print0
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
@@ -1636,9 +1642,12 @@ def main(argv=None):
 
     def write_samples(step):
         model.eval()
-        # during training the VAE comes back just for this, and goes again when this function returns
-        dec = decode or (build_encoders(args, cfg, device)[1] if pixel_space else
-                         (lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device))))
+        # during training the VAE comes back just for this (on rank 0, which writes the videos), and goes again
+        # when this function returns
+        dec = decode
+        if dec is None and rank == 0:
+            dec = build_encoders(args, cfg, device)[1] if pixel_space else \
+                (lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device)))
         frames = args.sample_frames or args.frames
         for i, p in enumerate(prompts):
             shape = latent_shape(cfg, args, frames, pixel_space)

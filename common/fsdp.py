@@ -27,7 +27,8 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=F
 
 
 def full_state_dict(model, only=None):
-    """The whole (unsharded) state dict on CPU with clean key names (no AC/compile wrappers); on every rank.
+    """The whole (unsharded) state dict on CPU with clean key names (no AC/compile wrappers), on rank 0 only (the
+    other ranks take part in the gathers and get an empty dict: a 14B model is not copied 8 times into host RAM).
     `only`: a predicate on the key, to keep e.g. just the LoRA tensors."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in sd.items() if only is None or only(k)}
