@@ -1283,7 +1283,7 @@ class Args:
 # over a word-level tokenizer of the toy captions: untrained, but distinct captions give distinct embeddings,
 # which is all that conditioning needs. Flags given on the command line still win over these.
 TOY_ARGS = dict(data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=16, lr=3e-3,
-                warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="uniform", log_every=50,
+                warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="logit_normal", log_every=50,
                 sample_prompts="a red circle moving right on a gray background|a blue square moving down on a gray background",
                 sample_steps=30, sample_guidance=1.0, sample_shift=1.0, val_count=4, val_every=100)
 
