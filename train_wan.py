@@ -1266,7 +1266,7 @@ class Args:
     sample_steps: int = 50
     sample_guidance: float = 5.0
     sample_shift: float = 5.0
-    sample_solver: str = "euler"  # euler | unipc
+    sample_solver: str = "unipc"  # unipc (the official sampler) | euler
     sample_frames: int = 0  # 0 = --frames
     val_every: int = 0
     log_every: int = 10
@@ -1569,6 +1569,8 @@ def main(argv=None):
         raise ValueError(f"--mode must be train, cache, sample or bench, got {args.mode!r}")
     if args.mode in ("train", "cache") and not args.data:
         raise ValueError("--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
+    if args.sample_solver not in ("unipc", "euler"):
+        raise ValueError(f"--sample_solver must be unipc or euler, got {args.sample_solver!r}")
     if args.mode == "sample" and not args.sample_prompts:
         raise ValueError("--mode sample needs --sample_prompts ('a|b', or a text file with one prompt per line)")
     rank, world, device = cdist.init()
