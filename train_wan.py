@@ -6,9 +6,11 @@ flow matching, loading of the official weights by their own key names, FSDP2, an
     python train_wan.py --preset 1.3B --ckpt_dir Wan2.1-T2V-1.3B --data my_clips/ --lora_rank 32
     torchrun --nproc_per_node=8 train_wan.py --preset 14B --ckpt_dir Wan2.1-T2V-14B --data my_clips/
 
-Reading order: configs -> DiT -> VAE -> text encoder -> LoRA -> flow matching -> loading -> parallelize
--> args -> main. Module names equal the official checkpoint keys (`blocks.3.self_attn.q.weight`), so the
-released files load as they are. Facts and references: README.md.
+Reading order: DiT config and presets -> DiT -> VAE -> text encoder -> LoRA -> flow matching and samplers ->
+loading -> flags -> the pieces main() uses -> main. The model-agnostic helpers live in common/ (process group,
+FSDP2 wrapping, checkpoints, flags, log) and data/ (video decoding, buckets, cache, batches, toy dataset).
+Module names equal the official checkpoint keys (`blocks.3.self_attn.q.weight`), so the released files load as
+they are. Facts and references: README.md.
 """
 import dataclasses
 import glob
