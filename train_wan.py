@@ -144,15 +144,9 @@ class WanSelfAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, L, C))
 
 
-class WanCrossAttention(nn.Module):
-    """Text cross-attention: q from video tokens, k/v from the 512 context tokens (all attended, no mask)."""
-
-    def __init__(self, dim, num_heads, eps=1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
+class WanCrossAttention(WanSelfAttention):
+    """Text cross-attention: the same layers (as upstream), but q from the video tokens and k/v from the 512 context
+    tokens (all attended, no mask), and no RoPE."""
 
     def forward(self, x, context):
         B, L, C = x.shape
