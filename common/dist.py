@@ -1,10 +1,8 @@
 """Process setup. There is always a process group, also for `python train_x.py` (world size 1), so the
 single-GPU path and the torchrun path are the same code (FSDP2 with one shard is still FSDP2)."""
 import os
-import random
 import socket
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,9 +44,3 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()  # without it, gloo sometimes aborts in destroy_process_group with 2+ ranks
         dist.destroy_process_group()
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

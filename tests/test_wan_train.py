@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from common.log import read_log
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small toy run: 16x16 pixels, 5 frames at 4 fps -> 80 tokens per clip
 SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", "--fps", "4", "--global_batch", "8",
@@ -49,8 +51,7 @@ def run(toy, out, *flags, nproc=1, check=True, timeout=600):
 
 
 def losses(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
 
 
 def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
@@ -147,10 +148,8 @@ def test_resume_on_another_world_size(toy, tmp_path):
 def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     run(toy, tmp_path / "v1", "--max_steps", "4", "--val_count", "4", "--val_every", "2", "--lr", "0")
     run(toy, tmp_path / "v2", "--max_steps", "4", "--val_count", "4", "--val_every", "2", "--lr", "0")
-    with open(tmp_path / "v1" / "log.jsonl") as f:
-        v1 = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
-    with open(tmp_path / "v2" / "log.jsonl") as f:
-        v2 = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    v1 = [r["val_loss"] for r in read_log(tmp_path / "v1") if "val_loss" in r]
+    v2 = [r["val_loss"] for r in read_log(tmp_path / "v2") if "val_loss" in r]
     assert len(v1) == 2 and v1 == v2  # same clips, sigmas and noise every time
     assert v1[0] == v1[1]  # lr 0: the weights did not move, so the fixed-noise validation loss cannot either
 
