@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -31,8 +30,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tqdm import tqdm
 
-from common.fsdp import full_state_dict, load_full_state_dict, parallelize
+from common import ckpt, lora_file, noise
+from common import dist as cdist
+from common import run as run_folder
+from common.args import UserError, cli, parse, prompts_from
+from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
+from common.log import RunLog
+from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
+from common.prefetch import prefetch
+from common.schedule import EMA, lr_at
+from common.stop import StopSignal
+from common.weights import (check_keys, check_shapes, read_safetensors, read_weights, safetensors_files,
+                            safetensors_header)
+from data.cache import cache_entries, encode_dataset, load_batch
+from data.dataset import load_dataset
+from data.loader import batches, split_val, val_batches, with_repeats
+from data.toy import make_toy_dataset
+from data.video import write_video
 
 # -----------------------------------------------------------------------------------------------------
 # Configs and presets
@@ -113,13 +129,17 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm in fp32. norm1/norm2/head.norm have no affine params; norm3 (before cross-attention) has."""
+    """LayerNorm in fp32, returns fp32. norm1/norm2/head.norm have no affine params; norm3 (before cross-attention)
+    has, and under FSDP mixed precision (or a bf16 LoRA base) its weight arrives in bf16: it is upcast here, as
+    upstream's fp32 autocast region does, so the statistics and the affine both run in fp32."""
 
     def __init__(self, dim, eps=1e-6, elementwise_affine=False):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x):
-        return super().forward(x.float())
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
 class WanSelfAttention(nn.Module):
@@ -211,6 +231,16 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.rope_cache = {}  # (f, h, w, device) -> (cos, sin): a plain dict, not a buffer (not a checkpoint key)
+
+    def rope(self, f, h, w, device):
+        """The RoPE tables of a token grid, computed once per grid shape (in float64, as upstream) and kept in fp32:
+        a bucketed dataset has a handful of shapes, and rebuilding them every forward cost ~5% of a step."""
+        key = (f, h, w, str(device))
+        if key not in self.rope_cache:
+            ang = rope_angles(f, h, w, self.cfg.dim // self.cfg.num_heads, device)
+            self.rope_cache[key] = (ang.cos().float(), ang.sin().float())
+        return self.rope_cache[key]
 
     def forward(self, x, t, context):
         cfg = self.cfg
@@ -228,8 +258,7 @@ class WanModel(nn.Module):
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(wdt))
-        ang = rope_angles(f, h, w, cfg.dim // cfg.num_heads, x.device)
-        rope = (ang.cos().float(), ang.sin().float())
+        rope = self.rope(f, h, w, x.device)
         for block in self.blocks:
             x = block(x, e0, context, rope)
         x = self.head(x, e).float()  # (B, L, pt*ph*pw*C), features laid out (p, q, r, c), c fastest
@@ -549,17 +578,25 @@ class WanVAE(nn.Module):
         return out.float().clamp(-1, 1)
 
 
-def load_vae(path, dtype=torch.float32, device="cpu", config=VAE_PRESETS["2.1"]) -> WanVAE:
+def vae_config_from(sd):
+    """The VAE's width and latent channels read off the weights (the released file is dim 96, z_dim 16; the tests'
+    tiny folders are narrower); the stage layout is Wan 2.1's. The default config where the keys are not ours, so
+    that the key check below can say what the file is."""
+    if "encoder.conv1.weight" not in sd or "conv2.weight" not in sd:
+        return VAE_PRESETS["2.1"]
+    return dataclasses.replace(VAE_PRESETS["2.1"], dim=sd["encoder.conv1.weight"].shape[0],
+                               z_dim=sd["conv2.weight"].shape[0])
+
+
+def load_vae(path, dtype=torch.float32, device="cpu", config=None) -> WanVAE:
     # path: the official checkpoint folder (with Wan2.1_VAE.pth), Wan2.1_VAE.pth itself, or a .safetensors file with
     # the same keys (ComfyUI's wan_2.1_vae.safetensors). Returns the model in eval mode, frozen, on device in dtype.
+    # config: None = read off the weights (vae_config_from).
     path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, "Wan2.1_VAE.pth")
-    if path.endswith(".safetensors"):
-        sd = load_file(path)
-    else:
-        # weights_only: a .pth is a pickle, and this way it can't run code. mmap: no second copy in RAM.
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    sd = read_weights(path)  # .pth through torch.load(weights_only=True, mmap=True)
+    config = config or vae_config_from(sd)
 
     with torch.device("meta"):
         model = WanVAE(config)
@@ -819,10 +856,23 @@ def hf_to_wan_keys(sd):
     return out
 
 
-def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=T5_PRESETS["umt5-xxl"], tokenizer_path=None):
+def t5_config_from(sd):
+    """The encoder's sizes read off the (official-key) weights: vocab and width from the embedding, heads and
+    buckets from a relative-position table, depth from the block count. umT5-XXL where the keys are not there."""
+    if "token_embedding.weight" not in sd or "blocks.0.pos_embedding.embedding.weight" not in sd:
+        return T5_PRESETS["umt5-xxl"]
+    vocab, dim = sd["token_embedding.weight"].shape
+    buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+    return T5Config(vocab=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
+                    dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=heads, num_buckets=buckets,
+                    num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")))
+
+
+def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=None, tokenizer_path=None):
     # path: the official Wan folder (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/), a diffusers-format folder
     # (text_encoder/*.safetensors + tokenizer/), or one file: the .pth, or an HF-key .safetensors such as ComfyUI's
     # umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled (their tokenizer is the embedded "spiece_model" tensor).
+    # config: None = read off the weights (t5_config_from).
     assert dtype in (torch.bfloat16, torch.float32), "T5 overflows fp16; use bf16 or fp32"
     path, tok = str(path), None
     if os.path.isfile(os.path.join(path, WAN_T5_CHECKPOINT)):
@@ -835,10 +885,8 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=T5_PRESET
         tok = os.path.join(path, "tokenizer")
     elif os.path.isdir(path):
         raise FileNotFoundError(f"{path}: expected {WAN_T5_CHECKPOINT} (Wan) or text_encoder/ (diffusers) in it")
-    elif path.endswith(".safetensors"):
-        sd = load_file(path)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = read_weights(path)
     if "spiece_model" in sd:
         tok = sd.pop("spiece_model").numpy().tobytes()
     hf_keys = "shared.weight" in sd or "encoder.embed_tokens.weight" in sd
@@ -850,6 +898,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=T5_PRESET
         w = k[: -len("scale_weight")] + "weight"
         sd[w] = sd[w].to(dtype) * sd.pop(k).to(dtype)
     sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
+    config = config or t5_config_from(sd)
 
     with torch.device("meta"):
         model = T5Encoder(config)
@@ -918,6 +967,40 @@ def lora_init_state(model, seed):
             sd[name + ".lora_A.weight"] = (torch.rand(r, n_in, generator=g) * 2 - 1) * bound
             sd[name + ".lora_B.weight"] = torch.zeros(m.lora_B.weight.shape)
     return sd
+
+
+def kohya_module_name(flat):
+    """musubi/kohya LoRA files flatten the module path with underscores: blocks_0_self_attn_q -> blocks.0.self_attn.q."""
+    mod = flat.replace("_", ".")
+    for a, b in (("self.attn", "self_attn"), ("cross.attn", "cross_attn"), ("norm.q", "norm_q"), ("norm.k", "norm_k")):
+        mod = mod.replace(a, b)
+    return mod
+
+
+def read_lora(path):
+    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's) or musubi's kohya format -> (official-key state dict
+    `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha); common/lora_file.py has the rules."""
+    return lora_file.read_lora(path, kohya_name=kohya_module_name)
+
+
+def export_weights(model, args, cfg, path):
+    """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
+    ComfyUI and diffusers load without conversion; a full fine-tune as the official-key DiT in bf16, its config in
+    the header. Collective (every rank gathers); rank 0 writes. A LoRA export gathers only the adapters."""
+    lora = args.lora_rank > 0
+    sd = gather_params(model, only=(lambda k: ".lora_" in k) if lora else None)
+    if torch.distributed.get_rank() != 0:
+        return
+    meta = {"format": "pt", "base_model": "Wan2.1-T2V-" + (args.preset if args.preset in ("1.3B", "14B") else "custom"),
+            "wan_config": json.dumps(dataclasses.asdict(cfg)), "args": json.dumps(dataclasses.asdict(args))}
+    if lora:
+        alpha = args.lora_alpha or args.lora_rank
+        meta.update(lora_rank=args.lora_rank, lora_alpha=float(alpha), lora_targets=args.lora_targets)
+        lora_file.write_lora(path, sd, alpha, metadata=meta)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, path + ".tmp", metadata=meta)
+        os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1074,31 +1157,6 @@ def sample_unipc(model, noise, context, neg_context=None, steps=50, guidance=5.0
 #   3. the diffusers repo (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or its transformer/ folder: renamed back below
 
 
-def read_safetensors(files, dtype=None):
-    """Read one or more .safetensors files into one dict on CPU, casting each tensor as it is read (so a 57 GB
-    fp32 14B checkpoint needs 28.6 GB of host memory when it is trained in bf16)."""
-    from safetensors import safe_open
-    sd = {}
-    for fn in files:
-        with safe_open(fn, framework="pt", device="cpu") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return sd
-
-
-def safetensors_files(folder, stem):
-    """<stem>.safetensors, or the shards listed in <stem>.safetensors.index.json."""
-    index = os.path.join(folder, stem + ".safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    single = os.path.join(folder, stem + ".safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"{folder}: neither {stem}.safetensors nor {stem}.safetensors.index.json is there")
-
-
 # diffusers' WanTransformer3DModel names -> the official names (the reverse of diffusers' own conversion).
 # Order matters: the specific patterns come before the general ones.
 DIFFUSERS_DIT_RENAMES = [
@@ -1147,53 +1205,53 @@ def dit_config_from(cfg_json=None, sd=None):
                      out_dim=sd["head.head.weight"].shape[0] // 4)
 
 
-def read_dit_checkpoint(path, dtype=None):
-    """-> (WanConfig, state dict with official keys) from any layout listed above."""
-    cfg_json = None
+def dit_files(path):
+    """-> (the .safetensors files of the DiT at `path`, its config.json as a dict or None), for any layout above."""
+    path = str(path)
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, "transformer")):  # diffusers repo root
             path = os.path.join(path, "transformer")
         cfg_file = os.path.join(path, "config.json")
+        cfg_json = None
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
                 cfg_json = json.load(f)
-        files = safetensors_files(path, "diffusion_pytorch_model")
-    elif path.endswith(".safetensors"):
-        files = [path]
-    else:
-        raise ValueError(f"{path}: expected a checkpoint folder or a .safetensors file")
-    sd = read_safetensors(files, dtype)
-    if cfg_json is None and len(files) == 1:  # our own exports carry their config (toy/tiny/custom shapes)
-        from safetensors import safe_open
-        with safe_open(files[0], framework="pt") as f:
-            meta = f.metadata() or {}
-        if "wan_config" in meta:
-            c = json.loads(meta["wan_config"])
-            return WanConfig(**{**c, "patch_size": tuple(c["patch_size"])}), sd
+        return safetensors_files(path, "diffusion_pytorch_model"), cfg_json
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        return [path], None
+    raise FileNotFoundError(f"{path}: expected a DiT checkpoint folder or a .safetensors file")
+
+
+def official_dit_keys(sd):
+    """Strip a ComfyUI prefix, or rename diffusers keys back: -> the official key names."""
     for prefix in ("model.diffusion_model.", "diffusion_model."):
-        if all(k.startswith(prefix) for k in sd):
+        if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     if any(k.startswith("condition_embedder.") for k in sd):
         sd = diffusers_to_official_dit(sd)
-    return dit_config_from(cfg_json, sd), sd
+    return sd
 
 
-def check_keys(expected, got, path, ignore=lambda k: False, hint=""):
-    """Fail with the names of missing and unexpected keys (the first few of each) and a hint."""
-    expected = {k for k in expected if not ignore(k)}
-    missing, unexpected = sorted(expected - set(got)), sorted(set(got) - expected)
-    if missing or unexpected:
-        def show(ks):
-            return ", ".join(ks[:8]) + (f" ... ({len(ks)} in all)" if len(ks) > 8 else "")
-        raise KeyError(f"{path}: the checkpoint does not match the model. missing: [{show(missing)}]; "
-                       f"unexpected: [{show(unexpected)}]. {hint}")
+def read_dit_config(path):
+    """The WanConfig of the DiT at `path` without reading its weights: config.json, or the config our own exports
+    carry in their header, or the tensor shapes in the safetensors header."""
+    files, cfg_json = dit_files(path)
+    if cfg_json is not None:
+        return dit_config_from(cfg_json)
+    shapes = {}
+    for f in files:
+        meta, sh = safetensors_header(f)
+        if "wan_config" in meta:  # our exports (toy/tiny/custom shapes)
+            c = json.loads(meta["wan_config"])
+            return WanConfig(**{**c, "patch_size": tuple(c["patch_size"])})
+        shapes.update(sh)
+    return dit_config_from(None, official_dit_keys({k: torch.empty(v, device="meta") for k, v in shapes.items()}))
 
 
-def check_shapes(model_sd, sd, path):
-    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in model_sd.items()
-           if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad[:8]))
+def read_dit_checkpoint(path, dtype=None):
+    """-> (WanConfig, state dict with official keys on CPU, each tensor cast to `dtype` as it is read)."""
+    files, _ = dit_files(path)
+    return read_dit_config(path), official_dit_keys(read_safetensors(files, dtype))
 
 
 DIT_HINT = ("train_wan.py loads Wan 2.1 text-to-video DiTs: the official folder, a single official-key "
@@ -1212,41 +1270,46 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Flags (common/args.py turns every field into --name value). The same names in every train_*.py.
+# Flags (common/args.py turns every field into --name value; the comment is its --help). The same names in every
+# train_*.py.
 
 
 @dataclass
 class Args:
     mode: str = "train"  # train | cache (encode the dataset, stop) | sample (videos for --sample_prompts) | bench
-    preset: str = "1.3B"  # toy | tiny | 1.3B | 14B (with --ckpt_dir, the checkpoint's own config wins)
-    ckpt_dir: str = ""  # the official Wan2.1-T2V-* folder (DiT + VAE + umT5); empty = random init (toy/tiny)
-    dit_path: str = ""  # a DiT somewhere else than ckpt_dir (a ComfyUI file, a diffusers folder)
-    data: str = ""  # folder of videos/images with same-name .txt captions, or a .jsonl / .csv of path + caption
+    preset: str = "1.3B"  # toy | tiny | 1.3B | 14B (with --ckpt_dir or --dit_path the checkpoint's own config wins)
+    ckpt_dir: str = ""  # the official Wan2.1-T2V-* folder (DiT + VAE + umT5); empty = random init (toy/tiny only)
+    dit_path: str = ""  # a DiT elsewhere than ckpt_dir: a ComfyUI file, a diffusers folder, a model.safetensors of ours
+    encoders: str = "official"  # official (the VAE and umT5 of --ckpt_dir) | toy (data/toy.py's pixel-space pair)
+    data: str = ""  # a folder of videos/images + same-name .txt captions, or a .jsonl/.csv; several: clips/,stills/*3
     cache_dir: str = "cache"  # encoded latents and text embeddings (keyed by content and settings)
-    out_dir: str = ""  # the run folder; default runs/wan-<preset>
+    out_dir: str = ""  # the run folder; default runs/wan-<preset> (runs/wan-<preset>-sample for --mode sample)
     # data
     height: int = 480  # the bucket area is height*width; buckets keep that area at other aspect ratios
-    width: int = 832
+    width: int = 832  # (sides are multiples of 16: the VAE's 8 times the patch's 2)
     frames: int = 81  # the most frames of a clip (4k+1); shorter videos get the largest 4k+1 that fits
     min_frames: int = 1  # shorter clips are skipped
     fps: int = 16  # Wan's frame rate: videos are resampled to it
     clips_per_video: int = 1  # consecutive clips from one long video (0 = as many as fit)
-    val_count: int = 0  # samples held out for the validation loss
+    val_count: int = 0  # source files held out for the validation loss
+    caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (what guidance contrasts)
     # LoRA (rank 0 = full fine-tune)
-    lora_rank: int = 0
-    lora_alpha: float = 0.0  # 0 = the rank (scale 1, as diffusion-pipe)
-    lora_targets: str = LORA_TARGETS
-    lora: str = ""  # --mode sample: a LoRA file to apply
+    lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
+    lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1, as diffusion-pipe)
+    lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
+    lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's)
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
-    micro_batch: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 50
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
-    max_steps: int = 1000
-    grad_clip: float = 1.0
-    weight_decay: float = 0.01
-    seed: int = 0
+    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 50  # linear warmup from 0
+    lr_schedule: str = "constant"  # constant | cosine (after warmup, to 0 at max_steps)
+    max_steps: int = 1000  # optimizer steps
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+    weight_decay: float = 0.01  # AdamW weight decay
+    ema: float = 0.0  # EMA decay of the trainable weights (e.g. 0.999); 0 = off. Samples use it; it is checkpointed
+    ema_export: bool = False  # export the EMA weights (with --ema) instead of the last ones
+    seed: int = 0  # one seed for init, data order, noise, sigmas and caption dropout
     timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
     # speed
@@ -1254,527 +1317,508 @@ class Args:
     ac: bool = False  # activation checkpointing per block
     compile: bool = False  # torch.compile per block, in place
     # checkpoints, samples, validation, logging
-    ckpt_every: int = 0
-    keep: int = 3
-    resume: bool = False
-    sample_every: int = 0
+    ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
+    keep: int = 3  # keep the newest K checkpoints (0 = all)
+    resume: bool = False  # continue the run in --out_dir from its newest valid checkpoint (none: start fresh)
+    sample_every: int = 0  # write sample videos every N steps (0 = only at the end)
     sample_prompts: str = ""  # prompts separated by |, or a text file with one per line
-    sample_steps: int = 50
-    sample_guidance: float = 5.0
-    sample_shift: float = 5.0
+    sample_negative: str = "official"  # negative prompt for guidance: official (Wan's own) or any text ("" = empty)
+    sample_steps: int = 50  # sampler steps
+    sample_guidance: float = 5.0  # classifier-free guidance scale (1 = none)
+    sample_shift: float = 5.0  # the sampling schedule's shift
     sample_solver: str = "unipc"  # unipc (the official sampler) | euler
-    sample_frames: int = 0  # 0 = --frames
-    val_every: int = 0
-    log_every: int = 10
-    tensorboard: bool = False
-    wandb: str = ""  # a W&B project name
+    sample_frames: int = 0  # frames of the samples; 0 = --frames
+    val_every: int = 0  # validation loss every N steps (needs --val_count)
+    log_every: int = 10  # a log line (log.jsonl) every N steps
+    tensorboard: bool = False  # also log to TensorBoard (<out_dir>/tb)
+    wandb: str = ""  # also log to this W&B project
     # bench
-    bench_steps: int = 5
+    bench_steps: int = 5  # timed steps (after 2 warm-up steps)
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0 = known GPUs by name (H100: 989)
 
 
-# The toy preset is the project's embedded default: a tiny DiT trained from scratch on the synthetic dataset that
-# data/toy.py writes, on CPU, in minutes. It runs in pixel space: a "latent" is the RGB video itself (3 channels,
-# no VAE; the DiT's 4x4 patches do the compression), and its text encoder is a tiny umT5 with fixed random weights
-# over a word-level tokenizer of the toy captions: untrained, but distinct captions give distinct embeddings,
-# which is all that conditioning needs. Flags given on the command line still win over these.
-TOY_ARGS = dict(data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=16, lr=3e-3,
-                warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="logit_normal", log_every=50,
-                sample_prompts="a red circle moving right on a gray background|a blue square moving down on a gray background",
-                sample_steps=30, sample_guidance=1.0, sample_shift=1.0, val_count=4, val_every=100)
+# The toy preset, the project's embedded demo: a tiny DiT trained from scratch on the synthetic dataset that
+# data/toy.py writes, on CPU, in minutes. It runs in pixel space: a "latent" is the RGB video itself (no VAE; the
+# DiT's 4x4 patches do the compression) and the text encoder is data/toy.py's fixed word embedding (--encoders toy).
+# These are the defaults of --preset toy, applied before parsing: flags on the command line still win.
+TOY_PROMPTS = ("a red circle moving right on a gray background|a blue square moving down on a gray background|"
+               "a green triangle moving left on a black background|a yellow circle moving up on a white background")
+TOY_ARGS = dict(encoders="toy", data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=0,
+                lr=3e-3, warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="logit_normal",
+                log_every=50, caption_dropout=0.1, ema=0.99, ema_export=True, sample_prompts=TOY_PROMPTS,
+                sample_negative="", sample_steps=30, sample_guidance=3.0, sample_shift=1.0, val_count=4, val_every=100)
+
+# What a latent is per --encoders: the stride of the encoder in (frames, height, width). The Wan 2.1 VAE maps
+# 1 + 4k frames of H x W to 1 + k latent frames of H/8 x W/8; the toy's pixel space is the identity.
+LATENT_STRIDE = {"official": (4, 8, 8), "toy": (1, 1, 1)}
+
+
+def check_args(args):
+    """Every mistake that the flags alone show, as one UserError line, before any work is done."""
+    def need(ok, msg):
+        if not ok:
+            raise UserError(msg)
+    choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
+                   lr_schedule=("constant", "cosine"), sample_solver=("unipc", "euler"), dtype=("auto", "bf16", "fp32"),
+                   timestep_sampling=("uniform", "logit_normal", "shift"))
+    for k, allowed in choices.items():
+        need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
+    need(args.preset in DIT_PRESETS, f"--preset {args.preset!r}: expected one of {', '.join(DIT_PRESETS)}")
+    for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
+              "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
+        need(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
+    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps"):
+        need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
+    need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
+    need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
+    st, sh, sw = LATENT_STRIDE[args.encoders]
+    cfg = DIT_PRESETS[args.preset]
+    mh, mw = sh * cfg.patch_size[1], sw * cfg.patch_size[2]
+    need(args.height % mh == 0 and args.width % mw == 0 and args.height > 0 and args.width > 0,
+         f"--height {args.height} --width {args.width}: both must be positive multiples of {mh} "
+         f"(the encoder's stride {sh} times the patch size {cfg.patch_size[1]})")
+    for k in ("frames", "sample_frames"):
+        n = getattr(args, k)
+        need((n == 0 and k == "sample_frames") or (n >= 1 and (n - 1) % st == 0),
+             f"--{k} {n}: must be 1 + {st}k (the VAE compresses {st} frames into one latent after the first)")
+    need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
+         "--lora_rank")
+    weights = args.dit_path or args.ckpt_dir
+    for k in ("ckpt_dir", "dit_path", "lora"):
+        need(not getattr(args, k) or os.path.exists(getattr(args, k)), f"--{k} {getattr(args, k)}: no such file or folder")
+    if args.mode in ("train", "cache"):
+        need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
+    if args.mode in ("train", "cache", "sample") and args.encoders == "official":
+        need(args.ckpt_dir, f"--mode {args.mode} needs --ckpt_dir: the official Wan2.1-T2V-* folder, for its VAE "
+             "and umT5 (or --encoders toy)")
+    if args.mode == "train":
+        need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
+             "pass --ckpt_dir (random init is for the toy and tiny presets only)")
+        need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    if args.mode == "sample":
+        need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/wan-toy/model.safetensors) or "
+             "--ckpt_dir")
+        need(prompts_from(args.sample_prompts), "--mode sample needs --sample_prompts ('a|b', or a file)")
 
 
 # -----------------------------------------------------------------------------------------------------
 # The pieces main() puts together
 
 
-def lr_at(step, args):
-    """Linear warmup to --lr, then constant or cosine down to 0 at --max_steps. step counts from 0."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "cosine":
-        p = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-    return args.lr
-
-
-def sample_noise(seed, step, index, shape, method, shift):
-    """The noise and sigma of one training sample, a pure function of (seed, step, its index in the global batch):
-    a run gives the same numbers on 1 or N ranks and after a resume, with no RNG state to save."""
-    g = torch.Generator().manual_seed(hash((seed, step, index)) % 2**63)
-    sigma = sample_sigmas(1, method, shift, generator=g)
-    return torch.randn(shape, generator=g), sigma
-
-
-def val_loss(model, val, entries, args, device, rank, world, load_batch):
-    """Mean flow loss over the held-out clips at fixed sigmas with fixed noise: the same numbers at every
-    evaluation, so the curve is comparable across steps and runs."""
-    sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for idx in val:
-            b = load_batch([entries[i]["file"] for i in idx])
-            x0, ctx = b["latents"].to(device).float(), b["text"].to(device)
-            for j, s in enumerate(sigmas):
-                noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                    hash((-1, i, j)) % 2**63)) for i in idx]).to(device)
-                loss = flow_loss(model, x0, ctx, torch.full((len(idx),), s, device=device), noise)
-                total += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
-def device_peak_flops(device, override_tflops):
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("4090", 165), ("A10", 125)):
-            if key in name:
-                return tf * 1e12  # dense bf16
-    return None  # unknown (CPU): MFU is not reported
-
-
-def peak_memory_gb(device):
-    """Peak GPU memory allocated by torch; on CPU the process's peak resident memory (all of it, not just torch)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def prompts_from(arg):
-    if not arg:
-        return []
-    if os.path.isfile(arg):
-        with open(arg, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    return [p.strip() for p in arg.split("|") if p.strip()]
-
-
-def toy_text_encoder(words, text_dim, text_len):
-    """The toy preset's text encoder: a word-level tokenizer over `words` and a tiny umT5 with fixed random
-    weights (seed 0). Same code path as the real one (Tokenizer reads a tokenizer.json, T5Encoder encodes)."""
-    import tempfile
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(sorted(set(words)))}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = tokenizers.normalizers.Lowercase()
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(os.path.join(d, "tokenizer.json"))
-        tokenizer = Tokenizer(d)
-    cfg = T5Config(vocab=len(vocab), dim=text_dim, dim_attn=text_dim, dim_ffn=2 * text_dim, num_heads=4, num_layers=2)
-    g = torch.random.fork_rng()
-    with g:
-        torch.manual_seed(0)
-        model = T5Encoder(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else p.shape[-1] ** -0.5))
-    return TextEncoder(model.eval(), tokenizer, max_len=text_len)
-
-
-def encoder_settings(args, cfg):
+def encoder_settings(args, cfg, device):
     """What identifies the encoding of a clip or caption, for the cache key (data/cache.py)."""
-    if args.preset == "toy":
-        return dict(model="wan-toy", vae="pixels", text="toy-umt5", text_len=cfg.text_len)
-    return dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl-bf16", text_len=512, ckpt=os.path.abspath(args.ckpt_dir))
+    if args.encoders == "toy":
+        from data.toy import toy_encoders
+        return toy_encoders(cfg.text_dim, cfg.text_len)[3]
+    return dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl", text_len=512, ckpt=os.path.abspath(args.ckpt_dir),
+                text_dtype="bf16" if device.type == "cuda" else "fp32")
 
 
-def build_encoders(args, cfg, device):
-    """-> (encode_video, decode_video, encode_text): the VAE and the text encoder as plain functions. Called only
-    while caching and sampling, so that neither is in memory while the DiT trains."""
-    if args.preset == "toy":  # pixel space: the "latent" is the video, the decoder is the identity
-        from data.toy import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
-        words = [*COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS, "a", "moving", "on", "background"]
-        te = toy_text_encoder(words, cfg.text_dim, cfg.text_len)
-        return lambda v: v.clone(), lambda z: z.clamp(-1, 1), te.encode
-    if not args.ckpt_dir:
-        raise ValueError("--ckpt_dir (the official Wan2.1-T2V-* folder) is needed for its VAE and umT5")
-    vae = load_vae(args.ckpt_dir, dtype=torch.float32, device=device)  # the VAE runs in fp32, as upstream
-    te = load_text_encoder(args.ckpt_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                           device=device)
+def build_encoders(args, cfg, device, video=True, text=True):
+    """-> (encode_video, decode_video, encode_text) as plain functions (None for the parts not asked for). Built only
+    while caching and sampling, so that neither the VAE nor the text encoder is in memory while the DiT trains."""
+    if args.encoders == "toy":
+        from data.toy import toy_encoders
+        return toy_encoders(cfg.text_dim, cfg.text_len)[:3]
+    enc_v = dec_v = enc_t = None
+    if video:
+        vae = load_vae(args.ckpt_dir, dtype=torch.float32, device=device)  # the VAE runs in fp32, as upstream
+        enc_v = lambda v: vae.encode(v.to(device)).cpu()  # noqa: E731
+        dec_v = lambda z: vae.decode(z.float().to(device))  # noqa: E731
+    if text:
+        te = load_text_encoder(args.ckpt_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                               device=device)
 
-    def encode_text(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
-        n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
-        return te.encode(prompts)[:, :n].to(torch.bfloat16)
+        def enc_t(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
+            n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
+            return te.encode(prompts)[:, :n].float()
+    return enc_v, dec_v, enc_t
 
-    return (lambda v: vae.encode(v.to(device)).cpu(), lambda z: vae.decode(z.float().to(device)), encode_text)
+
+def read_dit_weights(args, cfg, rank, dtype):
+    """The full state dict on rank 0 (None elsewhere): the checkpoint, read straight into `dtype`, or a fresh init
+    (seeded) for the toy and tiny presets. Called after caching, so it is never in RAM beside the encoders."""
+    if rank != 0:
+        return None
+    path = args.dit_path or args.ckpt_dir
+    if path:
+        return read_dit_checkpoint(path, dtype)[1]
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        m = WanModel(cfg)
+        m.init_weights()
+    return m.state_dict()
 
 
 def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
     """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
-    `sd` is the full state dict on rank 0 (None on the others): the checkpoint, or a fresh init."""
+    `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights
+    (every shard filled with N(0, 0.02) where it lives: a 14B model never passes through host RAM)."""
     rank = torch.distributed.get_rank()
     with torch.device("meta"):
         model = WanModel(cfg)
     if args.lora_rank:
         model.blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype: half the memory in bf16
         add_lora(model, args.lora_rank, lora_alpha or args.lora_alpha or args.lora_rank, args.lora_targets)
-        if rank == 0 and not any(".lora_" in k for k in sd):
+        if rank == 0 and sd != "random" and not any(".lora_" in k for k in sd):
             sd.update(lora_init_state(model, args.seed))
-    if rank == 0:
-        check_keys(model.state_dict().keys(), sd, args.dit_path or args.ckpt_dir or "init", hint=DIT_HINT)
-        check_shapes(model.state_dict(), sd, args.dit_path or args.ckpt_dir)
+    where = args.dit_path or args.ckpt_dir or "init"
+    if rank == 0 and sd != "random":
+        check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
+        check_shapes(model.state_dict(), sd, where)
     parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
     model.to_empty(device=device)
-    load_full_state_dict(model, sd if rank == 0 else {})
+    if sd == "random":
+        g = torch.Generator(device=device).manual_seed(args.seed + rank)
+        with torch.no_grad():
+            for p in model.parameters():
+                (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
+    else:
+        load_full_state_dict(model, sd if rank == 0 else {})
     return model
 
 
-def read_dit(args, rank, compute_dtype):
-    """-> (cfg on every rank, full state dict on rank 0): the checkpoint, or a fresh init for toy/tiny. A full
-    fine-tune keeps fp32 master weights; a LoRA's frozen base is read straight into the compute dtype."""
-    sd, path = None, args.dit_path or args.ckpt_dir
-    if path:
-        cfg = None
+def latent_shape(cfg, args, frames):
+    """(C, f, h, w) of the latents of a frames x height x width clip."""
+    st, sh, sw = LATENT_STRIDE[args.encoders]
+    return (cfg.in_dim, (frames - 1) // st + 1, args.height // sh, args.width // sw)
+
+
+def training_draws(args, step, index, n, device):
+    """sigma (n,) on `device` and caption-dropout flags (n,) bool on CPU for the samples index, index+1, ... of the
+    global batch of `step`: a pure function of (seed, step, index), so 1 or N ranks and a resumed run agree."""
+    sig, drop = [], []
+    for j in range(n):
+        g = noise.generator(args.seed, step, index + j)
+        sig.append(sample_sigmas(1, args.timestep_sampling, args.shift, generator=g))
+        drop.append(torch.rand(1, generator=g) < args.caption_dropout)
+    return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop)
+
+
+def training_noise(args, step, index, shape, n, device):
+    """(n, *shape) noise made on the training device, one seeded generator per sample (no host-to-device copy)."""
+    return torch.stack([noise.randn(shape, args.seed, step, index + j, "noise", device=device) for j in range(n)])
+
+
+def drop_captions(ctx, drop, empty):
+    """ctx (B, L, D) with the rows where drop (B,) is True replaced by the empty prompt's context `empty` (n, D)."""
+    if not drop.any():  # a CPU tensor: no device sync
+        return ctx
+    L = max(ctx.shape[1], empty.shape[0])
+    ctx = F.pad(ctx, (0, 0, 0, L - ctx.shape[1]))
+    e = F.pad(empty.to(ctx), (0, 0, 0, L - empty.shape[0]))
+    return torch.where(drop.to(ctx.device).view(-1, 1, 1), e[None], ctx)
+
+
+def val_loss(model, val_idx, val, device):
+    """Mean flow loss over the held-out clips at fixed sigmas with fixed noise: the same numbers at every
+    evaluation, so the curve is comparable across steps and runs. Collective."""
+    sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for idx in val_idx:
+            b = load_batch([val[i]["file"] for i in idx])
+            x0, ctx = b["latents"].to(device).float(), b["text"].to(device).float()
+            for j, s in enumerate(sigmas):
+                eps = torch.stack([noise.randn(x0.shape[1:], "val", val[i]["key"], j, device=device) for i in idx])
+                loss = flow_loss(model, x0, ctx, torch.full((len(idx),), s, device=device), eps)
+                total += torch.stack([loss.double() * len(idx), torch.tensor(float(len(idx)), device=device).double()])
+    torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
+    """One video per --sample_prompts prompt, seeded by (seed, prompt index), through the chosen sampler with
+    guidance against `negative`. Collective (the sharded DiT runs on every rank); rank 0 decodes (loading the VAE
+    for the occasion: it is not kept in memory while training) and writes samples/step_XXXXXXXX_i.mp4."""
+    rank = torch.distributed.get_rank()
+    decode = build_encoders(args, cfg, device, video=True, text=False)[1] if rank == 0 else None
+    solver = sample_unipc if args.sample_solver == "unipc" else sample_euler
+    was_training = model.training
+    model.eval()
+    paths = []
+    for i, p in enumerate(prompts_from(args.sample_prompts)):
+        shape = latent_shape(cfg, args, args.sample_frames or args.frames)
+        x = noise.randn(shape, args.seed, "sample", i)[None].to(device)  # CPU noise: the same on every device
+        ctx, neg = text_ctx[p][None].to(device).float(), text_ctx[negative][None].to(device).float()
+        L = max(ctx.shape[1], neg.shape[1])
+        ctx, neg = (F.pad(c, (0, 0, 0, L - c.shape[1])) for c in (ctx, neg))
+        z = solver(model, x, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance, shift=args.sample_shift)
         if rank == 0:
-            cfg, sd = read_dit_checkpoint(path, torch.float32 if args.lora_rank == 0 else compute_dtype)
-        obj = [cfg]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        return obj[0], sd
-    cfg = DIT_PRESETS[args.preset]
-    if rank == 0:
-        with torch.random.fork_rng():
-            torch.manual_seed(args.seed)
-            m = WanModel(cfg)
-            m.init_weights()
-        sd = m.state_dict()
-    return cfg, sd
+            paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
+            write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
+    model.train(was_training)
+    return paths
 
 
-def latent_shape(cfg, args, frames, pixel_space):
-    if pixel_space:
-        return (cfg.in_dim, frames, args.height, args.width)
-    return (cfg.in_dim, (frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-
-
-def export_weights(model, args, cfg, path):
-    """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
-    ComfyUI and diffusers load without conversion; a full fine-tune as the official-key DiT in bf16. Rank 0 writes."""
-    from safetensors.torch import save_file
-    lora = args.lora_rank > 0
-    sd = full_state_dict(model, only=(lambda k: ".lora_" in k) if lora else None)
-    if torch.distributed.get_rank() != 0:
-        return
-    meta = {"format": "pt", "base_model": "Wan2.1-T2V-" + (args.preset if args.preset in ("1.3B", "14B") else "custom"),
-            "wan_config": json.dumps(dataclasses.asdict(cfg)), "args": json.dumps(dataclasses.asdict(args))}
-    if lora:
-        alpha = args.lora_alpha or args.lora_rank
-        out = {"diffusion_model." + k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-        for k in list(out):
-            if k.endswith(".lora_A.weight"):
-                out[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(float(alpha))
-        meta.update(lora_rank=str(args.lora_rank), lora_alpha=str(float(alpha)), lora_targets=args.lora_targets)
-    else:
-        out = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-    tmp = path + ".tmp"
-    save_file(out, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def read_lora(path):
-    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's) or musubi's kohya format -> (official-key state dict
-    `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha). The alpha/rank scale is folded into B when files differ."""
-    from safetensors.torch import load_file
-    raw = load_file(path)
-    sd, alphas = {}, {}
-    for k, v in raw.items():
-        if k.startswith("lora_unet_"):  # kohya: lora_unet_blocks_0_self_attn_q.lora_down.weight
-            mod, _, rest = k[len("lora_unet_"):].partition(".")
-            mod = mod.replace("_", ".")
-            for a, b in (("self.attn", "self_attn"), ("cross.attn", "cross_attn"), ("norm.q", "norm_q")):
-                mod = mod.replace(a, b)
-            k = mod + "." + rest.replace("lora_down", "lora_A").replace("lora_up", "lora_B")
-        k = k.removeprefix("diffusion_model.")
-        if k.endswith(".alpha"):
-            alphas[k[: -len(".alpha")]] = float(v)
-        else:
-            sd[k] = v.float()
-    ranks = {v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")}
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
-    rank = ranks.pop()
-    mods = [k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")]
-    per = {m: alphas.get(m, float(rank)) for m in mods}  # no .alpha = scale 1, as ComfyUI and diffusers read it
-    if len(set(per.values())) > 1:  # per-module (or partly missing) alphas: fold each into its B, scale 1
-        for m, a in per.items():
-            sd[m + ".lora_B.weight"] *= a / rank
-        return sd, rank, float(rank)
-    return sd, rank, next(iter(per.values()), float(rank))
-
-
-def bench(args, cfg, sd, device, compute_dtype, world):
-    """--mode bench: a few training steps on random latents of --height x --width x --frames (and a random
-    512-token context); prints step time, tokens/s, peak memory and MFU. No data, no VAE, no text encoder."""
-    from common import dist as cdist
+def bench(args, cfg, device, compute_dtype, world, micro):
+    """--mode bench: a few training steps on random latents of --height x --width x --frames and a random full-length
+    context; prints step time, tokens/s, peak memory and MFU. No data, VAE or text encoder; the weights are the
+    checkpoint's if given, else random."""
+    sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
+                          compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     model = build_dit(args, cfg, sd, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    shape = (args.micro_batch, *latent_shape(cfg, args, args.frames, args.preset == "toy"))
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    shape = (micro, *latent_shape(cfg, args, args.frames))
     x0 = torch.randn(shape, device=device)
-    ctx = torch.randn(args.micro_batch, cfg.text_len, cfg.text_dim, device=device)
+    ctx = torch.randn(micro, cfg.text_len, cfg.text_dim, device=device)
     f, h, w = shape[2:]
-    tokens = args.micro_batch * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    flops = args.micro_batch * 3 * count_flops(cfg, f, h, w)
+    tokens = micro * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    flops = micro * 3 * count_flops(cfg, f, h, w)
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        sigma = torch.rand(args.micro_batch, device=device)
-        loss = flow_loss(model, x0, ctx, sigma, torch.randn_like(x0))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with StepTimer(device) as t:
+            loss = flow_loss(model, x0, ctx, torch.rand(micro, device=device), torch.randn_like(x0))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if i >= 2:
-            times.append(time.perf_counter() - t0)
+            times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
-    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile,
+    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
-               mfu=flops / dt / peak if peak else None,
-               mem_gb=peak_memory_gb(device),
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world=world)
+               mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
+               device=device_name(device), world=world)
     cdist.print0(json.dumps(res))
-    cdist.cleanup()
     return res
 
 
+def git_hash():
+    try:
+        import subprocess
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:  # no git, not a checkout: the hash is a courtesy
+        return None
+
+
 # -----------------------------------------------------------------------------------------------------
-# main: a flat script. cache -> build -> train loop (log, validate, sample, checkpoint) -> export.
+# main: a flat script. setup -> data and cache -> the DiT -> optimizer and resume -> the training loop -> export.
 
 
 def main(argv=None):
-    from common import ckpt, dist as cdist
-    from common.args import parse
-    from common.log import RunLog
-    from data.cache import cache_entries, encode_dataset, load_batch
-    from data.dataset import load_dataset
-    from data.loader import batches, split_val, val_batches
-    from data.video import write_video
-
-    args = parse(Args, argv)
-    if args.preset == "toy":  # the toy defaults, unless a flag says otherwise
-        given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-        args = dataclasses.replace(args, **{k: v for k, v in TOY_ARGS.items() if k not in given})
-    if args.mode not in ("train", "cache", "sample", "bench"):
-        raise ValueError(f"--mode must be train, cache, sample or bench, got {args.mode!r}")
-    if args.mode in ("train", "cache") and not args.data:
-        raise ValueError("--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
-    if args.sample_solver not in ("unipc", "euler"):
-        raise ValueError(f"--sample_solver must be unipc or euler, got {args.sample_solver!r}")
-    if args.mode == "sample" and not args.sample_prompts:
-        raise ValueError("--mode sample needs --sample_prompts ('a|b', or a text file with one prompt per line)")
+    # 0. Setup: flags (checked before any work), the run folder (never another run's), the process group.
+    args = parse(Args, argv, presets={"toy": TOY_ARGS})
+    check_args(args)
+    out_dir = args.out_dir or os.path.join("runs", f"wan-{args.preset}" + ("-sample" if args.mode == "sample" else ""))
+    if args.mode == "train":
+        run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
+    micro = args.micro_batch or args.global_batch // world
+    accum = args.global_batch // (micro * world)
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
+        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
+                        f"{args.micro_batch or '(auto)'} x {world}")
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
-    out_dir = args.out_dir or os.path.join("runs", f"wan-{args.preset}")
-    pixel_space = args.preset == "toy"
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump({**dataclasses.asdict(args), "torch": torch.__version__, "world_size": world}, f, indent=1)
-    print0(f"wan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype}")
-
-    cfg, sd = read_dit(args, rank, compute_dtype)
+    cfg = read_dit_config(args.dit_path or args.ckpt_dir) if args.dit_path or args.ckpt_dir else DIT_PRESETS[args.preset]
+    print0(f"wan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
+           f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
     if args.mode == "bench":
-        return bench(args, cfg, sd, device, compute_dtype, world)
+        bench(args, cfg, device, compute_dtype, world, micro)
+        return cdist.cleanup()
 
-    # 1. Data -> cache. The VAE and the text encoder exist only inside this block, and only if something is
-    # not cached yet (or in --mode sample, where the VAE decodes).
+    # 1. Data -> cache. The VAE and the text encoder exist only inside this block, and only if something is not
+    # cached yet. The texts: the sample prompts, the guidance's negative prompt, the empty prompt of caption dropout.
     prompts = prompts_from(args.sample_prompts)
-    settings = encoder_settings(args, cfg)
-    key = hashlib.sha1(json.dumps([prompts, NEGATIVE_PROMPT, settings]).encode()).hexdigest()[:16]
-    prompt_file = os.path.join(args.cache_dir, f"prompts-{key}.pt")  # the sample prompts' text contexts
-    records = entries = []
+    negative = NEGATIVE_PROMPT if args.sample_negative == "official" else args.sample_negative
+    texts = list(dict.fromkeys(prompts + [negative] * bool(prompts) + [""] * (args.caption_dropout > 0)))
+    settings = encoder_settings(args, cfg, device)
+    key = hashlib.sha1(json.dumps([texts, settings]).encode()).hexdigest()[:16]
+    text_file = os.path.join(args.cache_dir, f"texts-{key}.pt")
+    records, entries, todo = [], [], 0
     if args.mode in ("train", "cache"):
-        if args.preset == "toy" and args.data == TOY_ARGS["data"]:
-            from data.toy import make_toy_dataset
+        if args.encoders == "toy" and args.data == TOY_ARGS["data"]:
             make_toy_dataset(args.data)  # a no-op when it is already there
-        records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
-                               multiple=8 * 2 if not pixel_space else cfg.patch_size[1], frame_step=4,
-                               min_frames=args.min_frames, clips_per_video=args.clips_per_video, log=print0)
-        entries = cache_entries(records, args.cache_dir, settings, log=print0)
-    need = torch.tensor(float(len(entries) < len(records) or (bool(prompts) and not os.path.exists(prompt_file))
-                              or args.mode == "sample"))
+        st, sh, _ = LATENT_STRIDE[args.encoders]
+        try:
+            records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
+                                   multiple=sh * cfg.patch_size[1], frame_step=st, min_frames=args.min_frames,
+                                   clips_per_video=args.clips_per_video, log=print0, cache_dir=args.cache_dir)
+        except (ValueError, FileNotFoundError) as e:  # no usable samples, no such folder: the user's to fix
+            raise UserError(str(e)) from None
+        entries, todo = cache_entries(records, args.cache_dir, settings, log=print0)
+    need = torch.tensor(float(todo > 0 or (bool(texts) and not os.path.exists(text_file))))
     torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # every rank takes the same branch
-    decode = None
     if need.item():
-        encode_video, decode, encode_text = build_encoders(args, cfg, device)
-        if args.mode in ("train", "cache"):
+        encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
+        if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
-        if prompts and rank == 0:
-            ctx = {p: encode_text([p])[0].cpu() for p in prompts + [NEGATIVE_PROMPT]}
-            torch.save(ctx, prompt_file + ".tmp")
-            os.replace(prompt_file + ".tmp", prompt_file)
+        if texts and rank == 0:
+            torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
+            os.replace(text_file + ".tmp", text_file)
+        del encode_video, encode_text  # frees the VAE and the text encoder before the DiT is read
         torch.distributed.barrier()
-        del encode_video, encode_text  # frees the text encoder (and the VAE, unless sampling) before the DiT
-        if args.mode != "sample":
-            decode = None
     if args.mode == "cache":
         return cdist.cleanup()
-    prompt_ctx = torch.load(prompt_file) if prompts else {}
+    if args.mode == "train" and not entries:
+        raise UserError(f"no sample of {args.data} could be encoded (see the skip lines above)")
+    text_ctx = torch.load(text_file) if texts else {}
 
-    # 2. The DiT: LoRA, FSDP2, weights
-    lora_alpha = None
+    # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
+    # straight into the compute dtype.
+    lora_alpha, lsd = None, None
     if args.mode == "sample" and args.lora:
         lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
         outside = [k for k in lsd if not k.startswith("blocks.")]
         if outside:
-            raise ValueError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+            raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-        if rank == 0:
-            sd.update(lsd)
-            with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
-                probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-            for k, v in probe.state_dict().items():
-                if ".lora_" in k and k not in sd:
-                    sd[k] = torch.zeros(v.shape)
+    sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
+    if lsd is not None and rank == 0:
+        sd.update(lsd)
+        with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+            probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
+        sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
     model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
     del sd
-
-    def write_samples(step):
-        model.eval()
-        # during training the VAE comes back just for this (on rank 0, which writes the videos), and goes again
-        # when this function returns
-        dec = decode
-        if dec is None and rank == 0:
-            dec = build_encoders(args, cfg, device)[1] if pixel_space else \
-                (lambda z, vae=load_vae(args.ckpt_dir, device=device): vae.decode(z.float().to(device)))
-        frames = args.sample_frames or args.frames
-        for i, p in enumerate(prompts):
-            shape = latent_shape(cfg, args, frames, pixel_space)
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + i))[None].to(device)
-            ctx = prompt_ctx[p][None].to(device).float()
-            neg = prompt_ctx[NEGATIVE_PROMPT][None].to(device).float()
-            if neg.shape[1] != ctx.shape[1]:  # pad both to text_len
-                ctx, neg = (F.pad(c, (0, 0, 0, cfg.text_len - c.shape[1])) for c in (ctx, neg))
-            solver = sample_unipc if args.sample_solver == "unipc" else sample_euler
-            z = solver(model, noise, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance,
-                       shift=args.sample_shift)
-            if rank == 0:
-                video = dec(z)[0].float().cpu()
-                os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-                path = os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4")
-                write_video(path, video, args.fps)
-                print0(f"sample -> {path}")
-        model.train()
-
     if args.mode == "sample":
-        write_samples(0)
+        for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, 0, device):
+            print0(f"sample -> {path}")
         return cdist.cleanup()
 
-    # 3. Optimizer, data order, resume
-    params = [p for p in model.parameters() if p.requires_grad]
+    # 3. Optimizer, data order, resume. The run folder's run.json holds what a resume must not change.
+    train, val = split_val(entries, args.val_count, args.seed) if args.val_count else (entries, [])
+    if val:
+        print0(f"validation: {len({e['path'] for e in val})} of {len({e['path'] for e in entries})} source files "
+               f"held out (--val_count {args.val_count}; 0 trains on all)")
+    if not train:
+        raise UserError("no training samples left after the validation split: lower --val_count")
+    train = with_repeats(train)
+    fingerprint = dict(data=hashlib.sha1(json.dumps([[e["key"] for e in train], [e["key"] for e in val]]).encode())
+                       .hexdigest(), seed=args.seed, global_batch=args.global_batch, micro_batch=args.micro_batch,
+                       base=os.path.abspath(args.dit_path or args.ckpt_dir) if (args.dit_path or args.ckpt_dir) else
+                       f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                       lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
+                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders)
+    run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
+    named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     n_train = sum(p.numel() for p in params)
     print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, training {n_train / 1e6:.2f}M"
            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else " (full fine-tune)"))
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    accum = args.global_batch // (args.micro_batch * world)
-    assert accum * args.micro_batch * world == args.global_batch, \
-        f"--global_batch {args.global_batch} must be a multiple of micro_batch*world = {args.micro_batch * world}"
-    train, val = split_val(entries, args.val_count, args.seed) if args.val_count else (entries, [])
-    assert train, "no training samples after the validation split"
+    ema = EMA(named, args.ema) if args.ema else None
+    extra_state = {"ema": ema} if ema else None
     state, start = {"epoch": 0, "pos": 0}, 0
-    if args.resume and (done := ckpt.complete_checkpoints(out_dir)):
-        extra = ckpt.load(out_dir, done[-1], model, opt)
-        state, start = extra["data"], extra["step"]
-        # The global order of micro-batches does not depend on the world size (rank r takes r, r + world, ...), so a
-        # run resumed on another number of ranks continues at the same global position (exact while the epoch's
-        # padding to a multiple of world agrees, e.g. when its batch count divides by both world sizes).
-        if extra.get("world", world) != world:
-            state = {"epoch": state["epoch"], "pos": state["pos"] * extra["world"] // world}
-        print0(f"resumed from step {start} ({out_dir}/checkpoints)")
-    it = batches([tuple(e["bucket"]) for e in train], args.micro_batch, rank, world, args.seed, state)
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], args.micro_batch, rank, world) if val else []
-
-    # A SIGTERM (the cluster's pre-emption notice) or Ctrl-C: finish the step, checkpoint, exit.
-    import signal
-    stop = {"flag": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.update(flag=True))
-
+    if args.resume:
+        found = [ckpt.latest_valid(out_dir, log=print0) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(found, src=0)  # rank 0 decides: file systems may disagree
+        if found[0] is None:
+            print0(f"--resume 1: no checkpoint in {out_dir}/checkpoints yet: starting from step 0")
+        else:
+            extra = ckpt.load(out_dir, found[0], model, opt, extra_state)
+            state, start = extra["data"], extra["step"]
+            print0(f"resumed from step {start} ({out_dir}/checkpoints)")
+    if rank == 0:
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
+                       "torch": torch.__version__, "git": git_hash()}, f, indent=1)
+    # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
+    # memory; the data state saved with a checkpoint is the one after the last step actually trained.
+    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, rank, world, args.seed, state)
+    pin = device.type == "cuda"
+    it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
+                                       item[1]))
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, rank, world) if val else []
+    stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
-                 config=dataclasses.asdict(args))
+                 config=dataclasses.asdict(args), start_step=start)
     peak = device_peak_flops(device, args.peak_tflops)
-    from tqdm import tqdm
+    empty = text_ctx.get("")
     bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+
+    # 4. The training loop
     model.train()
-    step = start
+    step, saved, stopped = start, start, None
     while step < args.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, args)
+        micro_batches, state_after = next(it)
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         tokens = flops = 0
-        for micro in range(accum):
-            idx = next(it)
-            b = load_batch([train[i]["file"] for i in idx])
-            x0, ctx = b["latents"].to(device).float(), b["text"].to(device)
-            # the index of each sample in the global batch: rank r takes micro-batches r, r + world, ...
-            first = (micro * world + rank) * args.micro_batch
-            ns = [sample_noise(args.seed, step, first + j, x0.shape[1:], args.timestep_sampling, args.shift)
-                  for j in range(len(idx))]
-            noise = torch.stack([n for n, _ in ns]).to(device)
-            sigma = torch.cat([s for _, s in ns]).to(device)
-            model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step, not per micro
-            loss = flow_loss(model, x0, ctx, sigma, noise)
+        for m, b in enumerate(micro_batches):
+            if stop.requested():  # between micro-batches: a long accumulated step does not outlive the notice
+                stopped = (m, len(micro_batches))
+                break
+            x0 = b["latents"].to(device, non_blocking=True).float()
+            ctx = b["text"].to(device, non_blocking=True).float()
+            first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
+            sigma, drop = training_draws(args, step, first, len(x0), device)
+            if args.caption_dropout:
+                ctx = drop_captions(ctx, drop, empty)
+            eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
+            # A full fine-tune reduce-scatters every micro-batch (no unsharded fp32 gradients kept between them);
+            # LoRA's gradients are small, so it accumulates unsynced and reduces once per step.
+            model.set_requires_gradient_sync(args.lora_rank == 0 or m == len(micro_batches) - 1)
+            loss = flow_loss(model, x0, ctx, sigma, eps)
             (loss / accum).backward()
             loss_sum += loss.detach()
             f, h, w = x0.shape[2:]
-            tokens += len(idx) * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-            flops += len(idx) * 3 * count_flops(cfg, f, h, w)
+            tokens += len(x0) * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+            flops += len(x0) * 3 * count_flops(cfg, f, h, w)
+        if stopped:
+            opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
+            break
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        # the step's loss: mean over every micro-batch of every rank
-        stats = torch.stack([loss_sum / accum, torch.tensor(float(stop["flag"]), device=device)])
-        torch.distributed.all_reduce(stats)
-        loss_val, stop_now = stats[0].item() / world, stats[1].item() > 0
-        dt = time.perf_counter() - t0
+        if ema:
+            ema.update()
+        step, state = step + 1, state_after
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_val:.4f}")
-        if step % args.log_every == 0 or step == 1 or step == args.max_steps:
-            rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=float(grad_norm.full_tensor() if hasattr(
-                grad_norm, "full_tensor") else grad_norm), step_s=dt, samples_s=args.global_batch / dt,
-                tokens_s=tokens * world / dt)
+        if step % args.log_every == 0 or step == 1 or step == args.max_steps:  # the only host syncs of a step
+            loss_all = loss_sum / accum
+            torch.distributed.all_reduce(loss_all)
+            dt = time.perf_counter() - t0
+            rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
+                grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
+                samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
             if peak:
-                rec["mfu"] = flops * world / dt / (peak * world)
+                rec["mfu"] = flops / dt / peak
             rec["mem_gb"] = peak_memory_gb(device)
-            if val_idx and args.val_every and step % args.val_every == 0:
-                rec["val_loss"] = val_loss(model, val_idx, val, args, device, rank, world, load_batch)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
             log.log(rec, echo=bar.write)
-        elif val_idx and args.val_every and step % args.val_every == 0:
-            rec = dict(step=step, val_loss=val_loss(model, val_idx, val, args, device, rank, world, load_batch))
-            log.log(rec, echo=bar.write)
-        if prompts and args.sample_every and step % args.sample_every == 0:
-            write_samples(step)
-        if (args.ckpt_every and step % args.ckpt_every == 0) or stop_now:
-            path = ckpt.save(out_dir, step, model, opt, {"step": step, "data": dict(state), "world": world,
-                                                       "args": dataclasses.asdict(args)},
-                             keep=args.keep)
-            print0(f"checkpoint -> {path}")
-        if stop_now:
-            print0(f"stopped by a signal at step {step}; resume with --resume 1")
-            break
+        if val_idx and args.val_every and step % args.val_every == 0:
+            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, device)), echo=bar.write)
+        if prompts and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
+            if ema:
+                ema.swap()
+            write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device)
+            if ema:
+                ema.swap()
+        if args.ckpt_every and step % args.ckpt_every == 0:
+            ckpt.save(out_dir, step, model, opt, {"step": step, "data": state, "world": world}, args.keep, extra_state)
+            saved = step
+            print0(f"checkpoint -> {out_dir}/checkpoints/step_{step:08d}")
     bar.close()
+    if stopped:
+        print0(f"stopped by a signal in step {step + 1} (before micro-batch {stopped[0] + 1} of {stopped[1]}): "
+               f"that step is dropped")
+        if saved != step:
+            ckpt.save(out_dir, step, model, opt, {"step": step, "data": state, "world": world}, args.keep, extra_state)
+        print0(f"checkpoint -> {out_dir}/checkpoints/step_{step:08d}; continue with the same command and --resume 1")
+
+    # 5. Export, and the final samples (with the EMA weights when there are some)
     if step >= args.max_steps:
+        if ema and args.ema_export:
+            ema.swap()
         name = "lora.safetensors" if args.lora_rank else "model.safetensors"
         export_weights(model, args, cfg, os.path.join(out_dir, name))
-        print0(f"exported -> {os.path.join(out_dir, name)}")
-        if prompts:
-            write_samples(step)
+        print0(f"exported{' (EMA)' if ema and args.ema_export else ''} -> {os.path.join(out_dir, name)}")
+        if ema and not args.ema_export:
+            ema.swap()
+        for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device) if prompts else []:
+            print0(f"sample -> {path}")
     log.close()
     cdist.cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

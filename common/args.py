@@ -1,6 +1,23 @@
-"""Dataclass fields -> command-line flags. `--lora_rank 32` and `--lora_rank=32` both work."""
+"""Dataclass fields -> command-line flags, and user errors as one clear line.
+
+    args = parse(Args, presets={"toy": TOY_ARGS})     # --lora_rank 32 and --lora_rank=32 both work
+
+- The help text of a flag is the comment beside its field (`lr: float = 1e-4  # peak learning rate`), read from
+  the class source, so `--help` shows what the reader of the dataclass sees, with the default.
+- No prefix matching: `--max_step 20` is an error, not a silent `--max_steps 20`.
+- `presets`: {preset name: {field: default}}. When `--preset NAME` is given and NAME has a table, the table's values
+  become the defaults before parsing, so any flag on the command line still wins.
+"""
 import argparse
 import dataclasses
+import inspect
+import os
+import re
+import sys
+
+
+class UserError(Exception):
+    """A mistake of the user's (a flag, a path, a run folder): reported as one line, no traceback (see cli)."""
 
 
 def _bool(s):
@@ -11,11 +28,60 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {s!r}")
 
 
-def parse(cls, argv=None):
-    """Build an argparse parser from the dataclass `cls` (fields of type int, float, str, bool) and parse argv."""
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def field_comments(cls):
+    """{field name: the comment on its line} from the source of the dataclass `cls`."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.M)}
+
+
+def parse(cls, argv=None, presets=None):
+    """Parse argv (default sys.argv[1:]) into an instance of the dataclass `cls` (int, float, str, bool fields)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         typ = _bool if f.type is bool else f.type
-        help_ = f.metadata.get("help", " ")  # a non-empty help makes argparse print the default
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=help_)
+        # a non-empty help makes argparse print the default; % must be escaped for its formatter
+        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=helps.get(f.name, " ").replace("%", "%%"))
+    if presets:
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--preset")
+        name = pre.parse_known_args(argv)[0].preset
+        if name in presets:
+            p.set_defaults(**presets[name])
     return cls(**vars(p.parse_args(argv)))
+
+
+def given_flags(argv=None):
+    """The flag names written on the command line (`--lr 1` and `--lr=1` -> "lr")."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def cli(main):
+    """Run main(); a UserError becomes `error: <message>` on stderr (once, from rank 0) and exit code 2."""
+    try:
+        return main()
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # already broken: we are exiting anyway
+            pass
+        sys.exit(2)
+
+
+def prompts_from(arg):
+    """--sample_prompts: prompts separated by |, or a text file with one prompt per line."""
+    if not arg:
+        return []
+    if os.path.isfile(arg):
+        with open(arg, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [p.strip() for p in arg.split("|") if p.strip()]

@@ -1,8 +1,10 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards, and a checkpoint
 written with N ranks loads with M. Crash safety: a checkpoint is written to `<name>.tmp`, and only when every rank
-has finished is it renamed to `<name>`; a rename is atomic, so `--resume` never sees half a checkpoint.
+has finished is it renamed to `<name>`; a rename is atomic, so `--resume` never sees half a checkpoint. A complete
+checkpoint that was damaged later (a shard deleted or truncated, extra.json unreadable) fails `verify` and is
+never trained from: `latest_valid` says why and takes the one before.
 
-    <out_dir>/checkpoints/step_00000100/      DCP shards (model = trainable weights only, optimizer) + extra.json
+    <out_dir>/checkpoints/step_00000100/      DCP shards (model = trainable weights only, optimizer, ema) + extra.json
 """
 import json
 import os
@@ -32,9 +34,45 @@ def complete_checkpoints(out_dir):
     return sorted(int(m.group(1)) for n in os.listdir(d) if (m := re.fullmatch(r"step_(\d{8})", n)))
 
 
-def save(out_dir, step, model, optimizer, extra, keep=0):
+def verify(out_dir, step):
+    """None if the checkpoint of `step` looks whole, else the reason: extra.json readable and naming this step,
+    DCP metadata readable, and every shard file it names present and non-empty."""
+    path = os.path.join(out_dir, "checkpoints", _name(step))
+    try:
+        with open(os.path.join(path, "extra.json")) as f:
+            if json.load(f).get("step") != step:
+                return "extra.json names another step"
+        meta = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # missing/garbled extra.json or .metadata
+        return f"unreadable ({type(e).__name__}: {e})"
+    for info in (meta.storage_data or {}).values():
+        f = os.path.join(path, info.relative_path)
+        if not os.path.isfile(f) or os.path.getsize(f) < info.offset + info.length:
+            return f"shard {info.relative_path} is missing or truncated"
+    return None
+
+
+def latest_valid(out_dir, log=print):
+    """The newest step whose checkpoint verifies, or None; each damaged newer one is reported and skipped."""
+    for step in reversed(complete_checkpoints(out_dir)):
+        why = verify(out_dir, step)
+        if why is None:
+            return step
+        log(f"skip damaged checkpoint {os.path.join(out_dir, 'checkpoints', _name(step))}: {why}")
+    return None
+
+
+def _state(model, optimizer, extra_state):
+    state = {"model": get_model_state_dict(model, options=_OPTS),
+             "optim": get_optimizer_state_dict(model, optimizer, options=_OPTS)}
+    return {**state, **{k: v.state_dict() for k, v in (extra_state or {}).items()}}
+
+
+def save(out_dir, step, model, optimizer, extra, keep=0, extra_state=None):
     """Write the checkpoint of `step` (collective: every rank calls it). `extra` is a JSON-able dict (step, data
-    position, scheduler, args...); rank 0 writes it. Keeps the newest `keep` checkpoints (0 = all)."""
+    position, args...); rank 0 writes it. `extra_state`: {name: object with state_dict()/load_state_dict()} saved
+    through DCP too (the EMA). Keeps the newest `keep` checkpoints (0 = all): the run folder holds one run only
+    (common/run.py), so every checkpoint in it is this run's."""
     root = os.path.join(out_dir, "checkpoints")
     final, tmp = os.path.join(root, _name(step)), os.path.join(root, _name(step) + ".tmp")
     rank = dist.get_rank()
@@ -42,9 +80,7 @@ def save(out_dir, step, model, optimizer, extra, keep=0):
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
         os.makedirs(tmp)
     dist.barrier()
-    state = {"model": get_model_state_dict(model, options=_OPTS),
-             "optim": get_optimizer_state_dict(model, optimizer, options=_OPTS)}
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(_state(model, optimizer, extra_state), checkpoint_id=tmp)
     if rank == 0:
         with open(os.path.join(tmp, "extra.json"), "w") as f:
             json.dump(extra, f)
@@ -57,13 +93,15 @@ def save(out_dir, step, model, optimizer, extra, keep=0):
     return final
 
 
-def load(out_dir, step, model, optimizer):
-    """Restore the trainable weights and the optimizer from the checkpoint of `step`; returns its `extra` dict."""
+def load(out_dir, step, model, optimizer, extra_state=None):
+    """Restore the trainable weights, the optimizer and `extra_state` from the checkpoint of `step`; returns its
+    `extra` dict."""
     path = os.path.join(out_dir, "checkpoints", _name(step))
-    state = {"model": get_model_state_dict(model, options=_OPTS),
-             "optim": get_optimizer_state_dict(model, optimizer, options=_OPTS)}
+    state = _state(model, optimizer, extra_state)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"], options=_OPTS)
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTS)
+    for k, v in (extra_state or {}).items():
+        v.load_state_dict(state[k])
     with open(os.path.join(path, "extra.json")) as f:
         return json.load(f)

@@ -2,9 +2,9 @@
 so the 1-GPU path and the 8-GPU path are the same code. The torchtitan order: AC -> compile -> fully_shard."""
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     set_model_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=False):
@@ -15,23 +15,44 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=F
     (cast_forward_inputs=False): the models cast explicitly, so the fp32 residual stream stays fp32."""
     block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    if compile:
+        # One static graph per latent shape (bucket) instead of a dynamic-shape graph; the default limit of 8
+        # recompiles would send a dataset with more buckets back to eager without a word.
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        dynamo_config.accumulated_cache_size_limit = max(
+            dynamo_config.accumulated_cache_size_limit, 64 * len(blocks))
     for i, block in enumerate(list(blocks)):
         if ac:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
-            block.compile()
+            block.compile(dynamic=False)
         blocks.register_module(str(i), block)
         fully_shard(block, mp_policy=block_mp)
     fully_shard(model, mp_policy=root_mp)
     return model
 
 
-def full_state_dict(model, only=None):
-    """The whole (unsharded) state dict on CPU with clean key names (no AC/compile wrappers), on rank 0 only (the
-    other ranks take part in the gathers and get an empty dict: a 14B model is not copied 8 times into host RAM).
-    `only`: a predicate on the key, to keep e.g. just the LoRA tensors."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in sd.items() if only is None or only(k)}
+def clean_name(name):
+    """A parameter name without the AC/compile wrappers' parts (the checkpoint's own key)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def gather_params(model, only=None):
+    """{clean name: full tensor on CPU} of the parameters (and buffers) whose clean name passes `only`, on rank 0
+    (other ranks take part in the gathers and get {}). Gathers tensor by tensor, and only those asked for: a LoRA
+    export never materialises the frozen base."""
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        name = clean_name(name)
+        if only is not None and not only(name):
+            continue
+        t = t.detach()
+        t = t.full_tensor() if isinstance(t, DTensor) else t  # collective: every rank walks the same names
+        if rank0:
+            out[name] = t.cpu()
+    return out
 
 
 def load_full_state_dict(model, sd):

@@ -5,13 +5,20 @@ import os
 
 
 class RunLog:
-    def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project="", config=None):
+    def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project="", config=None, start_step=0):
+        """start_step: the step training (re)starts from. Lines of later steps (written after the checkpoint that
+        is resumed, and so redone now) are dropped, so log.jsonl reads as one uninterrupted run."""
         self.enabled = enabled
         self.path = os.path.join(out_dir, "log.jsonl")
         self.tb = self.wb = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.path):
+            keep = [r for r in read_log(out_dir) if r.get("step", 0) <= start_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(self.path + ".tmp", self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

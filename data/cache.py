@@ -1,10 +1,12 @@
 """Encode every sample once (VAE latents + text embedding) into one safetensors file, so training never holds the
 VAE or the text encoder. Model-agnostic: the training script passes the encoders in as plain callables.
 
+    entries, todo = cache_entries(records, cache_dir, settings)  # what is there; todo: how many are still missing
     entries = encode_dataset(records, encode_video, encode_text, cache_dir, settings)  # encodes what is missing
-    entries = cache_entries(records, cache_dir, settings)     # what is already there (no encoders needed)
     tensors, meta = load_entry(entry["file"])                 # {"latents": (C, f, h, w), "text": (L, D)}, metadata
-    batch = load_batch([e["file"] for e in entries_of_one_batch])   # {"latents": (B, C, f, h, w), "text": (B, L, D)}
+    batch = load_batch([e["file"] for e in entries_of_one_batch], pin=True)  # {"latents": (B, C, f, h, w), ...}
+
+The caller builds the encoders only if todo > 0 on some rank, then calls encode_dataset.
 
 encode_video(video) gets float32 (1, 3, F, H, W) in [-1, 1] on the CPU (moving it to the GPU is the caller's job)
 and returns a (1, ...) tensor or a dict of them; encode_text(["caption"]) likewise. They are called under
@@ -18,9 +20,18 @@ one is left behind; delete the folder to reclaim space). The path is not in the 
 cache. Hashing a large dataset means reading all of it, so file hashes are remembered in cache_dir/file_sha1.json
 by (path, size, mtime); a file rewritten in place gets a new mtime and is hashed again.
 
-Under torch.distributed (when initialised) each rank hashes and encodes its share (i::world) and a barrier waits
-for all; cache_dir must then be on a filesystem all ranks see. Each file is written under a temporary name in
-the same folder and renamed (os.replace is atomic), so a crash never leaves a half-written entry.
+Known-bad clips. The probe (data/dataset.py) decodes one frame only, so a clip can still fail to decode here. It
+is then remembered as cache_dir/<key>.bad.json ({"path", "start", "reason", "detail"}), so a restart neither
+decodes it again nor needs the encoders for it; cache_entries lists each such clip at every start with one line
+"skip PATH: corrupt (detail)", and encode_dataset lists the clips that fail in it.
+
+Under torch.distributed (when initialised) each rank hashes and encodes its share (i::world of what is missing);
+cache_dir must then be on a filesystem all ranks see. Which entries are cached, known-bad or missing is decided by
+rank 0 alone (one listing of cache_dir) and broadcast: NFS caches file attributes per client, so ranks asking
+os.path.exists could disagree, and the batch sampler needs one list. At the end of encode_dataset every rank's
+outcomes (encoded / failed) are all-gathered and applied to that list, the same way on every rank. Each file is
+written under a temporary name in the same folder and renamed (os.replace is atomic), so a crash never leaves a
+half-written entry.
 """
 import hashlib
 import json
@@ -32,15 +43,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from data.util import from_rank0, rank_world, read_json, write_json
 from data.video import read_clip
 
 _SHA1 = {}  # (path, size, mtime_ns) -> sha1, for this process
-
-
-def _dist():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def file_sha1(path, chunk=1 << 22):
@@ -54,17 +60,13 @@ def file_sha1(path, chunk=1 << 22):
 def _file_hashes(paths, cache_dir):
     """{path: sha1} for the unique paths; remembered in memory and in cache_dir/file_sha1.json."""
     memo_file = os.path.join(cache_dir, "file_sha1.json")
-    try:
-        with open(memo_file) as f:
-            disk = json.load(f)
-    except (OSError, ValueError):
-        disk = {}
+    disk = read_json(memo_file, {})
     stamps = {p: (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(set(paths))}
     for p, (size, mtime) in stamps.items():
         if p in disk and disk[p][:2] == [size, mtime]:
             _SHA1[(p, size, mtime)] = disk[p][2]
     todo = [p for p, st in stamps.items() if (p, *st) not in _SHA1]
-    rank, world = _dist()
+    rank, world = rank_world()
     mine = {p: file_sha1(p) for p in tqdm(todo[rank::world], desc="hashing", disable=rank != 0 or len(todo) < 100)}
     if world > 1:
         parts = [None] * world
@@ -75,18 +77,13 @@ def _file_hashes(paths, cache_dir):
     out = {p: _SHA1.get((p, *st)) or file_sha1(p) for p, st in stamps.items()}  # `or`: ranks saw different memos
     if todo and rank == 0:
         disk.update({p: [*stamps[p], h] for p, h in out.items()})
-        _write_json(memo_file, disk)
+        write_json(memo_file, disk)
     return out
 
 
-def _write_json(path, obj):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def _all_entries(records, cache_dir, settings):
+    # the key leaves out the path (moving the data keeps the cache) and "source"/"repeats" (how often a sample is
+    # seen does not change its encoding)
     sha1 = _file_hashes([r["path"] for r in records], cache_dir)
     entries = []
     for r in records:
@@ -97,14 +94,45 @@ def _all_entries(records, cache_dir, settings):
     return entries
 
 
+def _bad_file(cache_dir, key):
+    return os.path.join(cache_dir, key + ".bad.json")
+
+
+def _status(entries, cache_dir):
+    """Per entry "cached", "todo" or its known-bad marker {"path", "start", "reason", "detail"}: rank 0 looks (one
+    listing of the folder, not a stat per entry) and every rank gets its answer."""
+    status = None
+    if rank_world()[0] == 0:
+        names, status = set(os.listdir(cache_dir)), []
+        for e in entries:
+            if e["key"] + ".safetensors" in names:
+                status.append("cached")
+            elif e["key"] + ".bad.json" in names:
+                status.append(read_json(_bad_file(cache_dir, e["key"]), "todo"))  # unreadable marker: try again
+            else:
+                status.append("todo")
+    return from_rank0(status)
+
+
+def _skip_line(bad):
+    return f"skip {bad['path']}: {bad['reason']} ({bad['detail']})"
+
+
 def cache_entries(records, cache_dir, settings, log=print):
-    """The entries (record + "file", "key") of `records` that are already cached, in the order of `records`."""
+    """-> (the entries (record + "file", "key") of `records` that are already cached, in the order of `records`;
+    todo = how many records are neither cached nor known-bad). Lists each known-bad clip (rank 0)."""
     os.makedirs(cache_dir, exist_ok=True)
     entries = _all_entries(records, cache_dir, settings)
-    done = [e for e in entries if os.path.exists(e["file"])]
+    status = _status(entries, cache_dir)
+    done = [e for e, st in zip(entries, status) if st == "cached"]
+    bad = [st for st in status if isinstance(st, dict)]
+    if rank_world()[0] == 0:
+        for b in bad:
+            log(_skip_line(b))
+    todo = len(entries) - len(done) - len(bad)
     if len(done) < len(entries):
-        log(f"cache {cache_dir}: {len(done)} of {len(entries)} samples cached")
-    return done
+        log(f"cache {cache_dir}: {len(done)} of {len(entries)} samples cached, {len(bad)} known bad, {todo} to encode")
+    return done, todo
 
 
 def _flat(x, name):
@@ -119,19 +147,25 @@ def _flat(x, name):
 
 
 def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=print):
-    """Encode the records that are not cached yet (this rank's share), wait for all ranks, return all entries
-    that are cached now. A clip that fails to decode is reported and left out."""
+    """Encode the records that are neither cached nor known-bad (this rank's share), wait for all ranks, return all
+    entries that are cached now, in the order of `records`. A clip that fails to decode is marked known-bad
+    (<key>.bad.json), listed (by rank 0, whichever rank hit it) and left out."""
     os.makedirs(cache_dir, exist_ok=True)
-    rank, world = _dist()
+    rank, world = rank_world()
     entries = _all_entries(records, cache_dir, settings)
-    todo = [e for e in entries[rank::world] if not os.path.exists(e["file"])]
+    status = _status(entries, cache_dir)  # rank 0's view, the same on every rank
+    todo = [i for i, st in enumerate(status) if st == "todo"]
+    done_here = {}  # entry index -> "cached" or its bad marker, for this rank's share
     last_caption, last_text = None, None
-    for e in tqdm(todo, desc=f"encoding (rank {rank})", disable=rank != 0):
+    for i in tqdm(todo[rank::world], desc=f"encoding (rank {rank})", disable=rank != 0):
+        e = entries[i]
         H, W, F = e["bucket"]
         try:
             video = read_clip(e["path"], e["start"], F, e["fps"], (H, W))  # (3, F, H, W)
         except Exception as ex:  # the probe decodes one frame only; the rest can still be broken
-            log(f"skip {e['path']}: corrupt (decoding {F} frames from {e['start']:.3f}s: {ex})")
+            done_here[i] = dict(path=e["path"], start=e["start"], reason="corrupt",
+                                detail=f"decoding {F} frames from {e['start']:.3f}s: {ex}")
+            write_json(_bad_file(cache_dir, e["key"]), done_here[i])
             continue
         with torch.no_grad():
             tensors = _flat(encode_video(video[None]), "latents")
@@ -143,10 +177,24 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
         tmp = os.path.join(cache_dir, f".{e['key']}.{os.getpid()}.tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, e["file"])
+        done_here[i] = "cached"
+    encoded = sum(v == "cached" for v in done_here.values())
+    outcome = done_here
     if world > 1:
-        dist.barrier()  # every rank's share is on disk before anyone lists the cache
-    done = [e for e in entries if os.path.exists(e["file"])]
-    log(f"cache {cache_dir}: {len(done)} of {len(entries)} samples cached ({len(todo)} encoded on rank {rank})")
+        # Wait for every rank and collect what each one wrote, rather than listing the folder again: on NFS rank 0
+        # could still miss a file another rank has just written. Rank 0's view plus these outcomes is one list.
+        parts = [None] * world
+        dist.all_gather_object(parts, done_here)
+        outcome = {i: v for part in parts for i, v in part.items()}
+    if rank == 0:
+        for i in sorted(outcome):
+            if isinstance(outcome[i], dict):  # failed just now, on any rank
+                log(_skip_line(outcome[i]))
+    status = [outcome.get(i, st) for i, st in enumerate(status)]
+    done = [e for e, st in zip(entries, status) if st == "cached"]
+    n_bad = sum(isinstance(st, dict) for st in status)
+    log(f"cache {cache_dir}: {len(done)} of {len(entries)} samples cached, {n_bad} known bad "
+        f"({encoded} encoded on rank {rank})")
     return done
 
 
@@ -160,18 +208,25 @@ def load_entry(file, device="cpu"):
     return tensors, meta
 
 
-def load_batch(files, device="cpu"):
+def load_batch(files, device="cpu", pin=False):
     """Stack the entries of one batch: {"latents": (B, C, f, h, w), "text": (B, L, D), ...}. Same bucket means the
     same latent shape; a tensor whose first dim differs (e.g. unpadded text of varying length) is zero-padded
-    to the longest and "<name>_lens" (B,) gives the true lengths."""
+    to the longest and "<name>_lens" (B,) gives the true lengths. pin=True: the stacked tensors are in pinned
+    (page-locked) memory, so that .to("cuda", non_blocking=True) is a real asynchronous copy; it needs CUDA, so
+    without it (or for device != cpu) pin is a no-op."""
+    pin = pin and torch.cuda.is_available() and torch.device(device).type == "cpu"
     loaded = [load_entry(f, device)[0] for f in files]
     out = {}
     for k in loaded[0]:
         ts = [t[k] for t in loaded]
         if all(t.shape == ts[0].shape for t in ts):
-            out[k] = torch.stack(ts)
+            # stacked straight into the (pinned) buffer: one copy, not a stack and then a pin
+            out[k] = torch.stack(ts, out=torch.empty(len(ts), *ts[0].shape, dtype=ts[0].dtype, device=device,
+                                                     pin_memory=pin))
         else:
             n = max(t.shape[0] for t in ts)
-            out[k] = torch.stack([torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])]) for t in ts])
+            out[k] = torch.zeros(len(ts), n, *ts[0].shape[1:], dtype=ts[0].dtype, device=device, pin_memory=pin)
+            for b, t in enumerate(ts):
+                out[k][b, :t.shape[0]] = t
             out[k + "_lens"] = torch.tensor([t.shape[0] for t in ts])
     return out

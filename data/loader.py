@@ -1,22 +1,28 @@
-"""Which samples go in which batch, on which rank, in which order: deterministic and resumable.
+"""Which samples go in which optimizer step, on which rank, in which order: deterministic and resumable.
 
     train, val = split_val(entries, val=0.05, seed=0)             # held out by source file, chosen by seed
+    train = with_repeats(train)                                    # a source's "*N": its samples N times
     buckets = [tuple(e["bucket"]) for e in train]
-    state = {"epoch": 0, "pos": 0}                                 # save it in the checkpoint; restore it to resume
-    for idx in batches(buckets, micro_batch=2, rank=rank, world=world, seed=seed, state=state):
-        batch = load_batch([train[i]["file"] for i in idx])        # data/cache.py
+    state = {"epoch": 0, "pos": 0}                                 # restore it from the checkpoint to resume
+    for micro_batches, state in batches(buckets, global_batch=8, micro_batch=2, rank=rank, world=world,
+                                        seed=seed, state=state):
+        for micro, idx in enumerate(micro_batches):                # accum = 8 // (2 * world) micro-batches
+            batch = load_batch([train[i]["file"] for i in idx])    # data/cache.py
+            # sample j of it is sample (micro * world + rank) * micro_batch + j of the step's global batch
+        ...                                                        # optimizer step; save `state` with it
 
-An epoch's plan is a pure function of (seed, epoch, buckets, micro_batch, world): shuffle the samples of each
-bucket, cut them into micro-batches (every batch holds ONE bucket, so one latent shape and no padding), shuffle
-the batches, deal them out round-robin to the ranks. A bucket's last, incomplete batch is filled up with samples
-from the start of that bucket (wrap, not drop: a bucket smaller than micro_batch would otherwise never be seen),
-and the batch list is padded the same way to a multiple of `world`, so every rank gets the same number of
-batches per epoch and no rank waits in a collective for a batch that never comes.
+An epoch's plan is a pure function of (seed, epoch, buckets, global_batch): shuffle the samples of each bucket,
+cut them into global batches (every step holds ONE bucket, on all ranks: one latent shape, no padding, and no
+rank waits for another's 81-frame clip while it holds an image), shuffle the steps. A bucket's last, incomplete
+global batch is filled up with samples from the start of that bucket (wrap, not drop: a bucket smaller than the
+global batch would otherwise never be seen). Global batch -> ranks: sample j belongs to global micro-batch
+j // micro_batch, and rank r takes micro-batches r, r + world, r + 2*world, ... So the samples of a step, and the
+index of each in its global batch, do not depend on the world size: a run resumed on another number of ranks
+(same global_batch) continues exactly.
 
-`state` is {"epoch", "pos"}: pos = micro-batches this rank has taken in this epoch (the same on every rank).
-batches() advances it in place before each yield, so the state saved after training on a batch, passed to a new
-batches() call, continues with exactly the batch an uninterrupted run would take next. Resume with the same
-seed, micro_batch and world size (and the same entries), or the plan differs.
+`state` is {"epoch", "pos"}: pos = steps taken in that epoch. batches() does not modify it; each step comes with
+the state after it, a fresh dict, so a prefetcher may run ahead while the trainer saves the state of the last
+step it trained; batches(..., state=that) continues with exactly the next step.
 """
 import collections
 import random
@@ -33,38 +39,60 @@ def split_val(entries, val, seed):
     return [e for e in entries if e["path"] not in held], [e for e in entries if e["path"] in held]
 
 
-def epoch_plan(buckets, micro_batch, world, seed, epoch, shuffle=True):
-    """-> plan[step][rank] = list of `micro_batch` sample indices, all from one bucket."""
-    rng = random.Random(f"{seed}-{epoch}")
-    groups = collections.defaultdict(list)
+def with_repeats(entries):
+    """Each entry `entry["repeats"]` times (once without the field), in order: a source given as "stills/*3" is
+    seen 3 times per epoch. Apply it to the training split, after split_val (a repeat must not land in val)."""
+    return [e for e in entries for _ in range(e.get("repeats", 1))]
+
+
+def _groups(buckets, size, rng):
+    """Cut each bucket's sample indices (shuffled by rng, unless None) into groups of `size`, the last one filled
+    by wrapping to the bucket's start. -> [[index, ...], ...], bucket by bucket in sorted bucket order."""
+    by_bucket = collections.defaultdict(list)
     for i, b in enumerate(buckets):
-        groups[b].append(i)
+        by_bucket[b].append(i)
     out = []
-    for b in sorted(groups):  # sorted: the plan must not depend on dict order
-        idx = groups[b]
-        if shuffle:
+    for b in sorted(by_bucket):  # sorted: the plan must not depend on dict order
+        idx = by_bucket[b]
+        if rng is not None:
             rng.shuffle(idx)
-        pad = -len(idx) % micro_batch
-        idx = idx + (idx * (pad // len(idx) + 1))[:pad]  # wrap: fill the last batch from the bucket's start
-        out += [idx[j:j + micro_batch] for j in range(0, len(idx), micro_batch)]
-    if shuffle:
-        rng.shuffle(out)
-    out += (out * (world // max(len(out), 1) + 1))[:-len(out) % world]  # wrap to a multiple of world
-    return [out[s:s + world] for s in range(0, len(out), world)]
+        pad = -len(idx) % size
+        idx = idx + (idx * (pad // len(idx) + 1))[:pad]  # wrap: fill the last group from the bucket's start
+        out += [idx[j:j + size] for j in range(0, len(idx), size)]
+    return out
 
 
-def batches(buckets, micro_batch, rank, world, seed, state):
-    """Yield this rank's micro-batches (lists of indices into `buckets`) forever, updating `state` in place."""
+def epoch_plan(buckets, global_batch, seed, epoch):
+    """-> plan[step] = the global batch of that step: `global_batch` sample indices, all from one bucket."""
+    rng = random.Random(f"{seed}-{epoch}")  # a string seed: the same in every process and Python version
+    plan = _groups(buckets, global_batch, rng)
+    rng.shuffle(plan)
+    return plan
+
+
+def batches(buckets, global_batch, micro_batch, rank, world, seed, state):
+    """Yield (micro_batches, state_after) forever, one item per optimizer step: micro_batches is this rank's
+    accum = global_batch // (micro_batch * world) lists of `micro_batch` indices into `buckets`, state_after the
+    {"epoch", "pos"} that resumes with the next step. `state` is not modified."""
     assert buckets, "no samples to batch"
+    assert global_batch % (micro_batch * world) == 0, \
+        f"global_batch {global_batch} must be a multiple of micro_batch * world = {micro_batch} * {world}"
+    epoch, pos = state["epoch"], state["pos"]
     while True:
-        plan = epoch_plan(buckets, micro_batch, world, seed, state["epoch"])
-        while state["pos"] < len(plan):
-            idx = plan[state["pos"]][rank]
-            state["pos"] += 1
-            yield idx
-        state["epoch"], state["pos"] = state["epoch"] + 1, 0
+        plan = epoch_plan(buckets, global_batch, seed, epoch)
+        while pos < len(plan):
+            step = plan[pos]
+            micro = [step[m:m + micro_batch] for m in range(0, global_batch, micro_batch)]  # global micro-batches
+            pos += 1
+            after = {"epoch": epoch, "pos": pos} if pos < len(plan) else {"epoch": epoch + 1, "pos": 0}
+            yield micro[rank::world], after
+        epoch, pos = epoch + 1, 0
 
 
 def val_batches(buckets, micro_batch, rank, world):
-    """This rank's validation micro-batches: fixed order, one pass (same padding rules as training)."""
-    return [step[rank] for step in epoch_plan(buckets, micro_batch, world, seed=0, epoch=0, shuffle=False)]
+    """This rank's validation micro-batches: fixed order, one pass. Micro-batches of one bucket each, wrapped as
+    in training and padded (by wrapping the list) to a multiple of world, dealt round-robin: every rank gets the
+    same number, so none waits in a collective for a batch that never comes."""
+    out = _groups(buckets, micro_batch, None)
+    out += (out * (world // max(len(out), 1) + 1))[:-len(out) % world]  # wrap to a multiple of world
+    return out[rank::world]

@@ -13,8 +13,10 @@ and written as h264 mp4 + .txt captions, so the same seed gives the same files. 
 holding the parameters) makes a second call a no-op; a call with other parameters rewrites the dataset.
 """
 import glob
+import hashlib
 import json
 import os
+import string
 
 import numpy as np
 import torch
@@ -102,3 +104,126 @@ def _complete(marker, params):
             return json.load(f) == params
     except (OSError, ValueError):
         return False
+
+
+# -----------------------------------------------------------------------------------------------------
+# The toy's encoder pair (pixel space + a fixed word embedding) and a checker for generated clips. Model-agnostic:
+# a training script passes encode_video / encode_text to data/cache.py and decodes its samples with decode_video.
+
+FILLER = ("a", "moving", "on", "background")  # the other words of every caption
+TOY_TEXT_VERSION = 1  # bump when the embedding below changes: it is part of the cache key (`settings`)
+
+
+def _word_vector(word, dim):
+    """A fixed Gaussian (dim,) for `word`, seeded from sha1 (Python's hash() of a str differs between processes)."""
+    seed = int.from_bytes(hashlib.sha1(f"toy-text-v{TOY_TEXT_VERSION}:{word}".encode()).digest()[:8], "little")
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed % 2**63), dtype=torch.float64)
+
+
+def toy_words(text):
+    """Caption -> lower-cased words, punctuation stripped at both ends ("Red," -> "red"); empty pieces dropped."""
+    return [w for w in (p.strip(string.punctuation) for p in text.lower().split()) if w]
+
+
+def toy_encoders(text_dim, text_len):
+    """-> (encode_video, decode_video, encode_text, settings) for the toy: pixel space and a fixed word embedding.
+
+    encode_video(video float (1, 3, F, H, W) in [-1, 1]) -> a clone (the "latent" is the video itself);
+    decode_video(z (B, 3, F, H, W)) -> z clamped to [-1, 1];
+    encode_text(list of B str) -> float32 (B, text_len, text_dim): one row per word, then an end-of-text row, then
+    zeros (as umT5's output is zero-padded). "" gives the end row alone: the unconditional context of caption
+    dropout and classifier-free guidance. Words outside the vocabulary share an <unk> row; past text_len - 1 words
+    the caption is cut (the end row always stays).
+
+    Why it is easy to read: the rows of the vocabulary (every colour, shape, direction, background and filler word,
+    <end>, <unk>) are orthogonal (a QR of their seeded Gaussians) and all of norm sqrt(text_dim), i.e. entries of
+    unit variance. So even a cross-attention that still attends uniformly (as at init) hands each video token the
+    mean of the rows, a bag of words from which one linear map reads off colour, shape and direction exactly.
+    text_dim must be at least the vocabulary size (25) for that; below it the rows are merely random.
+    """
+    vocab = sorted({*COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS, *FILLER}) + ["<end>", "<unk>"]
+    raw = torch.stack([_word_vector(w, text_dim) for w in vocab])  # (V, D)
+    if text_dim >= len(vocab):
+        q, r = torch.linalg.qr(raw.T)  # q (D, V): orthonormal columns spanning the same space
+        rows = (q * torch.sign(torch.diagonal(r))).T  # the sign fix makes the QR unique, hence reproducible
+    else:
+        rows = raw / raw.norm(dim=1, keepdim=True)
+    table = (rows * text_dim ** 0.5).float()  # (V, D), each row of norm sqrt(D)
+    index = {w: i for i, w in enumerate(vocab)}
+    settings = dict(model="wan-toy", vae="pixels", text="toy-words", version=TOY_TEXT_VERSION,
+                    text_dim=text_dim, text_len=text_len)
+
+    def encode_text(prompts):
+        out = torch.zeros(len(prompts), text_len, text_dim)
+        for b, p in enumerate(prompts):
+            ids = [index.get(w, index["<unk>"]) for w in toy_words(p)][: text_len - 1] + [index["<end>"]]
+            out[b, : len(ids)] = table[ids]
+        return out
+
+    return (lambda v: v.clone()), (lambda z: z.clamp(-1, 1)), encode_text, settings
+
+
+def measure_clip(video, spread=60.0):
+    """Find the shape in a clip (3, F, H, W), uint8 or float in [-1, 1]. The backgrounds are gray levels (channel
+    spread 0), the shapes saturated colours (spread >= 160 of 255), so the shape's mask per frame is the pixels
+    whose max - min over the channels exceeds `spread` (in 0..255). Returns
+      mask (F, H, W) bool; area: per frame, the mask's fraction of the frame;
+      color: mean RGB (0..255) over the mask of all frames (None if empty);
+      centroid: per frame (x, y) in units of the frame side, 0..1, y downwards (None where the mask is empty)."""
+    v = video.float() if video.dtype == torch.uint8 else (video.float() + 1) * 127.5  # (3, F, H, W) in 0..255
+    mask = (v.amax(0) - v.amin(0)) > spread  # (F, H, W)
+    F_, H, W = mask.shape
+    area = mask.flatten(1).float().mean(1)  # (F,)
+    ys = (torch.arange(H, dtype=torch.float32) + 0.5) / H  # pixel centres
+    xs = (torch.arange(W, dtype=torch.float32) + 0.5) / W
+    centroid = []
+    for t in range(F_):
+        n = mask[t].sum()
+        centroid.append(None if n == 0 else ((mask[t] * xs[None, :]).sum().item() / n.item(),
+                                             (mask[t] * ys[:, None]).sum().item() / n.item()))
+    color = v[:, mask].mean(1).tolist() if mask.any() else None  # (3,)
+    return dict(mask=mask, area=area.tolist(), color=color, centroid=centroid)
+
+
+def nearest_color(rgb):
+    """The COLORS name closest to rgb in chroma (the colour minus its gray mean, compared by cosine): blending a
+    colour with any gray scales its chroma without turning it, so a blurry shape's edge still counts as its colour."""
+    c = torch.tensor(rgb, dtype=torch.float32)
+    c = c - c.mean()
+    best, name = -2.0, None
+    for k, ref in COLORS.items():
+        r = torch.tensor(ref, dtype=torch.float32)
+        r = r - r.mean()
+        cos = (c @ r / (c.norm() * r.norm() + 1e-6)).item()
+        if cos > best:
+            best, name = cos, k
+    return name
+
+
+def check_clip(video, caption, min_area=0.02, min_move=0.25):
+    """Does the clip (3, F, H, W) show what the caption says? -> (ok, why). ok iff
+      - the shape is visible in EVERY frame (mask area >= min_area of the frame; the true shape covers ~0.09),
+      - its mean colour's nearest COLORS entry is the caption's colour,
+      - its centroid moves along the caption's direction by more than min_move of the frame side from the first to
+        the last frame (the true clips move 0.5), and by more than it moves across.
+    `why` says what failed (or, when ok, what was measured)."""
+    words = toy_words(caption)
+    color = next((w for w in words if w in COLORS), None)
+    direction = next((w for w in words if w in DIRECTIONS), None)
+    if color is None or direction is None:
+        raise ValueError(f"caption names no toy colour or direction: {caption!r}")
+    m = measure_clip(video)
+    for t, a in enumerate(m["area"]):
+        if a < min_area:
+            return False, f"shape not visible in frame {t} (area {a:.3f} < {min_area})"
+    got = nearest_color(m["color"])
+    if got != color:
+        rgb = ", ".join(f"{c:.0f}" for c in m["color"])
+        return False, f"colour is {got} (mean RGB {rgb}), not {color}"
+    dx, dy = DIRECTIONS[direction]
+    (x0, y0), (x1, y1) = m["centroid"][0], m["centroid"][-1]
+    along = (x1 - x0) * dx + (y1 - y0) * dy  # >0: the caption's way
+    across = abs((x1 - x0) * dy + (y1 - y0) * dx)
+    if along <= min_move or along <= across:
+        return False, f"moved {along:+.2f} along {direction} and {across:.2f} across (need > {min_move} and > across)"
+    return True, f"{color}, moved {along:+.2f} {direction} ({across:.2f} across), min area {min(m['area']):.3f}"

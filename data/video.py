@@ -161,7 +161,14 @@ def write_video(path, video, fps, crf=18):
     with av.open(str(path), "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
-        s.options = {"crf": str(crf)}
+        # Same input, same bytes (the toy dataset and its test rely on it): one thread, since x264's output depends
+        # on its thread count (auto = the machine's cores), and no mb-tree: x264's AVX-512 mb-tree code reads
+        # uninitialised memory, so with it the bytes depend on what the process allocated before (seen with
+        # x264 core 165: MALLOC_PERTURB_=85 vs unset gives other bytes; mbtree=0 or asm=avx2 does not). mb-tree
+        # only moves bits between frames; at these CRFs the loss is small.
+        s.options = {"crf": str(crf), "x264-params": "mbtree=0"}
+        s.codec_context.thread_count = 1
+        s.codec_context.thread_type = "NONE"  # no slice threads either
         for img in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 c.mux(p)

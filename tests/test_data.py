@@ -1,12 +1,17 @@
-"""Tests for data/: decoding, bucketing, bad-input reporting, cache, batch sampler, toy dataset, write_video.
+"""Tests for data/: decoding, bucketing, bad-input reporting, sources and repeats, probe memo, cache, batch sampler,
+toy dataset, write_video; and common/prefetch.py.
 
 Every clip is made here with PyAV, tiny (<= 64 px, <= 50 frames). Frame i of most clips is a flat gray of
 level 10 + step*i, so the level of a decoded frame says which source frame it came from."""
-import copy
+import gc
+import itertools
 import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import threading
 import wave
 from fractions import Fraction
 
@@ -16,9 +21,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import data.cache
+import data.dataset
+from common.prefetch import prefetch
 from data.cache import cache_entries, encode_dataset, load_batch, load_entry
 from data.dataset import load_dataset, make_buckets, nearest_bucket
-from data.loader import batches, epoch_plan, split_val, val_batches
+from data.loader import batches, epoch_plan, split_val, val_batches, with_repeats
 from data.toy import COLORS, DIRECTIONS, make_toy_dataset
 from data.video import probe, read_clip, write_video
 
@@ -189,6 +197,35 @@ def test_write_video_roundtrip(tmp_path):
     assert probe(tmp_path / "u8.mp4")["frames"] == F
 
 
+def test_write_video_same_bytes(tmp_path):
+    """The same input gives the same bytes in any process. x264's AVX-512 mb-tree code reads uninitialised heap
+    memory, so its bytes depended on what the process had allocated before (test_toy_dataset failed after the
+    decoding tests); glibc's MALLOC_PERTURB_ fills fresh allocations with a given byte, which makes that
+    deterministic to test: two processes, two fillings. And one thread whatever the machine (x264's automatic
+    count follows the cores and the frame height, and the bytes follow the count; x264 writes it in the stream)."""
+    code = """if 1:
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import numpy as np, torch
+        from data.video import write_video
+        for S in (32, 128):  # a soft-edged disc moving right on gray, as in the toy dataset
+            y, x = np.mgrid[:S, :S] + 0.5
+            frames = []
+            for t in range(17):
+                a = np.clip(S * 0.17 + 0.5 - np.hypot(x - S * (0.25 + t / 32), y - S / 2), 0, 1)  # coverage
+                frames.append(np.stack([128 + 100 * a, 128 - 98 * a, 128 - 98 * a]))
+            video = torch.from_numpy(np.stack(frames, 1).round().astype(np.uint8))  # (3, F, S, S)
+            write_video(f"{sys.argv[2]}_{S}.mp4", video, fps=16, crf=12)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for fill in ("85", "170"):
+        subprocess.run([sys.executable, "-c", code, root, str(tmp_path / fill)], check=True,
+                       env={**os.environ, "MALLOC_PERTURB_": fill})
+        out[fill] = [(tmp_path / f"{fill}_{S}.mp4").read_bytes() for S in (32, 128)]
+    assert out["85"] == out["170"]
+    assert all(b" threads=1 " in v and b" sliced_threads=0 " in v for v in out["85"])
+
+
 def test_buckets():
     b = make_buckets(480 * 832, 16)
     assert (480, 832) in b and (832, 480) in b
@@ -225,21 +262,26 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
     wav(d / "audio.mp4")
     caption(d / "audio.mp4")
     (d / "notes.md").write_text("not media: ignored without a word")
+    (d / "voice.m4a").write_bytes(b"\0" * 100)  # audio only, and not a video extension
+    caption(d / "voice.m4a", "someone talking")  # -> voice.txt
+    caption(d / "sub" / "orphan.mp4", "a caption of nothing")  # orphan.txt, no file of that name beside it
     lines = []
     recs = load_dataset(d, **SMALL, log=lines.append)
     assert sorted(os.path.basename(r["path"]) for r in recs) == ["good.mp4", "image.png", "nested.webm"]
     want = {"short.mp4": "too short", "corrupt.mp4": "corrupt", "truncated.mp4": "corrupt",
             "empty.mp4": "empty file", "nocaption.mp4": "no caption", "latin1.mp4": "caption not utf-8",
-            "blank.mp4": "empty caption", "audio.mp4": "no video stream"}
+            "blank.mp4": "empty caption", "audio.mp4": "no video stream",
+            "voice.txt": "no video (voice.m4a is not a video/image)",
+            os.path.join("sub", "orphan.txt"): "no video (no video/image named orphan.* beside it)"}
     skips = [ln for ln in lines if ln.startswith("skip ")]
     assert len(skips) == len(want)  # one line per bad file
     for name, reason in want.items():
         (ln,) = [ln for ln in skips if f"{os.sep}{name}:" in ln]
         assert ln.startswith(f"skip {d / name}: {reason}"), ln
     summary = next(ln for ln in lines if ln.startswith("data "))
-    assert "3 samples from 3 files; skipped 8 files" in summary
+    assert "3 samples from 3 files; skipped 10 files" in summary
     for reason, n in [("corrupt", 2), ("too short", 1), ("empty file", 1), ("no caption", 1),
-                      ("caption not utf-8", 1), ("empty caption", 1), ("no video stream", 1)]:
+                      ("caption not utf-8", 1), ("empty caption", 1), ("no video stream", 1), ("no video", 2)]:
         assert re.search(rf"\b{reason} {n}\b", summary), (reason, summary)
     # min_frames=1 accepts the 3-frame clip as a 1-frame sample
     recs = load_dataset(d, **{**SMALL, "min_frames": 1}, log=lines.append)
@@ -316,6 +358,46 @@ def test_clips_per_video(tmp_path):
     assert recs[0]["bucket"][2] == 49  # 3.125 s = 50 frames at 16 fps -> largest 4k+1
 
 
+def test_sources_and_repeats(tmp_path, monkeypatch):
+    """--data "clips/,stills/*3,extra.jsonl": several sources, each with its repeat count."""
+    for d in ("clips", "stills"):
+        (tmp_path / d).mkdir()
+    caption(encode(tmp_path / "clips" / "a.mp4"), "clip a")
+    caption(encode(tmp_path / "clips" / "b.mp4"), "clip b")
+    caption(write_image(tmp_path / "stills" / "s.png", "png", "rgb24"), "still s")
+    (tmp_path / "extra.jsonl").write_text(json.dumps({"path": "clips/a.mp4", "caption": "clip a, again"}) + "\n")
+    monkeypatch.chdir(tmp_path)  # relative sources, as typed on a command line
+    log = []
+    recs = load_dataset("clips/, stills/*3,extra.jsonl", **SMALL, log=log.append)
+    assert [(os.path.basename(r["path"]), r["source"], r["repeats"]) for r in recs] == \
+        [("a.mp4", "clips/", 1), ("b.mp4", "clips/", 1), ("s.png", "stills/", 3), ("a.mp4", "extra.jsonl", 1)]
+    assert [ln for ln in log if ln.startswith("data")] == [
+        "data clips/: 2 samples from 2 files; skipped 0 files; repeats 1",
+        "data stills/: 1 samples from 1 files; skipped 0 files; repeats 3",
+        "data extra.jsonl: 1 samples from 1 files; skipped 0 files; repeats 1",
+        "data: 4 samples from 3 sources, 6 per epoch with the repeats"]
+    assert [r["caption"] for r in with_repeats(recs)] == ["clip a", "clip b"] + ["still s"] * 3 + ["clip a, again"]
+    # the cache key depends on neither the repeats nor the source
+    cache, enc = tmp_path / "cache", Counter()
+    once = encode_dataset(load_dataset(str(tmp_path / "stills"), **SMALL, log=lambda s: None), enc.encode_video,
+                          enc.encode_text, cache, {"m": 1}, log=lambda s: None)
+    thrice, todo = cache_entries(recs[2:3], cache, {"m": 1}, log=lambda s: None)
+    assert todo == 0 and [e["key"] for e in thrice] == [e["key"] for e in once] and thrice[0]["repeats"] == 3
+    # a path that exists as given is one source, whatever "*" or "," it holds
+    odd = tmp_path / "odd*2,x"
+    odd.mkdir()
+    caption(write_image(odd / "o.png", "png", "rgb24"))
+    assert [(r["source"], r["repeats"]) for r in load_dataset(str(odd), **SMALL, log=lambda s: None)] == \
+        [(str(odd), 1)]
+    os.rename(odd, tmp_path / "star*2")  # and so is each comma-separated piece that exists as given
+    assert [(r["source"], r["repeats"]) for r in load_dataset("stills,star*2,star*2*3", **SMALL, log=lambda s: None)] \
+        == [("stills", 1), ("star*2", 1), ("star*2", 3)]
+    with pytest.raises(ValueError, match="repeat count must be an integer >= 1"):
+        load_dataset("clips/,stills/*0", **SMALL)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset("clips/,nowhere/*2", **SMALL)
+
+
 # --- cache ---
 
 def small_dataset(d):
@@ -359,7 +441,8 @@ def test_cache(tmp_path):
     enc = Counter()
     assert len(encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=lambda s: None)) == 4
     assert enc.video == enc.text == 0
-    assert [e["file"] for e in cache_entries(recs, cache, settings)] == [e["file"] for e in entries]
+    done, todo = cache_entries(recs, cache, settings)
+    assert [e["file"] for e in done] == [e["file"] for e in entries] and todo == 0
     # new bytes in a.mp4 -> only its entry is re-encoded
     a = tmp_path / "data" / "a.mp4"
     st = os.stat(a)
@@ -376,7 +459,7 @@ def test_cache(tmp_path):
     enc = Counter()
     encode_dataset(recs, enc.encode_video, enc.encode_text, cache, {**settings, "fps": 24}, log=lambda s: None)
     assert enc.video == 4
-    assert len(cache_entries(recs, cache, {**settings, "model": "other"}, log=lambda s: None)) == 0
+    assert cache_entries(recs, cache, {**settings, "model": "other"}, log=lambda s: None) == ([], 4)
     # a batch of one bucket stacks; text of different lengths is padded, with the lengths
     assert new[0]["bucket"] == new[1]["bucket"]
     b = load_batch([new[0]["file"], new[1]["file"]])
@@ -384,6 +467,73 @@ def test_cache(tmp_path):
     assert b["latents"].shape == (2, *t["latents"].shape) and b["text"].shape == (2, 6, 4)
     assert b["text_lens"].tolist() == [3, 6] and torch.equal(b["text"][0, :3], texts[0])
     assert b["text"][0, 3:].abs().sum() == 0 and torch.equal(b["text"][1], texts[1])
+    # pin=True: the same tensors, in pinned memory when there is CUDA to copy them to (else a no-op)
+    p = load_batch([new[0]["file"], new[1]["file"]], pin=True)
+    assert p.keys() == b.keys() and all(torch.equal(p[k], b[k]) for k in b)
+    assert all(p[k].is_pinned() == torch.cuda.is_available() for k in ("latents", "text"))
+
+
+def test_decode_failure_is_remembered(tmp_path, monkeypatch):
+    """A clip that probes but fails to decode is marked known-bad: a restart neither decodes it again nor needs
+    the encoders for it (todo == 0), and still lists it, once."""
+    recs = small_dataset(tmp_path / "data")  # a.mp4, b.mp4 clips 0 and 1, c.png
+    cache, settings, real, reads = tmp_path / "cache", {"model": "toy"}, data.cache.read_clip, []
+
+    def read_clip(path, start, *a):  # b.mp4 breaks after its first clip
+        reads.append((os.path.basename(path), start))
+        if path.endswith("b.mp4") and start > 0:
+            raise ValueError("broken packet")
+        return real(path, start, *a)
+
+    monkeypatch.setattr(data.cache, "read_clip", read_clip)
+    enc, log = Counter(), []
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=log.append)
+    assert [(os.path.basename(e["path"]), e["start"]) for e in entries] == [("a.mp4", 0), ("b.mp4", 0), ("c.png", 0)]
+    assert len(reads) == 4 and enc.video == 3
+    (skip,) = [ln for ln in log if ln.startswith("skip ")]
+    assert skip.startswith(f"skip {recs[2]['path']}: corrupt (decoding 17 frames from 1.06") and "broken packet" in skip
+    (bad,) = [f for f in os.listdir(cache) if f.endswith(".bad.json")]
+    assert json.loads((cache / bad).read_text())["reason"] == "corrupt" and not any(f.endswith(".tmp")
+                                                                                      for f in os.listdir(cache))
+    for _ in range(2):  # restarts: listed once each time, nothing read, nothing to encode
+        reads.clear()
+        log = []
+        done, todo = cache_entries(recs, cache, settings, log=log.append)
+        assert [e["file"] for e in done] == [e["file"] for e in entries] and todo == 0 and reads == []
+        assert [ln for ln in log if ln.startswith("skip ")] == [skip]
+    enc, log = Counter(), []
+    assert encode_dataset(recs, enc.encode_video, enc.encode_text, cache, settings, log=log.append) == entries
+    assert enc.video == enc.text == 0 and reads == [] and not any(ln.startswith("skip ") for ln in log)
+    os.remove(entries[0]["file"])  # a lost entry is to do again; the known-bad one is not
+    assert cache_entries(recs, cache, settings, log=log.append)[1] == 1
+
+
+def test_probe_memo(tmp_path, monkeypatch):
+    """cache_dir/probe.json remembers probe results (and failures) by (path, size, mtime_ns)."""
+    d, cache = tmp_path / "data", tmp_path / "cache"
+    small_dataset(d)
+    (d / "bad.mp4").write_bytes(b"garbage" * 100)
+    caption(d / "bad.mp4")
+    real, probed = data.dataset.probe, []
+    monkeypatch.setattr(data.dataset, "probe", lambda p: probed.append(os.path.basename(p)) or real(p))
+    kw = dict(**SMALL, clips_per_video=2)
+    fresh = load_dataset(d, **kw, log=lambda s: None)  # no cache_dir: no memo
+    assert sorted(probed) == ["a.mp4", "b.mp4", "bad.mp4", "c.png"] and not cache.exists()
+    probed.clear()
+    log1 = []
+    assert load_dataset(d, **kw, cache_dir=cache, log=log1.append) == fresh and len(probed) == 4
+    memo = json.loads((cache / "probe.json").read_text())
+    assert sorted(memo) == sorted(str(d / n) for n in ["a.mp4", "b.mp4", "bad.mp4", "c.png"])
+    probed.clear()
+    log2 = []
+    assert load_dataset(d, **kw, cache_dir=cache, log=log2.append) == fresh  # from the memo, the same records
+    assert probed == [] and log2 == log1  # the corrupt file is remembered and reported the same way
+    a = d / "a.mp4"
+    st = os.stat(a)
+    encode(a, n=9)  # rewritten in place: only it is probed again
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    recs = load_dataset(d, **kw, cache_dir=cache, log=lambda s: None)
+    assert probed == ["a.mp4"] and recs[0]["bucket"][2] == 9
 
 
 # --- two real ranks (gloo): scan and cache are sharded, everyone ends with the same list ---
@@ -392,14 +542,30 @@ def _dist_worker(rank, world, root, port):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    log = []
+    log, cache = [], os.path.join(root, "cache")
     make_toy_dataset(os.path.join(root, "toy"), n=5, size=32, frames=9)  # rank 0 writes, rank 1 waits
-    recs = load_dataset(os.path.join(root, "toy"), area=32 * 32, fps=16, max_frames=9, log=log.append)
+    recs = load_dataset(os.path.join(root, "toy"), area=32 * 32, fps=16, max_frames=9, log=log.append,
+                        cache_dir=cache)
+    real_read = data.cache.read_clip
+
+    def read_clip(path, *a):  # toy_003 probes fine but does not decode; it is in rank 1's share
+        if path.endswith("toy_003.mp4"):
+            raise ValueError("broken packet")
+        return real_read(path, *a)
+
+    data.cache.read_clip = read_clip
     enc = Counter()
-    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, os.path.join(root, "cache"), {"m": 1},
-                             log=log.append)
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, cache, {"m": 1}, log=log.append)
+    if rank == 1:  # a restart where rank 1's view of the cache folder is stale (NFS attribute caching): empty
+        exists, listdir = os.path.exists, os.listdir
+        os.path.exists = lambda p: False if str(p).startswith(cache) else exists(p)
+        os.listdir = lambda p=".": [] if str(p).startswith(cache) else listdir(p)
+    again, todo = cache_entries(recs, cache, {"m": 1}, log=log.append)
+    enc2 = Counter()
+    third = encode_dataset(recs, enc2.encode_video, enc2.encode_text, cache, {"m": 1}, log=log.append)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-        json.dump(dict(recs=recs, calls=enc.video, entries=[e["file"] for e in entries], log=log), f)
+        json.dump(dict(recs=recs, calls=enc.video, entries=[e["file"] for e in entries], log=log, todo=todo,
+                       again=[e["file"] for e in again], calls2=enc2.video, third=[e["file"] for e in third]), f)
     dist.destroy_process_group()
 
 
@@ -410,55 +576,97 @@ def test_two_ranks(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path), port), nprocs=2)
     r0, r1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert r0["recs"] == r1["recs"] and len(r0["recs"]) == 5 and r0["entries"] == r1["entries"]
-    assert (r0["calls"], r1["calls"]) == (3, 2) and len(r0["entries"]) == 5  # i::world shares
+    assert (r0["calls"], r1["calls"]) == (3, 1) and len(r0["entries"]) == 4  # todo[i::world] shares; 1 failed
     assert any(ln.startswith("data ") for ln in r0["log"]) and not any(ln.startswith("data ") for ln in r1["log"])
+    assert (tmp_path / "cache" / "probe.json").exists()  # written by rank 0 from both ranks' probes
+    # rank 0 decides what is cached or known-bad: the stale rank 1 agrees, and encodes nothing again
+    assert r0["again"] == r1["again"] == r0["third"] == r1["third"] == r0["entries"]
+    assert r0["todo"] == r1["todo"] == 0 and r0["calls2"] == r1["calls2"] == 0
+    skips = [ln for ln in r0["log"] if ln.startswith("skip ")]  # by rank 0 (rank 1 hit it): after it, at the restart
+    assert len(skips) == 2 and all("toy_003.mp4: corrupt (" in ln and "broken packet" in ln for ln in skips)
+    assert not any(ln.startswith("skip ") for ln in r1["log"])
 
 
 # --- batch sampler ---
+
+S0 = {"epoch": 0, "pos": 0}
+
 
 def take(gen, n):
     return [next(gen) for _ in range(n)]
 
 
-def test_sampler_deterministic_one_bucket_per_batch():
+def global_batches(buckets, global_batch, micro_batch, world, seed, n, state=S0):
+    """Run every rank's sampler for n steps and put each step's global batch back together by the index the
+    trainer gives each sample: (micro * world + rank) * micro_batch + j. -> ([global batch of step s], [state])"""
+    gens = [batches(buckets, global_batch, micro_batch, r, world, seed, dict(state)) for r in range(world)]
+    steps, states = [], []
+    for _ in range(n):
+        out = [next(g) for g in gens]
+        assert all(st == out[0][1] for _, st in out)  # the ranks agree on the position
+        glob = [None] * global_batch
+        for rank, (micro_batches, _) in enumerate(out):
+            assert len(micro_batches) == global_batch // (micro_batch * world)  # accum
+            for micro, idx in enumerate(micro_batches):
+                assert len(idx) == micro_batch
+                for j, i in enumerate(idx):
+                    glob[(micro * world + rank) * micro_batch + j] = i
+        steps.append(glob)
+        states.append(out[0][1])
+    return steps, states
+
+
+def test_sampler_deterministic_one_bucket_per_step():
     buckets = [(32, 32, 17)] * 13 + [(48, 16, 9)] * 7 + [(16, 48, 1)] * 2
-    kw = dict(micro_batch=4, rank=0, world=1, seed=3)
-    a = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 30)
-    b = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 30)
-    c = take(batches(buckets, **{**kw, "seed": 4}, state={"epoch": 0, "pos": 0}), 30)
-    assert a == b and a != c
-    assert all(len(x) == 4 and len({buckets[i] for i in x}) == 1 for x in a)
-    plan = epoch_plan(buckets, 4, 1, seed=3, epoch=0)
-    assert len(plan) == 4 + 2 + 1  # ceil(13/4) + ceil(7/4) + ceil(2/4): remainders wrap, nothing dropped
-    assert {i for step in plan for x in step for i in x} == set(range(len(buckets)))
-    assert plan != epoch_plan(buckets, 4, 1, seed=3, epoch=1)  # reshuffled every epoch
+    a, _ = global_batches(buckets, 8, 2, world=2, seed=3, n=30)
+    assert a == global_batches(buckets, 8, 2, world=2, seed=3, n=30)[0]
+    assert a != global_batches(buckets, 8, 2, world=2, seed=4, n=30)[0]
+    assert all(None not in step and len({buckets[i] for i in step}) == 1 for step in a)  # one bucket, all ranks
+    plan = epoch_plan(buckets, 8, seed=3, epoch=0)
+    assert len(plan) == 2 + 1 + 1  # ceil(13/8) + ceil(7/8) + ceil(2/8): remainders wrap, nothing dropped
+    assert {i for step in plan for i in step} == set(range(len(buckets)))
+    assert sorted(next(step for step in plan if buckets[step[0]] == (16, 48, 1))) == [20] * 4 + [21] * 4  # wrapped
+    assert plan != epoch_plan(buckets, 8, seed=3, epoch=1)  # reshuffled every epoch
+    assert a[:4] == plan and a[4:8] == epoch_plan(buckets, 8, seed=3, epoch=1)
+    with pytest.raises(AssertionError, match=r"global_batch 6 must be a multiple of micro_batch \* world = 2 \* 2"):
+        next(batches(buckets, 6, 2, 0, 2, seed=0, state=S0))
 
 
 def test_sampler_resume_reproduces_sequence():
-    buckets = [(i % 3, 0, 0) for i in range(23)]
-    kw = dict(micro_batch=2, rank=1, world=2, seed=0)
-    full = take(batches(buckets, **kw, state={"epoch": 0, "pos": 0}), 40)  # crosses several epochs
+    buckets = [(i % 3, 0, 0) for i in range(23)]  # 8 + 8 + 7 samples: 2 + 2 + 2 steps of 4 per epoch
+    kw = dict(global_batch=4, micro_batch=1, rank=1, world=2, seed=0)
+    state = dict(S0)
+    full = take(batches(buckets, **kw, state=state), 40)  # crosses several epochs
+    assert state == S0  # not modified: each step comes with its own state
+    assert full[5][1] == {"epoch": 1, "pos": 0} and full[6][1] == {"epoch": 1, "pos": 1}
     for cut in (1, 6, 7, 17):
-        state = {"epoch": 0, "pos": 0}
-        first = take(batches(buckets, **kw, state=state), cut)
-        saved = json.loads(json.dumps(state))  # what a checkpoint would hold
-        rest = take(batches(buckets, **kw, state=copy.deepcopy(saved)), 40 - cut)
-        assert first + rest == full, cut
+        first = take(batches(buckets, **kw, state=S0), cut)
+        saved = json.loads(json.dumps(first[-1][1]))  # what a checkpoint would hold
+        assert first + take(batches(buckets, **kw, state=saved), 40 - cut) == full, cut
 
 
-def test_sampler_ranks():
-    buckets = [(0,)] * 12 + [(1,)] * 12  # 6 batches of 4: divisible by world 3, nothing wraps
-    plan = epoch_plan(buckets, 4, 3, seed=1, epoch=0)
-    per_rank = [[i for step in plan for i in step[r]] for r in range(3)]
-    assert all(len(p) == 8 for p in per_rank)
-    assert sorted(sum(per_rank, [])) == list(range(24))  # disjoint, and together the whole set
-    gens = [batches(buckets, 4, r, 3, seed=1, state={"epoch": 0, "pos": 0}) for r in range(3)]
-    assert [[next(g) for g in gens] for _ in range(2)] == plan  # rank r takes column r of the plan
-    # uneven: 5 batches over 3 ranks -> wrapped to 6 so every rank gets 2 steps
-    plan = epoch_plan([(0,)] * 20, 4, 3, seed=1, epoch=0)
-    assert len(plan) == 2 and all(len(step) == 3 for step in plan)
-    # more ranks than batches still gives every rank a batch
-    assert len(epoch_plan([(0,)] * 3, 2, 8, seed=0, epoch=0)[0]) == 8
+def test_sampler_world_size_independent():
+    """Each step's samples, and each sample's index in its global batch, are the same on 1, 2, 4 or 8 ranks, with
+    any micro-batch: a run resumed on another number of ranks continues exactly."""
+    buckets = [(0,)] * 12 + [(1,)] * 20 + [(2,)] * 3
+    ref, ref_states = global_batches(buckets, 8, 8, world=1, seed=1, n=15)
+    for world, micro_batch in [(1, 2), (2, 2), (2, 4), (4, 2), (4, 1), (8, 1)]:
+        steps, states = global_batches(buckets, 8, micro_batch, world, seed=1, n=15)
+        assert steps == ref and states == ref_states, (world, micro_batch)
+    # resumed on 4 ranks from a state saved on 1
+    assert global_batches(buckets, 8, 2, world=4, seed=1, n=8, state=ref_states[6])[0] == ref[7:15]
+
+
+def test_sampler_epoch_sees_every_sample_once():
+    buckets = [(0,)] * 16 + [(1,)] * 8 + [(2,)] * 24  # every bucket a multiple of the global batch: no wrap
+    steps, states = global_batches(buckets, 8, 2, world=2, seed=5, n=6)
+    assert sorted(i for step in steps for i in step) == list(range(48))
+    assert states[-1] == {"epoch": 1, "pos": 0}
+
+
+def test_with_repeats():
+    entries = [{"path": "a", "repeats": 3}, {"path": "b"}, {"path": "c", "repeats": 1}]
+    assert [e["path"] for e in with_repeats(entries)] == ["a", "a", "a", "b", "c"]
 
 
 def test_split_val():
@@ -473,6 +681,7 @@ def test_split_val():
     assert len({e["path"] for e in split_val(entries, 0.01, seed=0)[1]}) == 1  # asked for some: at least one
     vb = [val_batches([(0,)] * 5, 2, r, 2) for r in range(2)]
     assert len(vb[0]) == len(vb[1]) and {i for b in vb for x in b for i in x} == set(range(5))
+    assert [len(val_batches([(0,)] * 3, 2, r, 8)) for r in range(8)] == [1] * 8  # more ranks than batches
 
 
 # --- toy dataset ---
@@ -509,3 +718,69 @@ def test_toy_dataset(tmp_path):
         moved = (cx[1] - cx[0], cy[1] - cy[0])
         assert moved[0] * dx + moved[1] * dy > 10 and abs(moved[0] * dy) + abs(moved[1] * dx) < 2, \
             (r["caption"], moved)
+
+
+# --- common/prefetch.py ---
+
+def test_prefetch_order_on_a_background_thread():
+    threads = []
+
+    def fn(x):
+        threads.append(threading.get_ident())
+        return x * x
+
+    assert list(prefetch(iter(range(20)), fn, depth=3)) == [x * x for x in range(20)]
+    assert threading.get_ident() not in threads and len(set(threads)) == 1  # one thread, not this one
+    assert list(prefetch(iter([]), fn)) == []
+
+
+def test_prefetch_reraises_in_the_consumer():
+    def fn(x):
+        if x == 3:
+            raise KeyError("bad item 3")
+        return x
+
+    g = prefetch(iter(range(10)), fn)
+    assert take(g, 3) == [0, 1, 2]
+    with pytest.raises(KeyError, match="bad item 3"):
+        next(g)
+
+    def source():  # the iterator itself fails
+        yield 1
+        raise ValueError("source broke")
+
+    g = prefetch(source(), lambda x: x)
+    assert next(g) == 1
+    with pytest.raises(ValueError, match="source broke"):
+        next(g)
+
+
+def test_prefetch_stops_with_the_consumer():
+    pulled = []
+
+    def source():
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    def alive():
+        return [t for t in threading.enumerate() if t.name == "prefetch"]
+
+    for stop in ("close", "gc", "break"):
+        pulled.clear()
+        g = prefetch(source(), lambda x: x, depth=2)
+        assert take(g, 3) == [0, 1, 2]
+        if stop == "close":
+            g.close()
+        elif stop == "gc":
+            del g
+            gc.collect()
+        else:
+            for x in g:
+                if x == 4:
+                    break
+            g = None  # the loop left, the generator dropped
+        assert alive() == [], stop  # joined: done before close() returns
+        n = len(pulled)
+        assert n <= 5 + 2 + 1, stop  # taken + at most depth waiting + the one it was handing over
+

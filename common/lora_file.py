@@ -1,0 +1,52 @@
+"""LoRA files in the ComfyUI format, model-agnostic. The scripts name adapters after the official module they adapt
+(`blocks.0.self_attn.q.lora_A.weight` (rank, in), `.lora_B.weight` (out, rank)); on disk they get a prefix
+(`diffusion_model.` for ComfyUI) and one `.alpha` scalar per module, the format diffusion-pipe writes and that
+ComfyUI and diffusers load as they are. Reading also takes kohya/musubi files (`lora_unet_blocks_0_self_attn_q.
+lora_down.weight`), whose flattened module names only the model can map back: the script passes `kohya_name`."""
+import torch
+from safetensors.torch import load_file, save_file
+
+SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def write_lora(path, sd, alpha, prefix="diffusion_model.", metadata=None, dtype=torch.bfloat16):
+    """Write {module.lora_A.weight, module.lora_B.weight} with `prefix` and a `.alpha` per module, atomically
+    (a temporary file renamed when complete)."""
+    import os
+    out = {prefix + k: v.to(dtype).contiguous() for k, v in sd.items()}
+    for k in sd:
+        if k.endswith(SUFFIX_A):
+            out[prefix + k[: -len(SUFFIX_A)] + ".alpha"] = torch.tensor(float(alpha))
+    tmp = path + ".tmp"
+    save_file(out, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def read_lora(path, prefixes=("diffusion_model.",), kohya_name=None):
+    """A LoRA file (ComfyUI/diffusion-pipe format, or kohya/musubi with `kohya_name`: flattened name -> module name)
+    -> (fp32 state dict with official module names, rank, alpha). Where the modules' alphas differ (or only some
+    have one), each alpha/rank scale is folded into its B and the returned alpha equals the rank (scale 1)."""
+    sd, alphas = {}, {}
+    for k, v in load_file(path).items():
+        if k.startswith("lora_unet_"):
+            if kohya_name is None:
+                raise ValueError(f"{path}: kohya-format keys ({k}) but this model gives no kohya name map")
+            mod, _, rest = k[len("lora_unet_"):].partition(".")
+            k = kohya_name(mod) + "." + rest.replace("lora_down", "lora_A").replace("lora_up", "lora_B")
+        for p in prefixes:
+            k = k.removeprefix(p)
+        if k.endswith(".alpha"):
+            alphas[k[: -len(".alpha")]] = float(v)
+        else:
+            sd[k] = v.float()
+    ranks = {v.shape[0] for k, v in sd.items() if k.endswith(SUFFIX_A)}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
+    rank = ranks.pop()
+    mods = [k[: -len(SUFFIX_A)] for k in sd if k.endswith(SUFFIX_A)]
+    per = {m: alphas.get(m, float(rank)) for m in mods}  # no .alpha = scale 1, as ComfyUI and diffusers read it
+    if len(set(per.values())) > 1:
+        for m, a in per.items():
+            sd[m + SUFFIX_B] *= a / rank
+        return sd, rank, float(rank)
+    return sd, rank, next(iter(per.values()), float(rank))

@@ -1,0 +1,53 @@
+"""Speed and memory figures for logs and --mode bench: device peak FLOPs (for MFU), peak memory, a step timer."""
+import time
+
+import torch
+
+# dense bf16 tensor-core peaks, TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = (("H200", 989), ("H100", 989), ("H800", 989), ("B200", 2250), ("A100", 312), ("A800", 312),
+               ("L40S", 362), ("L40", 181), ("4090", 165), ("3090", 71), ("A10", 125), ("A6000", 155))
+
+
+def device_peak_flops(device, override_tflops=0.0):
+    """FLOP/s of the device's dense bf16 peak, or None where unknown (CPU): MFU is then not reported."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAK_TFLOPS:
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_memory_gb(device):
+    """Peak GPU memory allocated by torch; on CPU the process's peak resident memory (all of it, not just torch)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepTimer:
+    """Wall time of a step, synchronising CUDA at both ends (so queued kernels are counted where they run).
+    Only --mode bench uses it: the training loop does not synchronise the GPU every step."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,77 @@
+"""Reading weight files and checking them against a model: what every script's loader needs, model-agnostic.
+
+    files = safetensors_files(folder, "diffusion_pytorch_model")   # one file, or the shards of its index
+    sd = read_safetensors(files, dtype=torch.bfloat16)              # cast tensor by tensor while reading
+    check_keys(model.state_dict(), sd, path, hint="...")           # names the missing and unexpected keys
+"""
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+
+def read_safetensors(files, dtype=None):
+    """Read one or more .safetensors files into one dict on CPU, casting each floating tensor as it is read (so a
+    57 GB fp32 checkpoint needs 28.6 GB of host memory when it is wanted in bf16)."""
+    sd = {}
+    for fn in files:
+        with safe_open(fn, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return sd
+
+
+def safetensors_header(file):
+    """(metadata dict, {key: shape}) of a .safetensors file, reading only its header (no tensor data)."""
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def read_pth(path):
+    """A .pth state dict. weights_only: a .pth is a pickle, and this way it cannot run code; mmap: no second copy
+    in RAM (tensors are paged in from the file as they are used)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_weights(path, dtype=None):
+    """A .safetensors or .pth file -> state dict on CPU."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return read_safetensors([path], dtype)
+    sd = read_pth(path)
+    return sd if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def safetensors_files(folder, stem):
+    """<stem>.safetensors, or the shards listed in <stem>.safetensors.index.json."""
+    index = os.path.join(folder, stem + ".safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(folder, stem + ".safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{folder}: neither {stem}.safetensors nor {stem}.safetensors.index.json is there")
+
+
+def _show(keys, n=8):
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_keys(expected, got, path, ignore=lambda k: False, hint=""):
+    """Fail with the names of the missing and unexpected keys (the first few of each) and a hint."""
+    expected = {k for k in expected if not ignore(k)}
+    missing, unexpected = sorted(expected - set(got)), sorted(set(got) - expected)
+    if missing or unexpected:
+        raise KeyError(f"{path}: the checkpoint does not match the model. missing: [{_show(missing)}]; "
+                       f"unexpected: [{_show(unexpected)}]. {hint}")
+
+
+def check_shapes(model_sd, sd, path):
+    """Fail naming every tensor whose shape differs from the model's (the first few)."""
+    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in model_sd.items()
+           if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch: " + "; ".join(bad[:8]))

@@ -1,0 +1,153 @@
+"""common/: flags (help from comments, no prefix matching, preset tables, one-line user errors), the LR schedule and
+the EMA, seeded noise (the same in every process), the run folder's ownership and resume checks, checkpoint
+verification, weight-file key checks."""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from common import noise, run
+from common.args import UserError, cli, field_comments, parse
+from common.schedule import EMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class A:
+    preset: str = "big"  # which architecture
+    max_steps: int = 10  # optimizer steps (100% of them)
+    flag: bool = False  # a switch
+    lr: float = 0.1
+
+
+def test_flags_parse_help_and_presets(capsys):
+    assert parse(A, ["--max_steps", "3", "--flag=true", "--lr", "1e-3"]) == A(max_steps=3, flag=True, lr=1e-3)
+    with pytest.raises(SystemExit):
+        parse(A, ["--max_step", "20"])  # no prefix matching: a typo is an error, not another flag
+    assert "unrecognized arguments: --max_step" in capsys.readouterr().err
+    assert field_comments(A) == {"preset": "which architecture", "max_steps": "optimizer steps (100% of them)",
+                                 "flag": "a switch"}
+    with pytest.raises(SystemExit):
+        parse(A, ["--help"])
+    out = capsys.readouterr().out
+    assert "optimizer steps (100% of them) (default: 10)" in " ".join(out.split())
+    # a preset's table becomes the defaults; the command line still wins
+    table = {"toy": dict(max_steps=600, lr=3.0)}
+    assert parse(A, ["--preset", "toy"], presets=table) == A(preset="toy", max_steps=600, lr=3.0)
+    assert parse(A, ["--preset=toy", "--max_steps", "5"], presets=table) == A(preset="toy", max_steps=5, lr=3.0)
+    assert parse(A, ["--max_steps", "5"], presets=table) == A(max_steps=5)
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    def main():
+        raise UserError("--height 30: must be a multiple of 16")
+    with pytest.raises(SystemExit) as e:
+        cli(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --height 30: must be a multiple of 16\n"
+
+
+def test_ema_follows_then_averages():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], decay=0.9)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()  # first update: decay min(0.9, 1/10) = 0.1 -> 0.9 of the way
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    for _ in range(200):
+        ema.update()
+    assert torch.allclose(ema.shadow[0], torch.ones(3))
+    with torch.no_grad():
+        p.fill_(5.0)
+    ema.update()  # now the full decay: 0.1 of the way
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 1.4))
+    ema.swap()
+    assert torch.allclose(p, torch.full((3,), 1.4)) and torch.allclose(ema.shadow[0], torch.full((3,), 5.0))
+    ema.swap()
+    sd = ema.state_dict()
+    other = EMA([("w", torch.nn.Parameter(torch.zeros(3)))], decay=0.9)
+    other.load_state_dict(sd)
+    assert other.updates == ema.updates and torch.equal(other.shadow[0], ema.shadow[0])
+
+
+def test_seeded_noise_is_the_same_in_another_process():
+    a = noise.randn((4,), 0, 7, 3, "noise")
+    code = "import sys; sys.path.insert(0, %r); from common import noise; print(noise.randn((4,), 0, 7, 3, 'noise')" \
+           ".tolist())" % ROOT
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONHASHSEED="123")).stdout
+    assert json.loads(out) == a.tolist()
+    assert not torch.equal(a, noise.randn((4,), 0, 7, 4, "noise"))  # another index, other noise
+    assert noise.seed_of(0, 1, 2) == noise.seed_of(0, 1, 2) != noise.seed_of(0, 2, 1)
+
+
+def test_run_folder_ownership_and_resume_checks(tmp_path):
+    out = str(tmp_path / "r")
+    run.claim(out, resume=False)  # nothing there: fine
+    fp = dict(data="abc", seed=0, global_batch=8)
+    run.start_or_resume(out, fp, resume=False, rank=0)
+    with pytest.raises(UserError, match="already holds a run .*run.json.*--resume 1"):
+        run.claim(out, resume=False)
+    run.claim(out, resume=True)
+    run.start_or_resume(out, fp, resume=True, rank=0)  # the same settings: fine
+    with pytest.raises(UserError) as e:
+        run.start_or_resume(out, dict(fp, seed=1, global_batch=16), resume=True, rank=0)
+    assert "global_batch was 8, now 16" in str(e.value) and "seed was 0, now 1" in str(e.value)
+
+
+def test_check_keys_names_the_keys():
+    from common.weights import check_keys
+    with pytest.raises(KeyError) as e:
+        check_keys({"a.weight", "b.weight"}, {"a.weight": 0, "c.weight": 0}, "x.safetensors", hint="hint!")
+    assert "missing: [b.weight]" in str(e.value) and "unexpected: [c.weight]" in str(e.value)
+    assert "x.safetensors" in str(e.value) and "hint!" in str(e.value)
+
+
+def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
+    """Two checkpoints; the newer one loses a shard / gets a broken extra.json: latest_valid names the damage and
+    takes the older one."""
+    import socket
+
+    import torch.distributed as dist
+
+    from common import ckpt
+    from torch.distributed.fsdp import fully_shard
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 4)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        out = str(tmp_path)
+        for step in (1, 2):
+            ckpt.save(out, step, model, opt, {"step": step})
+        assert ckpt.latest_valid(out) == 2
+        d = tmp_path / "checkpoints" / "step_00000002"
+        shard = next(f for f in os.listdir(d) if f.endswith(".distcp"))
+        with open(d / shard, "r+b") as f:
+            f.truncate(4)
+        said = []
+        assert ckpt.latest_valid(out, log=said.append) == 1
+        assert "step_00000002" in said[0] and "missing or truncated" in said[0]
+        (tmp_path / "checkpoints" / "step_00000001" / "extra.json").write_text("{not json")
+        assert ckpt.latest_valid(out, log=said.append) is None and "unreadable" in said[-1]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_common_file_knows_a_model():
+    for f in os.listdir(os.path.join(ROOT, "common")):
+        if f.endswith(".py"):
+            src = open(os.path.join(ROOT, "common", f)).read()
+            assert not re.search(r"^\s*(from|import) (data|train_\w+)\b", src, re.M), f
+            assert len(src.splitlines()) <= 250, f
