@@ -1500,6 +1500,13 @@ def training_noise(args, step, index, shape, n, device):
     return torch.stack([noise.randn(shape, args.seed, step, index + j, "noise", device=device) for j in range(n)])
 
 
+def reduce_now(args, m, n):
+    """Whether micro-batch m of n reduce-scatters its gradients. A full fine-tune does it every micro-batch: FSDP2
+    without it keeps an unsharded fp32 gradient of every weight until the last one (57 GB per GPU for 14B). LoRA's
+    gradients are small, so it accumulates unsynced and reduces once per step (fewer collectives)."""
+    return args.lora_rank == 0 or m == n - 1
+
+
 def drop_captions(ctx, drop, empty):
     """ctx (B, L, D) with the rows where drop (B,) is True replaced by the empty prompt's context `empty` (n, D)."""
     if not drop.any():  # a CPU tensor: no device sync
@@ -1754,9 +1761,7 @@ def main(argv=None):
             if args.caption_dropout:
                 ctx = drop_captions(ctx, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
-            # A full fine-tune reduce-scatters every micro-batch (no unsharded fp32 gradients kept between them);
-            # LoRA's gradients are small, so it accumulates unsynced and reduces once per step.
-            model.set_requires_gradient_sync(args.lora_rank == 0 or m == len(micro_batches) - 1)
+            model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             loss = flow_loss(model, x0, ctx, sigma, eps)
             (loss / accum).backward()
             loss_sum += loss.detach()

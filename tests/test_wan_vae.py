@@ -196,10 +196,11 @@ def test_load_vae_names_missing_and_unexpected_keys(saved, tmp_path):
         load_vae(str(tmp_path / "extra.safetensors"), config=TINY)
 
 
-def test_load_vae_rejects_wrong_shapes(saved):
-    _, d = saved  # right keys, tiny shapes, loaded as the full-size 2.1 model
+def test_load_vae_reads_its_width_off_the_file_and_rejects_wrong_shapes(saved):
+    _, d = saved
+    assert load_vae(str(d / "vae.pth")).cfg == TINY  # no config given: dim and z_dim come from the weights
     with pytest.raises(RuntimeError, match="size mismatch for encoder.conv1.weight"):
-        load_vae(str(d / "vae.pth"))
+        load_vae(str(d / "vae.pth"), config=VAE_PRESETS["2.1"])  # right keys, tiny shapes, asked for full size
 
 
 def test_load_vae_rejects_diffusers_format(saved, tmp_path):
