@@ -94,3 +94,19 @@ def test_help_describes_every_flag():
     assert "--caption_dropout CAPTION_DROPOUT probability that a sample trains with the empty prompt" in flat
     missing = [f.name for f in W.dataclasses.fields(W.Args) if f.name not in field_comments(W.Args)]
     assert not missing, missing
+
+
+def test_compile_allows_a_graph_per_bucket(pg):
+    """--compile builds one static graph per latent shape; Dynamo's default limit (8 recompiles) would send a
+    dataset with more buckets back to eager without a word, so parallelize raises it."""
+    import torch._dynamo.config as dc
+
+    from common.fsdp import parallelize
+    before = dc.cache_size_limit
+    try:
+        dc.cache_size_limit = 8
+        model = tiny_dit()
+        parallelize(model, model.blocks, torch.float32, compile=True)
+        assert dc.cache_size_limit >= 64 and dc.accumulated_cache_size_limit >= 64 * len(model.blocks)
+    finally:
+        dc.cache_size_limit = before
