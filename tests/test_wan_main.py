@@ -4,8 +4,6 @@ resumes, a LoRA trains on it, --mode sample decodes through the VAE with and wit
 Plus the flag checks a new user meets first: one clear line and exit code 2, before any work."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ import torch
 import train_wan as W
 from common.log import read_log
 from tests.helpers import TINY_DIT, TINY_T5, TINY_VAE_DIM, make_official_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.procs import run_script
 # 32x32 pixels, 5 frames at 16 fps -> latents 16 x 2 x 4 x 4 -> 8 tokens
 CLIP = ["--height", "32", "--width", "32", "--frames", "5", "--fps", "16", "--log_every", "1", "--warmup_steps", "1",
         "--global_batch", "4", "--micro_batch", "2", "--dtype", "bf16", "--lr", "1e-3"]
@@ -30,11 +27,7 @@ def folder(tmp_path_factory):
 
 
 def wan(*flags, check=True):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_wan.py"), *flags], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_script("train_wan.py", flags, check=check)
 
 
 def test_the_loaders_read_the_sizes_off_the_files(folder):

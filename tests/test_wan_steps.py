@@ -1,10 +1,7 @@
 """The pieces of train_wan.py's training step, in process: caption dropout (seeded, per sample, the empty prompt's
 context), the gradient-reduction policy under FSDP2 (a full fine-tune never holds unsharded fp32 gradients), the
 RoPE table cache, and --help showing every flag's description."""
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +10,8 @@ import torch.distributed as dist
 import train_wan as W
 from common.args import field_comments
 from tests.helpers import dit_inputs, tiny_dit
+from tests.procs import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_caption_dropout_draws_are_seeded_per_sample():
@@ -87,8 +84,7 @@ def test_rope_tables_are_cached_per_grid():
 
 
 def test_help_describes_every_flag():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_wan.py"), "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = run_script("train_wan.py", ["--help"]).stdout
     flat = " ".join(out.split())
     assert "--lora_rank LORA_RANK LoRA rank; 0 = full fine-tune (default: 0)" in flat
     assert "--caption_dropout CAPTION_DROPOUT probability that a sample trains with the empty prompt" in flat

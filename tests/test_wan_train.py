@@ -3,16 +3,13 @@ only the adapters, an interrupted run resumes exactly, a crashed checkpoint writ
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from common.log import read_log
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.procs import ROOT, close, env, losses, records, run_script, script_cmd
 # a very small toy run: 16x16 pixels, 5 frames at 4 fps -> 80 tokens per clip
 SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", "--fps", "4", "--global_batch", "8",
          "--micro_batch", "4", "--log_every", "1", "--sample_prompts", "", "--val_count", "0", "--warmup_steps", "2",
@@ -27,39 +24,9 @@ def toy(tmp_path_factory):
     return {"data": str(d / "data"), "cache": str(d / "cache"), "root": d}
 
 
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run(toy, out, *flags, nproc=1, check=True, timeout=600):
     args = [*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "train_wan.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               free_port(), os.path.join(ROOT, "train_wan.py"), *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def losses(out):
-    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
-
-
-def records(out):
-    return {r["step"]: r for r in read_log(out) if "loss" in r}
-
-
-def close(a, b, tol=1e-4):
-    return abs(a - b) <= tol * max(1.0, abs(a))
+    return run_script("train_wan.py", args, nproc=nproc, check=check, timeout=timeout)
 
 
 def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
@@ -78,11 +45,8 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
 
 def test_toy_preset_runs_under_torchrun_as_it_is(toy, tmp_path):
     """`torchrun --nproc_per_node=2 train_wan.py --preset toy`: its batch flags work on any number of processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", free_port(),
-           os.path.join(ROOT, "train_wan.py"), "--preset", "toy", "--data", toy["data"], "--cache_dir", toy["cache"],
-           "--out_dir", str(tmp_path / "t"), "--max_steps", "1", "--sample_prompts", ""]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = run_script("train_wan.py", ["--preset", "toy", "--data", toy["data"], "--cache_dir", toy["cache"],
+                                    "--out_dir", tmp_path / "t", "--max_steps", "1", "--sample_prompts", ""], nproc=2)
     assert "batch=16 (micro 8 x 2 ranks x 1 accumulation)" in p.stdout
     assert os.path.exists(tmp_path / "t" / "model.safetensors")
 
@@ -114,8 +78,8 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     flags = ["--micro_batch", "1", "--ema", "0.9", "--ema_export", "1", "--ckpt_every", "100"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(toy, full, "--max_steps", "8", *flags)
-    cmd = [sys.executable, os.path.join(ROOT, "train_wan.py"), *SMALL, "--data", toy["data"], "--cache_dir",
-           toy["cache"], "--out_dir", str(cut), "--max_steps", "8", *flags]
+    cmd = script_cmd("train_wan.py", [*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(cut),
+                                      "--max_steps", "8", *flags])
     p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while time.time() - t0 < 300 and p.poll() is None:
