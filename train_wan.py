@@ -1431,7 +1431,7 @@ def build_encoders(args, cfg, device, video=True, text=True):
 
         def enc_t(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
             n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
-            return te.encode(prompts)[:, :n].float()
+            return te.encode(prompts)[:, :n].to(torch.bfloat16)  # stored in bf16, as upstream's encoder outputs
     return enc_v, dec_v, enc_t
 
 
