@@ -8,27 +8,30 @@ from torch.distributed.tensor import DTensor
 
 
 def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=False):
-    """Wrap each block of `blocks` (an nn.ModuleList inside `model`) with activation checkpointing (optional),
+    """Wrap each block of `blocks` (an nn.ModuleList inside `model`, or a list of them, e.g. HunyuanVideo's
+    [double_blocks, single_blocks]) with activation checkpointing (optional),
     compile it in place (optional; in place means no `_orig_mod.` in any key) and shard it; then shard the root.
     Blocks compute in `compute_dtype`; the root (embeddings, time MLP, head) computes in fp32, which keeps the
     models' fp32 islands exact. Gradients are reduced in fp32. Inputs are not cast on the way in
     (cast_forward_inputs=False): the models cast explicitly, so the fp32 residual stream stays fp32."""
     block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    lists = [blocks] if isinstance(blocks, torch.nn.ModuleList) else list(blocks)
     if compile:
         # One static graph per latent shape (bucket) instead of a dynamic-shape graph; the default limit of 8
         # recompiles would send a dataset with more buckets back to eager without a word.
         import torch._dynamo.config as dynamo_config
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
         dynamo_config.accumulated_cache_size_limit = max(
-            dynamo_config.accumulated_cache_size_limit, 64 * len(blocks))
-    for i, block in enumerate(list(blocks)):
-        if ac:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if compile:
-            block.compile(dynamic=False)
-        blocks.register_module(str(i), block)
-        fully_shard(block, mp_policy=block_mp)
+            dynamo_config.accumulated_cache_size_limit, 64 * sum(len(b) for b in lists))
+    for blist in lists:
+        for i, block in enumerate(list(blist)):
+            if ac:
+                block = checkpoint_wrapper(block, preserve_rng_state=False)
+            if compile:
+                block.compile(dynamic=False)
+            blist.register_module(str(i), block)
+            fully_shard(block, mp_policy=block_mp)
     fully_shard(model, mp_policy=root_mp)
     return model
 

@@ -9,12 +9,18 @@ from safetensors.torch import load_file, save_file
 SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def write_lora(path, sd, alpha, prefix="diffusion_model.", metadata=None, dtype=torch.bfloat16):
+def write_lora(path, sd, alpha, prefix="diffusion_model.", metadata=None, dtype=torch.bfloat16, fold_alpha=False):
     """Write {module.lora_A.weight, module.lora_B.weight} with `prefix` and a `.alpha` per module, atomically
-    (a temporary file renamed when complete)."""
+    (a temporary file renamed when complete). fold_alpha: scale each lora_B by alpha / rank instead and write no
+    `.alpha` (every reader then takes scale 1), for readers that choke on the 0-d alphas (diffusers' HunyuanVideo
+    converter chunks every tensor of a fused-qkv module)."""
     import os
-    out = {prefix + k: v.to(dtype).contiguous() for k, v in sd.items()}
-    for k in sd:
+    out = {}
+    for k, v in sd.items():
+        if fold_alpha and k.endswith(SUFFIX_B):
+            v = v.float() * (alpha / sd[k[: -len(SUFFIX_B)] + SUFFIX_A].shape[0])
+        out[prefix + k] = v.to(dtype).contiguous()
+    for k in sd if not fold_alpha else ():
         if k.endswith(SUFFIX_A):
             out[prefix + k[: -len(SUFFIX_A)] + ".alpha"] = torch.tensor(float(alpha))
     tmp = path + ".tmp"

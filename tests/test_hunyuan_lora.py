@@ -1,0 +1,170 @@
+"""LoRA on the double/single-block Linears (a zero adapter is the base bit for bit, the full-size counts, the
+exported file loads in diffusers with equal outputs, musubi/kohya files read back), flow matching and the
+official Euler sampler with shift and embedded guidance."""
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import train_hunyuan as H
+from common.lora_file import write_lora
+from tests.test_hunyuan_dit import diffusers_twin, inputs, tiny_dit
+
+RANK, ALPHA = 4, 8.0  # alpha != rank: the scale (2) must reach the other side
+
+
+def lora_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, H.LoRALinear)}
+
+
+def random_lora(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {n + s: torch.randn(getattr(m, s[1:7]).weight.shape, generator=g) * 0.1
+            for n, m in lora_modules(model).items() for s in (".lora_A.weight", ".lora_B.weight")}
+
+
+def load(model, sd):
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and not [k for k in missing if ".lora_" in k]
+    return model
+
+
+def test_zero_init_is_the_base_model():
+    base = tiny_dit()
+    x = inputs(base.cfg)
+    with torch.no_grad():
+        want = base(*x)
+    m = H.add_lora(tiny_dit(), RANK, ALPHA)
+    load(m, H.lora_init_state(m, seed=0))
+    with torch.no_grad():
+        assert torch.equal(m(*x), want)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in m.named_parameters())
+    # the base keys are unchanged: the adapters sit inside the official modules
+    assert {k for k in m.state_dict() if ".lora_" not in k} == set(base.state_dict())
+
+
+def test_full_size_lora_counts():
+    with torch.device("meta"):
+        m = H.add_lora(H.HunyuanVideoDiT(H.DIT_PRESETS["13B"]), 32, 32)
+    mods = lora_modules(m)
+    assert len(mods) == 240  # musubi-tuner's default set (its networks/lora.py)
+    assert sum(p.numel() for n, p in m.named_parameters() if ".lora_" in n) == 117_964_800
+    with torch.device("meta"):
+        m = H.add_lora(H.HunyuanVideoDiT(H.DIT_PRESETS["13B"]), 32, 32,
+                       H.LORA_TARGETS + ",img_mod.linear,txt_mod.linear,modulation.linear")
+    assert len(lora_modules(m)) == 320  # diffusion-pipe's set
+    assert sum(p.numel() for n, p in m.named_parameters() if ".lora_" in n) == 161_218_560
+
+
+def test_exported_lora_matches_in_diffusers(tmp_path):
+    """Our file through diffusers' user path: HunyuanVideoLoraLoaderMixin.lora_state_dict (its converter from the
+    original names) -> transformer.load_lora_adapter. Not on linear1: diffusers' converter splits a single block's
+    linear1 lora_B at a hard-coded hidden size of 3072, which the tiny model can't have."""
+    from diffusers import HunyuanVideoPipeline
+    targets = H.LORA_TARGETS.replace(",linear1", "")
+    m = H.add_lora(tiny_dit(), RANK, ALPHA, targets)
+    load(m, random_lora(m))
+    sd = {k: v for k, v in m.state_dict().items() if ".lora_" in k}
+    f = str(tmp_path / "lora.safetensors")
+    write_lora(f, sd, ALPHA, metadata={"lora_rank": RANK}, fold_alpha=True)  # as export_weights writes it
+    with safe_open(f, "pt") as fh:
+        keys = set(fh.keys())
+    assert "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight" in keys
+    assert not any(k.endswith(".alpha") for k in keys)
+    # ours, from the file (bf16 weights, alpha folded: read back at scale 1)
+    sd2, rank, alpha = H.read_lora(f)
+    assert (rank, alpha) == (RANK, float(RANK))
+    ours = load(H.add_lora(tiny_dit(), rank, alpha, targets), sd2).eval()
+    # diffusers: the base through its converter, then the LoRA file through its LoRA loader
+    ref = diffusers_twin(tiny_dit())
+    conv = HunyuanVideoPipeline.lora_state_dict(f)
+    ref.load_lora_adapter(conv, prefix="transformer", adapter_name="ours")
+    x = inputs(m.cfg)
+    with torch.no_grad():
+        a, b = ours(*x), ref(*x, return_dict=False)[0]
+        base = tiny_dit()(*x)
+    err = (a - b).abs().max().item()
+    assert err <= 1e-5, err
+    assert (a - base).abs().max() > 1e-2  # the adapter moves the output
+
+
+def test_read_lora_kohya_and_prefixes(tmp_path):
+    m = H.add_lora(tiny_dit(), RANK, ALPHA, H.LORA_TARGETS + ",img_mod.linear,modulation.linear")
+    sd = random_lora(m)
+    # musubi/kohya: lora_unet_<module path with _>.lora_down/.lora_up + .alpha
+    kohya = {}
+    for k, v in sd.items():
+        mod, kind = k.rsplit(".lora_", 1)
+        flat = "lora_unet_" + mod.replace(".", "_")
+        kohya[flat + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = v
+        kohya[flat + ".alpha"] = torch.tensor(ALPHA)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    got, rank, alpha = H.read_lora(str(tmp_path / "kohya.safetensors"))
+    assert (rank, alpha) == (RANK, ALPHA) and set(got) == set(sd)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    # diffusion-pipe's PEFT file: transformer.<official path>, no alpha
+    save_file({"transformer." + k: v for k, v in sd.items()}, str(tmp_path / "dp.safetensors"))
+    got, rank, alpha = H.read_lora(str(tmp_path / "dp.safetensors"))
+    assert (rank, alpha) == (RANK, float(RANK)) and set(got) == set(sd)
+
+
+def test_flow_convention():
+    x0, noise = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4)
+    seen = {}
+
+    def model(xt, t, *text):
+        seen["xt"], seen["t"] = xt, t
+        return noise - x0  # the true velocity
+    loss = H.flow_loss(model, x0, (), torch.tensor([1.0, 0.0]), noise, None)
+    assert loss == 0
+    assert torch.equal(seen["xt"][0], noise[0]) and torch.equal(seen["xt"][1], x0[1])  # sigma 1 = noise
+    assert seen["t"].tolist() == [1000.0, 0.0]
+    s = torch.linspace(0, 1, 11)
+    sh = H.shift_sigma(s, 7.0)
+    assert sh[0] == 0 and sh[-1] == 1 and (sh[1:] > sh[:-1]).all() and (sh[1:-1] > s[1:-1]).all()
+    g = torch.Generator().manual_seed(0)
+    assert ((H.sample_sigmas(1000, "logit_normal", generator=g) - 0.5).abs() < 0.5).all()
+    assert H.embedded_guidance(6.0, 2).tolist() == [6016.0, 6016.0]  # bf16(6) * 1000 in bf16, as upstream
+    assert H.embedded_guidance(1.0, 1).tolist() == [1000.0]
+
+
+def test_sampler_matches_diffusers_schedule():
+    """The schedule and Euler loop against diffusers' FlowMatchEulerDiscreteScheduler(shift 7) with the sigmas the
+    HunyuanVideo pipeline passes it (linspace(1, 0, N + 1)[:-1]): same timesteps, same steps, same result."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    N = 10
+    sched = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, N + 1)[:-1])
+    ours = H.sampling_sigmas(N, 7.0)
+    assert (sched.sigmas - ours).abs().max() < 1e-6
+    assert (sched.timesteps - ours[:-1] * 1000).abs().max() < 1e-3
+
+    class Fake(torch.nn.Module):  # a velocity that depends on x and t, and records the guidance it gets
+        guidance_in = True
+
+        def forward(self, x, t, states, mask, pooled, g):
+            self.g = g
+            return torch.sin(x) * (t / 1000).view(-1, 1, 1, 1, 1) + states.mean()
+    fake, noise = Fake(), torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    text = (torch.ones(1, 3, 8), torch.ones(1, 3), torch.zeros(1, 8))
+    out = H.sample_euler(fake, noise, text, steps=N, shift=7.0, embedded_scale=6.0)
+    assert fake.g.tolist() == [6016.0]
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(fake(x, t.view(1), *text, None), t, x).prev_sample
+    assert (out - x).abs().max() < 1e-5
+
+
+def test_true_cfg_batches_uncond_first():
+    class Fake(torch.nn.Module):
+        guidance_in = None
+
+        def forward(self, x, t, states, mask, pooled, g):
+            assert g is None and x.shape[0] == 2
+            return states.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1).expand_as(x)
+    noise = torch.zeros(1, 16, 1, 2, 2)
+    cond = (torch.full((1, 3, 8), 1.0), torch.ones(1, 3), torch.zeros(1, 8))
+    neg = (torch.full((1, 3, 8), 0.0), torch.ones(1, 3), torch.zeros(1, 8))
+    # v = 0 + 3 * (1 - 0) = 3 everywhere; Euler from sigma 1 to 0 moves x by -3
+    out = H.sample_euler(Fake(), noise, cond, neg, steps=4, shift=1.0, cfg_scale=3.0)
+    assert torch.allclose(out, torch.full_like(out, -3.0))
