@@ -49,3 +49,18 @@ def losses(out):
 
 def close(a, b, tol=1e-4):
     return abs(a - b) <= tol * max(1.0, abs(a))
+
+
+# A very small toy run, the same for every script: 16x16 pixels, 5 frames at 4 fps (80 tokens per clip with 4x4
+# patches), global batch 8 in micro-batches of 4, a log line every step, no samples, no validation.
+SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", "--fps", "4", "--global_batch", "8",
+         "--micro_batch", "4", "--log_every", "1", "--sample_prompts", "", "--val_count", "0", "--warmup_steps", "2",
+         "--lr", "1e-3", "--lr_schedule", "constant"]
+
+
+def toy_runner(script):
+    """run(toy, out, *flags, nproc=1): `script` with SMALL on the toy dataset of the `toy` fixture (conftest.py)."""
+    def run(toy, out, *flags, nproc=1, check=True, timeout=600):
+        args = [*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
+        return run_script(script, args, nproc=nproc, check=check, timeout=timeout)
+    return run

@@ -6,27 +6,9 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from common.log import read_log
-from tests.procs import ROOT, close, env, losses, records, run_script, script_cmd
-# a very small toy run: 16x16 pixels, 5 frames at 4 fps -> 80 tokens per clip
-SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", "--fps", "4", "--global_batch", "8",
-         "--micro_batch", "4", "--log_every", "1", "--sample_prompts", "", "--val_count", "0", "--warmup_steps", "2",
-         "--lr", "1e-3", "--lr_schedule", "constant"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from data.toy import make_toy_dataset
-    d = tmp_path_factory.mktemp("toy")
-    make_toy_dataset(str(d / "data"))
-    return {"data": str(d / "data"), "cache": str(d / "cache"), "root": d}
-
-
-def run(toy, out, *flags, nproc=1, check=True, timeout=600):
-    args = [*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
-    return run_script("train_wan.py", args, nproc=nproc, check=check, timeout=timeout)
+from tests.procs import ROOT, SMALL, close, env, losses, records, run_script, script_cmd, toy_runner
+run = toy_runner("train_wan.py")
 
 
 def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
