@@ -58,9 +58,10 @@ SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", 
          "--lr", "1e-3", "--lr_schedule", "constant"]
 
 
-def toy_runner(script):
-    """run(toy, out, *flags, nproc=1): `script` with SMALL on the toy dataset of the `toy` fixture (conftest.py)."""
+def toy_runner(script, *extra):
+    """run(toy, out, *flags, nproc=1): `script` with SMALL (+ the script's own `extra` flags) on the toy dataset of
+    the `toy` fixture (conftest.py)."""
     def run(toy, out, *flags, nproc=1, check=True, timeout=600):
-        args = [*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
+        args = [*SMALL, *extra, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
         return run_script(script, args, nproc=nproc, check=check, timeout=timeout)
     return run

@@ -1,0 +1,148 @@
+"""The LTX DiT against diffusers' LTXVideoTransformer3DModel (an independent implementation) at a tiny config with
+every weight random, through diffusers' own key names; the RoPE grid against the pipeline's formula; full-size
+keys, shapes and parameter counts on the meta device against fixtures made from the official code."""
+import json
+import os
+
+import pytest
+import torch
+
+import train_ltx as L
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def randomise(model, seed=0):
+    """O(1)-effect random weights everywhere: no zero output layer, no unit norms hide a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1 or "scale_shift_table" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+    return model
+
+
+def tiny_dit(seed=0, **kw):
+    import dataclasses
+    return randomise(L.Transformer3DModel(dataclasses.replace(L.DIT_PRESETS["tiny"], **kw)), seed).eval()
+
+
+# original (LTX-Video) key -> diffusers key, as diffusers' own single-file conversion renames them
+def to_diffusers(sd):
+    out = {}
+    for k, v in sd.items():
+        for a, b in (("patchify_proj.", "proj_in."), ("adaln_single.", "time_embed."), (".q_norm.", ".norm_q."),
+                     (".k_norm.", ".norm_k.")):
+            k = k.replace(a, b)
+        out[k] = v.clone()
+    return out
+
+
+def diffusers_twin(model):
+    from diffusers import LTXVideoTransformer3DModel
+    c = model.cfg
+    ref = LTXVideoTransformer3DModel(in_channels=c.in_channels, out_channels=c.out_channels,
+                                     num_attention_heads=c.num_attention_heads,
+                                     attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
+                                     num_layers=c.num_layers, caption_channels=c.caption_channels)
+    ref.load_state_dict(to_diffusers(model.state_dict()), strict=True)
+    return ref.eval()
+
+
+def pipeline_coords(B, f, h, w, fps, causal):
+    """The LTX-Video pipeline's video_coords, written out from its description: latent corner (f, h, w) * (8, 32, 32),
+    the causal fix (t + 1 - 8).clamp(0), time times 1/frame_rate."""
+    ff, hh, ww = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    c = torch.stack([ff, hh, ww]).reshape(3, -1)[None].repeat(B, 1, 1) * torch.tensor([8, 32, 32])[None, :, None]
+    if causal:
+        c[:, 0] = (c[:, 0] + 1 - 8).clamp(min=0)
+    c = c.float()
+    c[:, 0] = c[:, 0] * (1.0 / fps)
+    return c
+
+
+@pytest.mark.parametrize("f,h,w,per_token,causal", [(3, 4, 6, True, True), (2, 5, 3, False, False),
+                                                     (1, 2, 7, True, False)])
+def test_dit_matches_diffusers(f, h, w, per_token, causal):
+    model = tiny_dit(causal_temporal_positioning=causal)
+    ref = diffusers_twin(model)
+    c = model.cfg
+    g = torch.Generator().manual_seed(1)
+    B, Lt, N = 2, 7, f * h * w
+    x = torch.randn(B, c.in_channels, f, h, w, generator=g)
+    t = torch.rand(B, N, generator=g) * 1000 if per_token else torch.tensor([999.0, 17.5])
+    ctx = torch.randn(B, Lt, c.caption_channels, generator=g)
+    mask = torch.ones(B, Lt)
+    mask[0, 5:] = 0  # unequal prompt lengths
+    mask[1, 2:] = 0
+    fps = 24.0
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=fps)
+        theirs = ref(x.flatten(2).transpose(1, 2), ctx, t, mask, video_coords=pipeline_coords(B, f, h, w, fps, causal),
+                     return_dict=False)[0]
+    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    assert ours.shape == (B, c.out_channels, f, h, w)
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-5, err
+    assert ours.abs().mean() > 0.1  # not a trivially small output
+
+
+def test_rope_grid_is_the_pipelines():
+    for causal in (False, True):
+        got = L.rope_grid(4, 3, 5, 30.0, causal)
+        assert torch.equal(got, pipeline_coords(1, 4, 3, 5, 30.0, causal)[0])
+    g = L.rope_grid(3, 1, 1, 1.0, True)
+    assert g[0].tolist() == [0.0, 1.0, 9.0]  # frame 0 -> 0, frame 1 -> 1, frame 2 -> 9 (causal fix)
+
+
+def test_rope_padding_and_full_size_angles():
+    # 2B: D = 2048, 341 frequencies, 2 padded channels at the front (cos 1, sin 0)
+    grid = L.rope_grid(2, 2, 2, 25.0, True)
+    cos, sin = L.rope_tables(grid, 2048, 10000.0, (20, 2048, 2048))
+    assert cos.shape == (8, 2048)
+    assert torch.all(cos[:, :2] == 1) and torch.all(sin[:, :2] == 0)
+    # the same angles as diffusers' rotary module computes them (fp32, same op order): bit-equal
+    from diffusers.models.transformers.transformer_ltx import LTXVideoRotaryPosEmbed
+    rc, rs = LTXVideoRotaryPosEmbed(2048)(torch.zeros(1, 8, 2048), video_coords=grid[None])
+    assert torch.equal(cos, rc[0]) and torch.equal(sin, rs[0])
+
+
+def test_per_sample_frame_rate():
+    model = tiny_dit()
+    c = model.cfg
+    x, ctx = torch.randn(2, c.in_channels, 2, 2, 3), torch.randn(2, 4, c.caption_channels)
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        both = model(x, t, ctx, frame_rate=torch.tensor([24.0, 30.0]))
+        a = model(x[:1], t[:1], ctx[:1], frame_rate=24.0)
+        b = model(x[1:], t[1:], ctx[1:], frame_rate=30.0)
+    assert torch.allclose(both, torch.cat([a, b]), atol=1e-6)
+    assert not torch.allclose(a, model(x[:1], t[:1], ctx[:1], frame_rate=30.0), atol=1e-5)
+
+
+def _meta(preset):
+    with torch.device("meta"):
+        m = L.Transformer3DModel(L.DIT_PRESETS[preset])
+    return {k: list(v.shape) for k, v in m.state_dict().items()}, sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("preset,n_params", [("2B", 1_923_385_472), ("13B", 13_042_569_344)])
+def test_full_size_keys_and_shapes(preset, n_params):
+    shapes, n = _meta(preset)
+    with open(os.path.join(FIX, f"ltx_{preset}_dit_keys.json")) as f:
+        want = json.load(f)
+    assert sorted(shapes) == sorted(want), set(shapes) ^ set(want)
+    bad = {k: (shapes[k], want[k]) for k in want if shapes[k] != want[k]}
+    assert not bad, bad
+    assert n == n_params
+
+
+def test_full_size_forward_on_meta():
+    with torch.device("meta"):
+        m = L.Transformer3DModel(L.DIT_PRESETS["13B"])
+        out = m(torch.zeros(2, 128, 2, 2, 3), torch.zeros(2, 12), torch.zeros(2, 5, 4096), torch.ones(2, 5))
+    assert out.shape == (2, 128, 2, 2, 3)

@@ -1,0 +1,111 @@
+"""Flow matching (LTX-Video-Trainer's convention), the token-count-dependent timestep sampler, first-frame (i2v)
+conditioning in the loss, the official schedules, and the sampler with CFG / STG / image conditioning."""
+import pytest
+import torch
+
+import train_ltx as L
+from tests.test_ltx_dit import tiny_dit
+
+
+def test_token_shift_examples():
+    # the spec's worked examples: 512x512x49, 768x512x49, 576x576x121
+    for n, mu in ((1792, 1.225), (2688, 1.546), (5184, 2.440)):
+        assert abs(L.token_shift(n) - mu) < 1e-3
+
+
+def test_shifted_logit_normal_mean():
+    g = torch.Generator().manual_seed(0)
+    s = L.sample_sigmas(20000, "shifted_logit_normal", 2688, generator=g)
+    logit = torch.log(s / (1 - s))
+    assert abs(logit.mean().item() - 1.546) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+    u = L.sample_sigmas(1000, "uniform", 2688, generator=g)
+    assert 0 <= u.min() and u.max() <= 1
+    with pytest.raises(ValueError):
+        L.sample_sigmas(1, "shift", 10)
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' that returns the exact velocity noise - x0 and records what it was given."""
+
+    def __init__(self, x0, noise):
+        super().__init__()
+        self.x0, self.noise, self.seen = x0, noise, []
+
+    def forward(self, x, t, ctx, mask, fps):
+        self.seen.append((x.clone(), t.clone()))
+        return self.noise - self.x0
+
+
+def test_flow_loss_target_and_i2v_conditioning():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    m = Oracle(x0, noise)
+    sigma = torch.tensor([0.3, 0.8])
+    assert L.flow_loss(m, x0, None, None, sigma, noise) == 0  # target = noise - x0
+    xt, t = m.seen[-1]
+    assert t.shape == (2,) and torch.allclose(t, sigma * 1000)  # one timestep per sample without conditioning
+    assert torch.allclose(xt[0], 0.7 * x0[0] + 0.3 * noise[0]) and torch.allclose(xt[1], 0.2 * x0[1] + 0.8 * noise[1])
+    # i2v on sample 1: its latent frame 0 is clean, timestep 0 there, and it is out of the loss
+    m2 = Oracle(x0, noise)
+    err = torch.zeros_like(noise)
+    err[1, :, 0] = 100.0  # a huge error on the conditioning frame only: must not count
+    loss = L.flow_loss(lambda x, t, c, k, f: m2(x, t, c, k, f) + err, x0, None, None, sigma, noise,
+                       cond=torch.tensor([False, True]))
+    assert loss == 0
+    xt, t = m2.seen[-1]
+    assert torch.equal(xt[1, :, 0], x0[1, :, 0])
+    assert torch.allclose(xt[0, :, 0], 0.7 * x0[0, :, 0] + 0.3 * noise[0, :, 0])
+    assert t.shape == (2, 12) and torch.all(t[1, :4] == 0) and torch.all(t[1, 4:] == 800) and torch.all(t[0] == 300)
+    # one latent frame: nothing to condition
+    m3 = Oracle(x0[:, :, :1], noise[:, :, :1])
+    L.flow_loss(m3, x0[:, :, :1], None, None, sigma, noise[:, :, :1], cond=torch.tensor([True, True]))
+    assert m3.seen[-1][1].shape == (2,)
+
+
+def test_linear_quadratic_matches_diffusers():
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule
+    for n in (1, 8, 30, 40, 51):
+        ours = L.linear_quadratic_schedule(n)
+        ref = torch.as_tensor(linear_quadratic_schedule(n))
+        assert ours.shape == (n,) and torch.allclose(ours.double(), ref.double()[:n], atol=1e-6)
+    assert L.linear_quadratic_schedule(40)[0] == 1.0
+
+
+def test_sd3_schedule_terminal():
+    t = L.sampling_sigmas(20, "Uniform", 2688, "SD3", 0.1)
+    assert abs(t[-1].item() - 0.1) < 1e-6 and t[0] == 1.0 and torch.all(t[1:] < t[:-1])
+
+
+def test_euler_with_exact_velocity_recovers_x0():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 2, 2, 2, generator=g)
+
+    class Straight(torch.nn.Module):  # the velocity of the straight path through the current point
+        def forward(self, x, t, ctx, mask, fps):
+            s = t[:, :1].view(-1, 1, 1, 1, 1) / 1000
+            return (x - x0) / s
+    ctx = (torch.zeros(1, 2, 3), torch.ones(1, 2))
+    out = L.sample_euler(Straight(), torch.randn(1, 4, 2, 2, 2, generator=g), ctx, steps=10, guidance=1.0, stg=None)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_sampler_guidance_stg_and_image_condition():
+    model = tiny_dit()
+    c = model.cfg
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, c.in_channels, 3, 2, 2, generator=g)
+    ctx = (torch.randn(1, 4, c.caption_channels, generator=g), torch.tensor([[1, 1, 1, 0]]))
+    neg = (torch.randn(1, 4, c.caption_channels, generator=g), torch.tensor([[1, 1, 0, 0]]))
+    image = torch.randn(1, c.in_channels, 1, 2, 2, generator=g)
+    a = L.sample_euler(model, noise, ctx, neg, steps=3, guidance=3.0, stg=(1.0, (1,), 0.7), cond_latent=image)
+    assert torch.equal(a[:, :, :1], image)
+    assert all(blk.attn1.stg_skip == 0 for blk in model.transformer_blocks)  # reset after the call
+    b = L.sample_euler(model, noise, ctx, neg, steps=3, guidance=3.0, stg=None, cond_latent=image)
+    assert not torch.allclose(a, b)
+    # STG's perturbed pass really differs from the conditional one
+    with torch.no_grad():
+        model.transformer_blocks[1].attn1.stg_skip = 1
+        p = model(noise, torch.full((1,), 500.0), *ctx)
+        model.transformer_blocks[1].attn1.stg_skip = 0
+        q = model(noise, torch.full((1,), 500.0), *ctx)
+    assert not torch.allclose(p, q)

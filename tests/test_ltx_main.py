@@ -1,0 +1,157 @@
+"""The real (non-toy) path of train_ltx.py's main(), in --dtype bf16 on CPU, through a tiny test-made file in the
+official single-file layout (DiT + VAE + header config) and a T5 Hugging Face folder: the VAE and T5 encode into the
+cache (--mode cache), a full fine-tune trains, resumes and exports the official layout, a LoRA trains on it,
+--mode sample decodes through the VAE with and without the LoRA and with an image as the first frame, bench runs.
+Plus the flag checks a new user meets first: one clear line and exit code 2, before any work."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train_ltx as L
+from common.log import read_log
+from tests.procs import run_script
+from tests.test_ltx_dit import randomise
+from tests.test_ltx_t5 import tiny_t5
+from tests.test_ltx_vae import TINY, tiny_vae
+
+# 32x32 pixels, 9 frames at 16 fps -> latents 8 x 2 x 1 x 1
+CLIP = ["--height", "32", "--width", "32", "--frames", "9", "--fps", "16", "--log_every", "1", "--warmup_steps", "1",
+        "--global_batch", "4", "--micro_batch", "2", "--dtype", "bf16", "--lr", "1e-3", "--sample_stg_blocks", "1"]
+TOY_WORDS = "a red green blue yellow circle square triangle moving left right up down on gray black white background"
+
+
+def make_official(root, seed=0):
+    """<root>/ltxv-tiny.safetensors (DiT under model.diffusion_model., VAE under vae., header config, bf16) and
+    <root>/text_encoder/ + <root>/tokenizer/spiece.model (the Lightricks/LTX-Video folder layout)."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+    os.makedirs(os.path.join(root, "tokenizer"), exist_ok=True)
+    corpus = os.path.join(root, "corpus.txt")
+    words = TOY_WORDS.split()
+    with open(corpus, "w") as f:
+        for i in range(200):
+            f.write(" ".join(words[(i * 5 + j) % len(words)] for j in range(8)) + "\n")
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(root, "tokenizer", "spiece"), vocab_size=60,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    t5 = tiny_t5(seed)
+    c = t5.cfg
+    ref = T5EncoderModel(T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
+                                  num_layers=c.num_layers, num_heads=c.num_heads, feed_forward_proj="gated-gelu"))
+    ref.load_state_dict({**t5.state_dict(), "encoder.embed_tokens.weight": t5.state_dict()["shared.weight"]})
+    ref.save_pretrained(os.path.join(root, "text_encoder"))
+    head = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                caption_channels=c.d_model, in_channels=8, out_channels=8, causal_temporal_positioning=True,
+                positional_embedding_type="rope", adaptive_norm="single_scale_shift", qk_norm="rms_norm")
+    torch.manual_seed(seed)
+    dit = randomise(L.Transformer3DModel(L.dit_config_from(head)), seed + 1)
+    vae = tiny_vae(seed + 2)
+    sd = {L.DIT_PREFIX + k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()}
+    sd.update({L.VAE_PREFIX + k: v.to(torch.bfloat16) for k, v in vae.state_dict().items()})
+    vae_head = dict(_class_name="CausalVideoAutoencoder", dims=3, norm_layer="pixel_norm", latent_log_var="uniform",
+                    use_quant_conv=False, causal_decoder=False, timestep_conditioning=True, **TINY)
+    meta = {"config": json.dumps({"transformer": head, "vae": vae_head,
+                                  "scheduler": {"sampler": "LinearQuadratic", "shifting": None}})}
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(root, "ltxv-tiny.safetensors"), metadata=meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from data.toy import make_toy_dataset
+    d = tmp_path_factory.mktemp("official")
+    make_official(str(d / "LTX-Video"))
+    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
+    return {"ckpt": str(d / "LTX-Video"), "data": str(d / "clips"), "cache": str(d / "cache"), "root": d}
+
+
+def ltx(*flags, check=True):
+    return run_script("train_ltx.py", flags, check=check)
+
+
+def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
+    common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
+              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", *CLIP]
+    p = ltx("--mode", "cache", *common)
+    files = [f for f in os.listdir(folder["cache"]) if f.endswith(".safetensors")]
+    assert len(files) == 8, (files, p.stdout[-2000:])
+    from data.cache import load_entry
+    t, meta = load_entry(os.path.join(folder["cache"], files[0]))
+    assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
+
+    # full fine-tune, 4 steps with a checkpoint at 2; then the same run to 6 with --resume 1
+    out = tmp_path / "full"
+    prompt = "a red circle moving left"
+    p = ltx(*common, "--out_dir", str(out), "--max_steps", "4", "--ckpt_every", "2", "--sample_prompts", prompt,
+            "--sample_steps", "2")
+    assert "0 encoded" not in p.stdout  # everything came from the cache
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log if "loss" in r)
+    # the export is the official single file: the DiT (bf16) + the unchanged VAE + the header config
+    exported = str(out / "model.safetensors")
+    cfg = L.header_config(exported)
+    assert cfg["transformer"]["num_layers"] == 2 and cfg["vae"]["encoder_blocks"] == TINY["encoder_blocks"]
+    dit = L.load_dit(exported)
+    assert dit.cfg.causal_temporal_positioning and dit.cfg.caption_channels == 32
+    base_vae, vae = L.load_vae(os.path.join(folder["ckpt"], "ltxv-tiny.safetensors")), L.load_vae(exported)
+    assert all(torch.equal(a, b) for a, b in zip(base_vae.state_dict().values(), vae.state_dict().values()))
+    ltx(*common, "--out_dir", str(out), "--max_steps", "6", "--ckpt_every", "2", "--resume", "1")
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004", "step_00000006"]
+    from data.video import probe
+    info = probe(str(out / "samples" / "step_00000004_0.mp4"))
+    assert (info["frames"], info["height"], info["width"]) == (9, 32, 32)
+
+    # LoRA on the fine-tuned DiT, bf16 base
+    lora = tmp_path / "lora"
+    ltx(*common, "--out_dir", str(lora), "--max_steps", "3", "--lora_rank", "4", "--lr", "5e-2",
+        "--dit_path", exported)
+    from common.lora_file import read_lora
+    lsd, rank, alpha = read_lora(str(lora / "lora.safetensors"))
+    assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+
+    # --mode sample with and without the LoRA, and image-to-video
+    s = ["--mode", "sample", "--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--dit_path",
+         exported, "--sample_prompts", "a blue square moving up", "--sample_steps", "3", "--height", "32", "--width",
+         "32", "--frames", "9", "--fps", "16", "--dtype", "bf16", "--cache_dir", folder["cache"],
+         "--sample_stg_blocks", "1"]
+    ltx(*s, "--out_dir", str(tmp_path / "s0"))
+    ltx(*s, "--out_dir", str(tmp_path / "s1"), "--lora", str(lora / "lora.safetensors"))
+    clip = os.path.join(folder["data"], sorted(f for f in os.listdir(folder["data"]) if f.endswith(".mp4"))[0])
+    ltx(*s, "--out_dir", str(tmp_path / "s2"), "--sample_image", clip)
+    from data.video import read_clip
+    a, b, c = (read_clip(str(tmp_path / d / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+               for d in ("s0", "s1", "s2"))
+    assert (a - b).abs().float().mean() > 0.01 and (a - c).abs().float().mean() > 0.01
+    assert not os.path.exists(tmp_path / "s0" / "args.json")  # sampling leaves no run files behind
+
+
+def test_bench_in_bf16(folder):
+    for extra in ([], ["--lora_rank", "4"]):
+        p = ltx("--mode", "bench", "--ckpt_dir", os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), *CLIP,
+                "--bench_steps", "1", *extra)
+        res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+        assert res["dtype"] == "torch.bfloat16" and res["step_s"] > 0 and res["loss"] == res["loss"]
+        assert res["tokens"] == 2 * 2
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--height", "48"], "--height 48 --width 32: both must be positive multiples of 32"),
+    (["--frames", "5"], "--frames 5: must be 1 + 8k"),
+    (["--preset", "7B"], "--preset '7B': expected one of 2B, 13B, tiny, toy"),
+    (["--preset", "2B", "--ckpt_dir", ""], "--mode train needs --ckpt_dir"),
+    (["--ckpt_file", "nope.safetensors"], "no nope.safetensors in it"),
+    (["--timestep_sampling", "shift"], "expected one of shifted_logit_normal, logit_normal, uniform"),
+    (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
+])
+def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
+    base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
+            "--out_dir", str(tmp_path / "o"), *CLIP]
+    p = ltx(*base, *flags, check=False)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o")
