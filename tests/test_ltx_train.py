@@ -9,16 +9,7 @@ import subprocess
 import time
 
 from common.log import read_log
-from tests.procs import (
-    ROOT,
-    SMALL,
-    close,
-    env,
-    losses,
-    records,
-    script_cmd,
-    toy_runner,
-)
+from tests.procs import ROOT, SMALL, close, env, losses, records, script_cmd, toy_runner
 
 # SMALL (tests/procs.py) -> 48 x 5 x 4 x 4 "latents" -> 80 tokens per clip; with first-frame conditioning and caption
 # dropout in the draws
