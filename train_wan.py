@@ -67,6 +67,14 @@ class WanConfig:
     freq_dim: int = 256  # sinusoidal timestep features
     patch_size: tuple = (1, 2, 2)  # (t, h, w)
     eps: float = 1e-6
+    # What the model is conditioned on, as in the official config.json: t2v | i2v (Wan 2.1 I2V-14B, Wan 2.2 I2V-A14B)
+    # | flf2v (Wan 2.1 FLF2V-14B) | ti2v (Wan 2.2 TI2V-5B). i2v/flf2v take in_dim = out_dim + 4 + out_dim channels:
+    # the noisy latents, then `y` = the 4-channel frame mask (i2v_mask) and the latents of the conditioning video.
+    model_type: str = "t2v"
+    # CLIP image tokens in cross-attention: 1280 (ViT-H/14 width) for Wan 2.1 i2v/flf2v, which have img_emb and the
+    # k_img/v_img projections; 0 for all others. Not in config.json (Wan 2.2's I2V-A14B expert is also "i2v" and has
+    # none): read off the weights, see dit_config_from.
+    img_dim: int = 0
 
 
 DIT_PRESETS = {
@@ -77,6 +85,17 @@ DIT_PRESETS = {
     # toy: trained from scratch in pixel space on the synthetic dataset (in_dim 3 = RGB, 4x4-pixel patches), README
     "toy": WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=4, in_dim=3, out_dim=3, text_dim=64,
                      text_len=16, patch_size=(1, 4, 4)),
+    # Wan 2.1 image-to-video (480P and 720P have the same shapes) and first-last-frame: 14B + CLIP cross-attention
+    "i2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v",
+                         img_dim=1280),
+    "flf2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="flf2v",
+                           img_dim=1280),
+    # Wan 2.2: TI2V-5B (48-channel Wan 2.2 VAE latents, text- and image-to-video in one model) and the A14B experts
+    # (high_noise_model/ and low_noise_model/ each hold one, with these shapes; the I2V one has no CLIP)
+    "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48,
+                         model_type="ti2v"),
+    "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
 }
 
 # -----------------------------------------------------------------------------------------------------
@@ -165,17 +184,38 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    """Text cross-attention: the same layers (as upstream), but q from the video tokens and k/v from the 512 context
-    tokens (all attended, no mask), and no RoPE."""
+    """Cross-attention: the same layers (as upstream), but q from the video tokens and k/v from the context tokens
+    (all attended, no mask), and no RoPE. Text only (t2v, ti2v, Wan 2.2 i2v): the context is the 512 text tokens.
+    With CLIP image tokens (Wan 2.1 i2v/flf2v, img_len 257 or 514) the context is [image tokens, 512 text tokens]:
+    the image tokens have their own k_img/v_img (k normed by norm_k_img), the same q attends to text and image
+    separately, and the two outputs are summed before the shared o (upstream's WanI2VCrossAttention)."""
+
+    def __init__(self, dim, num_heads, eps=1e-6, img_len=0):
+        super().__init__(dim, num_heads, eps)
+        self.img_len = img_len
+        if img_len:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
 
     def forward(self, x, context):
         B, L, C = x.shape
         n = self.num_heads
+        img, context = context[:, :self.img_len], context[:, self.img_len:]
         q = self.norm_q(self.q(x)).view(B, L, n, -1).transpose(1, 2)
         k = self.norm_k(self.k(context)).view(B, -1, n, C // n).transpose(1, 2)
         v = self.v(context).view(B, -1, n, C // n).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v)
+        if self.img_len:
+            k = self.norm_k_img(self.k_img(img)).view(B, -1, n, C // n).transpose(1, 2)
+            v = self.v_img(img).view(B, -1, n, C // n).transpose(1, 2)
+            y = y + F.scaled_dot_product_attention(q, k, v)
         return self.o(y.transpose(1, 2).reshape(B, L, C))
+
+
+def clip_tokens(cfg):
+    """How many CLIP image tokens lead the context: 257 (CLS + 16x16 patches of one frame) for Wan 2.1 i2v, 514 (the
+    first frame's, then the last frame's) for flf2v, 0 for the models without image cross-attention."""
+    return 0 if not cfg.img_dim else 514 if cfg.model_type == "flf2v" else 257
 
 
 class WanAttentionBlock(nn.Module):
@@ -185,21 +225,35 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = WanLayerNorm(dim, cfg.eps)
         self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.eps)
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)  # yes, norm3 comes before norm2
-        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps, clip_tokens(cfg))
         self.norm2 = WanLayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, rope):
-        # x (B, L, C) fp32 residual stream; e0 (B, 6, C) fp32; context (B, 512, C)
+        # x (B, L, C) fp32 residual stream; e0 (B, G, 6, C) fp32: one modulation per group of L/G consecutive tokens
+        # (G = 1: one t per sample; G = latent frames; G = L: per token, Wan 2.2); context (B, 512, C), or
+        # (B, 257 or 514 image tokens + 512, C) for Wan 2.1 i2v/flf2v
         dt = self.ffn[0].weight.dtype  # compute dtype: bf16 under FSDP mixed precision, fp32 in tests
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).unbind(1)
-        scale_msa, scale_ffn = (1 + scale_msa[:, None]), (1 + scale_ffn[:, None])
-        y = self.self_attn((self.norm1(x) * scale_msa + shift_msa[:, None]).to(dt), rope)
-        x = x + y.float() * gate_msa[:, None]  # the gated residual adds happen in fp32, as upstream
+        mod = (self.modulation.float()[None] + e0).unbind(2)  # six (B, G, C)
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
+        y = self.self_attn(modulate(self.norm1(x), scale_msa, shift_msa).to(dt), rope)
+        x = x + gated(y.float(), gate_msa)  # the gated residual adds happen in fp32, as upstream
         x = x + self.cross_attn(self.norm3(x).to(dt), context.to(dt)).float()  # no gate, no modulation
-        y = self.ffn((self.norm2(x) * scale_ffn + shift_ffn[:, None]).to(dt))
-        return x + y.float() * gate_ffn[:, None]
+        y = self.ffn(modulate(self.norm2(x), scale_ffn, shift_ffn).to(dt))
+        return x + gated(y.float(), gate_ffn)
+
+
+def modulate(x, scale, shift):
+    """x (B, L, C) * (1 + scale) + shift, scale and shift (B, G, C) holding one row per group of L/G consecutive
+    tokens. Grouping instead of expanding to (B, L, C): a per-frame t (G = latent frames, all TI2V needs) then costs
+    G rows, not L (upstream's per-token e0 is (B, L, 6, C) fp32, 2 GB a sample at 5B and 720p, saved in every block)."""
+    return (x.unflatten(1, (scale.shape[1], -1)) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def gated(y, gate):
+    """y (B, L, C) * gate (B, G, C), grouped as in modulate."""
+    return (y.unflatten(1, (gate.shape[1], -1)) * gate[:, :, None]).flatten(1, 2)
 
 
 class Head(nn.Module):
@@ -210,15 +264,35 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e):
-        # e (B, C) is the time embedding itself (not the 6-way projection)
-        shift, scale = (self.modulation.float() + e[:, None].float()).unbind(1)
-        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        # e (B, G, C) is the time embedding itself (not the 6-way projection), one row per group of tokens
+        shift, scale = (self.modulation.float()[None] + e[:, :, None].float()).unbind(2)  # (B, G, C) each
+        h = modulate(self.norm(x), scale, shift)
         return self.head(h.to(self.head.weight.dtype))
 
 
+class MLPProj(nn.Module):
+    """img_emb (Wan 2.1 i2v/flf2v): CLIP tokens (B, 257 or 514, 1280) -> image context (B, same, dim). LayerNorm ->
+    Linear -> exact GELU -> Linear -> LayerNorm, both norms affine with torch's default eps 1e-5 (the DiT's own use
+    1e-6), computed in fp32. FLF2V first adds emb_pos (1, 514, 1280), learned, which tells the first frame's tokens
+    from the last frame's."""
+
+    def __init__(self, in_dim, out_dim, flf=False):
+        super().__init__()
+        self.proj = nn.Sequential(WanLayerNorm(in_dim, 1e-5, True), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), WanLayerNorm(out_dim, 1e-5, True))
+        self.emb_pos = nn.Parameter(torch.zeros(1, 514, in_dim)) if flf else None
+
+    def forward(self, clip_fea):
+        x = clip_fea.float()
+        if self.emb_pos is not None:
+            x = x + self.emb_pos.float()
+        norm0, fc1, act, fc2, norm4 = self.proj
+        return norm4(fc2(act(fc1(norm0(x).to(fc1.weight.dtype)))))  # fp32
+
+
 class WanModel(nn.Module):
-    """Wan 2.1 text-to-video DiT. forward(x (B,C,F,H,W) latents, t (B,) in [0,1000], context (B,L,text_dim))
-    -> velocity (B,C,F,H,W) fp32."""
+    """The Wan DiT: Wan 2.1 t2v / i2v / flf2v and Wan 2.2 ti2v / the A14B experts (one class, as upstream; the config
+    says which). forward(x, t, context, y=None, clip_fea=None) -> velocity (B, C, F, H, W) fp32; see forward."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -231,6 +305,8 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.img_dim:  # Wan 2.1 i2v/flf2v (not the Wan 2.2 I2V expert, which conditions through y alone)
+            self.img_emb = MLPProj(cfg.img_dim, dim, flf=cfg.model_type == "flf2v")
         self.rope_cache = {}  # (f, h, w, device) -> (cos, sin): a plain dict, not a buffer (not a checkpoint key)
 
     def rope(self, f, h, w, device):
@@ -242,22 +318,53 @@ class WanModel(nn.Module):
             self.rope_cache[key] = (ang.cos().float(), ang.sin().float())
         return self.rope_cache[key]
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, y=None, clip_fea=None):
+        """x (B, C, F, H, W) noisy latents (C = out_dim).
+        t (B,) in [0, 1000], or (B, L) one per token, L = F/pt * H/ph * W/pw in the token order f, h, w (Wan 2.2
+          TI2V: 0 on the clean first frame's tokens), or (B, F/pt) one per latent frame: the same result as the
+          per-token t that repeats it, in a fraction of the memory. Upstream's Wan 2.2 forward also takes a 1-D t and
+          expands it to (B, L), which is right only for B = 1: give (B,) for one t per sample.
+        context (B, <= text_len, text_dim) umT5 states, trimmed or zero-padded.
+        y (B, in_dim - C, F, H, W) for i2v/flf2v: the 4-channel frame mask, then the latents of the conditioning
+          video (i2v_mask builds the mask); concatenated after x, as upstream.
+        clip_fea (Wan 2.1 i2v/flf2v only) CLIP ViT-H/14 tokens (load_clip): (B, 257, 1280) of the first frame for
+          i2v; (B, 514, 1280) for flf2v, the first frame's 257 then the last frame's 257. Upstream's flf2v takes
+          (2B, 257, 1280) with the two frames interleaved per sample: that is exactly our clip_fea.view(2B, 257, 1280)
+          (and ours is upstream's .view(B, 514, 1280))."""
         cfg = self.cfg
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"the DiT takes {cfg.in_dim} input channels, got {x.shape[1]}"
+                             + (" (x and y together)" if y is not None else "")
+                             + (f": a {cfg.model_type} model needs y, the mask and conditioning latents"
+                                if cfg.in_dim != cfg.out_dim and y is None else ""))
+        n_img = clip_tokens(cfg)
+        if n_img and (clip_fea is None or tuple(clip_fea.shape[1:]) != (n_img, cfg.img_dim)):
+            raise ValueError(f"this {cfg.model_type} model needs clip_fea (B, {n_img}, {cfg.img_dim}), got "
+                             f"{None if clip_fea is None else tuple(clip_fea.shape)}")
         B = x.shape[0]
         pt, ph, pw = cfg.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         # patchify: (B, C, F, H, W) -> (B, f*h*w, dim), tokens ordered f, h, w (w fastest)
         wdt = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(wdt)).flatten(2).transpose(1, 2).float()
-        # time: sinusoid -> MLP (fp32 island, as upstream's autocast(float32) region)
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(wdt)).float()  # (B, dim)
-        e0 = self.time_projection(e.to(wdt)).float().unflatten(1, (6, cfg.dim))  # (B, 6, dim)
+        # time: sinusoid -> MLP (fp32 island, as upstream's autocast(float32) region). t is kept as (B, G), one
+        # per group of L/G consecutive tokens (G = 1, f or L), and the modulations broadcast over each group
+        t = t[:, None] if t.dim() == 1 else t
+        if t.shape[1] not in (1, f, x.shape[1]):
+            raise ValueError(f"t {tuple(t.shape)}: expected (B,), (B, {f}) one per latent frame or (B, {x.shape[1]}) "
+                             "one per token")
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), cfg.freq_dim).to(wdt)).float()
+        e = e.unflatten(0, t.shape)  # (B, G, dim)
+        e0 = self.time_projection(e.to(wdt)).float().unflatten(-1, (6, cfg.dim))  # (B, G, 6, dim)
         # text: zero-pad to text_len (the padded rows are NOT masked: they become the bias vector after
         # text_embedding and every block attends to all 512 of them, exactly as upstream)
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(wdt))
+        if n_img:  # the image tokens lead the context; each block's cross-attention splits them off again
+            context = torch.cat([self.img_emb(clip_fea).to(context.dtype), context], dim=1)
         rope = self.rope(f, h, w, x.device)
         for block in self.blocks:
             x = block(x, e0, context, rope)
@@ -288,6 +395,30 @@ class WanModel(nn.Module):
         self.head.modulation.copy_(torch.randn_like(self.head.modulation) / self.cfg.dim**0.5)
 
 
+def i2v_mask(frames, lat_h, lat_w, last=False, device="cpu"):
+    """The 4 mask channels of y (i2v: the first pixel frame is given; flf2v, last=True: the first and the last), as
+    upstream's image2video.py / first_last_frame2video.py build them: one value per pixel frame (1 = given), frame 0
+    repeated 4 times so that 1 + 4k pixel frames become 4 (1 + k) values, grouped 4 by 4: channel c of latent frame j is
+    pixel frame 4j + c - 3 (frame 0 for j = 0). -> (4, 1 + (frames - 1) // 4, lat_h, lat_w) fp32. For flf2v only
+    channel 3 of the last latent frame is 1 (the last pixel frame), exactly as upstream (diffusion-pipe sets all 4)."""
+    m = torch.zeros(frames + 3, device=device)
+    m[:4] = 1
+    if last:
+        m[-1] = 1
+    return m.view(-1, 4).T[:, :, None, None].expand(4, -1, lat_h, lat_w).contiguous()
+
+
+def per_token_t(t, f, h, w, clean_first=False):
+    """t (B,) -> (B, f*h*w), one per token of an (f, h, w) token grid (latent frames, latent H/2, W/2), and 0 on the
+    first latent frame's tokens with clean_first: Wan 2.2 TI2V's image-to-video, where latent frame 0 is the clean
+    image latent (upstream textimage2video.py: mask2[0][0][:, ::2, ::2] * t). per_token_t(t, f, 1, 1) is the same as
+    one t per latent frame, (B, f), which WanModel takes as well and which is far cheaper to train with."""
+    tt = t.float()[:, None, None, None].expand(-1, f, h, w).clone()
+    if clean_first:
+        tt[:, 0] = 0
+    return tt.flatten(1)
+
+
 def count_flops(cfg: WanConfig, f, h, w, text_len=None):
     """Forward FLOPs of one sample: 2 per multiply-add of every Linear/Conv, plus attention (QK^T and PV,
     4*L*L'*dim). Training (forward + backward) is 3x this; with a frozen base (LoRA) the backward skips the
@@ -298,8 +429,11 @@ def count_flops(cfg: WanConfig, f, h, w, text_len=None):
     per_block = 2 * L * (4 * d * d) + 4 * L * L * d  # self-attn: q,k,v,o + attention
     per_block += 2 * (L * 2 * d * d + Lt * 2 * d * d) + 4 * L * Lt * d  # cross-attn: q,o on video, k,v on text
     per_block += 2 * L * 2 * d * cfg.ffn_dim  # ffn
+    Li = clip_tokens(cfg)  # Wan 2.1 i2v/flf2v: k_img, v_img on the image tokens and a second attention
+    per_block += 2 * Li * 2 * d * d + 4 * L * Li * d
     rest = 2 * L * cfg.in_dim * math.prod(cfg.patch_size) * d + 2 * L * d * math.prod(cfg.patch_size) * cfg.out_dim
     rest += 2 * Lt * (cfg.text_dim * d + d * d) + 2 * (cfg.freq_dim * d + d * d + d * 6 * d)  # text, time MLPs
+    rest += 2 * Li * (cfg.img_dim * cfg.img_dim + cfg.img_dim * d)  # img_emb
     return cfg.num_layers * per_block + rest
 
 
@@ -429,8 +563,9 @@ class FrameAttention(nn.Module):
 
 class Resample(nn.Module):
     # 2x down/upsampling in H, W (mode *2d), and also in time (mode *3d). Keys: resample.1 is the 2-D conv (slot 0 is
-    # the parameter-free pad / upsample), time_conv only exists in the 3d modes.
-    def __init__(self, dim, mode):
+    # the parameter-free pad / upsample), time_conv only exists in the 3d modes. keep_channels: Wan 2.2's upsample conv
+    # keeps C where Wan 2.1's halves it.
+    def __init__(self, dim, mode, keep_channels=False):
         super().__init__()
         assert mode in ("down2d", "down3d", "up2d", "up3d")
         self.mode = mode
@@ -440,9 +575,9 @@ class Resample(nn.Module):
         else:
             # upstream does the upsample in fp32 to dodge missing bf16 kernels; nearest at exactly 2x is a pure copy
             # (nearest-exact == nearest here), so any dtype gives identical values and we skip the cast.
-            # The conv halves the channels: (C, H, W) -> (C/2, 2H, 2W).
+            # The conv halves the channels: (C, H, W) -> (C/2, 2H, 2W) (Wan 2.2: -> (C, 2H, 2W)).
             self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+                                          nn.Conv2d(dim, dim if keep_channels else dim // 2, 3, padding=1))
         if mode == "down3d":
             # kernel 3, stride 2 over time, no padding: the cache supplies the one frame of history (see forward)
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
@@ -542,6 +677,10 @@ class WanVAE(nn.Module):
     def __init__(self, cfg=VAEConfig()):
         super().__init__()
         self.cfg = cfg
+        # what the training script needs to know of either VAE: latent channels and (frames, height, width) per latent
+        self.z_dim = cfg.z_dim                                                 # 16
+        s = 2 ** (len(cfg.dim_mult) - 1)
+        self.stride = (2 ** sum(cfg.temperal_downsample), s, s)                # (4, 8, 8)
         self.encoder = Encoder3d(cfg)
         self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)   # after the encoder, on (mu, log_var)
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)           # before the decoder
@@ -578,42 +717,261 @@ class WanVAE(nn.Module):
         return out.float().clamp(-1, 1)
 
 
+# -----------------------------------------------------------------------------------------------------
+# VAE: the Wan 2.2 causal 3-D VAE (video <-> 48-channel latents, stride 4 x 16 x 16), the one TI2V-5B runs on
+#
+# Same keys as the official wan/modules/vae2_2.py (Wan2.2_VAE.pth, 196 tensors, 704.7M params). It is built from the
+# Wan 2.1 blocks above (CausalConv3d, ResBlock3d, FrameAttention, Resample) and goes through the video the same way
+# (the same cache; frame 0 alone, then 4 at a time; decode one latent frame at a time), with three changes:
+# - 2x2 pixel patches around the network: the encoder sees (B, 12, T, H/2, W/2) and the decoder makes 12 channels that
+#   are put back into pixels, so the 3 spatial halvings inside make 16x, not 8x;
+# - every stage is one module (keys downsamples.i.downsamples.j, upsamples.i.upsamples.j) that adds a shortcut without
+#   weights to its output: its input folded space/time-to-channels and averaged (encoder), or channels repeated and
+#   unfolded back into space/time (decoder);
+# - the decoder is wider than the encoder (base 256 vs 160) and its upsample convs keep the channel count.
+
+WAN22_LATENTS_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                      0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                      -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+                      -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                      0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_LATENTS_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
+
+@dataclass
+class VAE22Config:
+    dim: int = 160                                  # encoder base width: stages at 160 * (1, 2, 4, 4) channels
+    dec_dim: int = 256                              # decoder base width: stages at 256 * (4, 4, 2, 1) channels
+    z_dim: int = 48
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2                         # per encoder stage; each decoder stage has one more
+    temperal_downsample: tuple = (False, True, True)
+    latents_mean: tuple = WAN22_LATENTS_MEAN
+    latents_std: tuple = WAN22_LATENTS_STD
+
+
+VAE22_PRESETS = {
+    "2.2": VAE22Config(),
+    "tiny": VAE22Config(dim=8, dec_dim=16),  # tests only: same blocks, keys and latent channels; encoder != decoder width
+}
+
+
+def pixel_patchify(x):
+    # (B, 3, T, H, W) -> (B, 12, T, H/2, W/2). Channel 4c + 2j + i holds pixel (2y + i, 2x + j) of channel c: column
+    # offset before row offset, upstream's order.
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // 2, 2, W // 2, 2)                                  # (B, c, T, y, i, x, j)
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(B, 4 * C, T, H // 2, W // 2)
+
+
+def pixel_unpatchify(x):
+    # (B, 12, T, h, w) -> (B, 3, T, 2h, 2w), the inverse of pixel_patchify
+    B, C, T, h, w = x.shape
+    x = x.reshape(B, C // 4, 2, 2, T, h, w)                                       # (B, c, j, i, T, y, x)
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(B, C // 4, T, 2 * h, 2 * w)
+
+
+def avg_down(x, c_out, ft, fs):
+    # An encoder stage's shortcut: (B, C, T, H, W) -> (B, c_out, T/ft, H/fs, W/fs), no weights. Every ft x fs x fs block
+    # of a channel becomes ft*fs*fs channels (time offset, row, column), and each run of C*ft*fs*fs/c_out consecutive
+    # channels is averaged into one. Time is zero-padded in front to a multiple of ft: the 1-frame first chunk gives 1.
+    B, C, T, H, W = x.shape
+    x = F.pad(x, (0, 0, 0, 0, (-T) % ft, 0))
+    t = x.shape[2] // ft
+    x = x.reshape(B, C, t, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(B, c_out, -1, t, H // fs, W // fs).mean(2)
+
+
+def dup_up(x, c_out, ft, fs, first_chunk):
+    # A decoder stage's shortcut: (B, C, T, H, W) -> (B, c_out, ft*T, fs*H, fs*W), no weights: each channel repeated
+    # c_out*ft*fs*fs/C times in a row, then every ft*fs*fs channels unfolded into an ft x fs x fs block. On the first
+    # chunk the main path does not double time (one latent frame -> one video frame), so the first ft - 1 frames go.
+    B, C, T, H, W = x.shape
+    x = x.repeat_interleave(c_out * ft * fs * fs // C, dim=1)
+    x = x.reshape(B, c_out, ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, c, T, ft, H, fs, W, fs)
+    x = x.reshape(B, c_out, ft * T, fs * H, fs * W)
+    return x[:, :, ft - 1:] if first_chunk else x
+
+
+class DownStage(nn.Module):
+    # num_res_blocks ResBlock3d, then (except in the last stage) a Resample, plus avg_down of the stage's input
+    def __init__(self, c_in, c_out, num_res_blocks, mode):
+        super().__init__()
+        self.c_out, self.mode = c_out, mode                                      # mode: down2d | down3d | None
+        blocks = [ResBlock3d(c_in if j == 0 else c_out, c_out) for j in range(num_res_blocks)]
+        self.downsamples = nn.Sequential(*blocks, *([Resample(c_out, mode)] if mode else []))
+
+    def forward(self, x, cache):
+        h = x
+        for block in self.downsamples:
+            h = block(h, cache)
+        return h + avg_down(x, self.c_out, 2 if self.mode == "down3d" else 1, 2 if self.mode else 1)
+
+
+class UpStage(nn.Module):
+    # num_res_blocks + 1 ResBlock3d, then (except in the last stage) a Resample keeping C, plus dup_up of the input;
+    # the last stage has no shortcut
+    def __init__(self, c_in, c_out, num_res_blocks, mode):
+        super().__init__()
+        self.c_out, self.mode = c_out, mode                                      # mode: up2d | up3d | None
+        blocks = [ResBlock3d(c_in if j == 0 else c_out, c_out) for j in range(num_res_blocks + 1)]
+        self.upsamples = nn.Sequential(*blocks, *([Resample(c_out, mode, keep_channels=True)] if mode else []))
+
+    def forward(self, x, cache, first_chunk):
+        h = x
+        for block in self.upsamples:
+            h = block(h, cache)
+        if self.mode is None:
+            return h
+        return h + dup_up(x, self.c_out, 2 if self.mode == "up3d" else 1, 2, first_chunk)
+
+
+class Encoder22(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1,) + tuple(cfg.dim_mult)]                # 160, 160, 320, 640, 640
+        last = len(cfg.dim_mult) - 1
+        self.conv1 = CausalConv3d(12, dims[0], 3, padding=1)
+        self.downsamples = nn.Sequential(*[                                      # modes: down2d, down3d, down3d, None
+            DownStage(c_in, c_out, cfg.num_res_blocks,
+                      None if i == last else "down3d" if cfg.temperal_downsample[i] else "down2d")
+            for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:]))])
+        C = dims[-1]
+        self.middle = nn.Sequential(ResBlock3d(C, C), FrameAttention(C), ResBlock3d(C, C))
+        self.head = nn.Sequential(ChannelRMSNorm(C), nn.SiLU(), CausalConv3d(C, 2 * cfg.z_dim, 3, padding=1))
+
+    def forward(self, x, cache):
+        # one chunk: (B, 12, 1 or 4, H/2, W/2) -> (B, 2*z_dim, 1, H/16, W/16)
+        x = self.conv1(x, cache)
+        for stage in self.downsamples:
+            x = stage(x, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class Decoder22(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        mult = tuple(cfg.dim_mult)
+        dims = [cfg.dec_dim * m for m in (mult[-1],) + mult[::-1]]              # 1024, 1024, 1024, 512, 256
+        temperal_upsample = tuple(cfg.temperal_downsample)[::-1]                 # (True, True, False)
+        last = len(mult) - 1
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResBlock3d(dims[0], dims[0]), FrameAttention(dims[0]), ResBlock3d(dims[0], dims[0]))
+        self.upsamples = nn.Sequential(*[                                        # modes: up3d, up3d, up2d, None
+            UpStage(c_in, c_out, cfg.num_res_blocks, None if i == last else "up3d" if temperal_upsample[i] else "up2d")
+            for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:]))])
+        self.head = nn.Sequential(ChannelRMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 12, 3, padding=1))
+
+    def forward(self, x, cache, first_chunk):
+        # one latent frame: (B, z_dim, 1, h, w) -> (B, 12, 1 (first chunk) or 4, 8h, 8w)
+        x = self.conv1(x, cache)
+        x = self.middle[0](x, cache)
+        x = self.middle[1](x)
+        x = self.middle[2](x, cache)
+        for stage in self.upsamples:
+            x = stage(x, cache, first_chunk)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class Wan22VAE(nn.Module):
+    # The same API as WanVAE: encode, decode, cfg, z_dim, stride
+    def __init__(self, cfg=VAE22Config()):
+        super().__init__()
+        self.cfg = cfg
+        self.z_dim = cfg.z_dim                                                   # 48
+        s = 2 * 2 ** (len(cfg.dim_mult) - 1)                                     # the 2x2 patch, then 3 halvings
+        self.stride = (2 ** sum(cfg.temperal_downsample), s, s)                  # (4, 16, 16)
+        self.encoder = Encoder22(cfg)
+        self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)   # after the encoder, on (mu, log_var)
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)           # before the decoder
+        self.decoder = Decoder22(cfg)
+
+    def _stats(self, device):
+        # (1, z_dim, 1, 1, 1) fp32 constants, not buffers (see WanVAE._stats)
+        mean = torch.tensor(self.cfg.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.cfg.latents_std, device=device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode(self, video):
+        # (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, z_dim, 1 + (T-1)/4, H/16, W/16), fp32 (the posterior mean)
+        B, C, T, H, W = video.shape
+        assert C == 3 and T % 4 == 1 and H % 16 == 0 and W % 16 == 0, \
+            f"video must be (B, 3, 1+4k, 16m, 16n), got {tuple(video.shape)}"
+        x = pixel_patchify(video.to(self.conv1.weight.dtype))                   # (B, 12, T, H/2, W/2)
+        cache = {}
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, T, 4)]
+        out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # (B, 2*z_dim, 1+k, H/16, W/16)
+        mu = self.conv1(out)[:, :self.cfg.z_dim]
+        mean, std = self._stats(mu.device)
+        return (mu.float() - mean) / std
+
+    def decode(self, latents):
+        # normalised latents (B, z_dim, t, h, w) -> video (B, 3, 1 + 4(t-1), 16h, 16w) clamped to [-1, 1], fp32
+        mean, std = self._stats(latents.device)
+        z = (latents.float() * std + mean).to(self.conv2.weight.dtype)
+        x = self.conv2(z)
+        cache = {}
+        out = torch.cat([self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])], dim=2)
+        return pixel_unpatchify(out.float()).clamp(-1, 1)                       # (B, 12, ...) -> (B, 3, ...)
+
+
 def vae_config_from(sd):
-    """The VAE's width and latent channels read off the weights (the released file is dim 96, z_dim 16; the tests'
-    tiny folders are narrower); the stage layout is Wan 2.1's. The default config where the keys are not ours, so
-    that the key check below can say what the file is."""
-    if "encoder.conv1.weight" not in sd or "conv2.weight" not in sd:
-        return VAE_PRESETS["2.1"]
-    return dataclasses.replace(VAE_PRESETS["2.1"], dim=sd["encoder.conv1.weight"].shape[0],
-                               z_dim=sd["conv2.weight"].shape[0])
+    """Which VAE the weights are, and its widths and latent channels, read off the tensors, never off the file name.
+    Wan 2.2's stages are modules of their own (keys 'encoder.downsamples.0.downsamples.0...'), Wan 2.1's blocks sit
+    flat in one list ('encoder.downsamples.0.residual...'). The released files are 2.1: dim 96, z_dim 16; 2.2: dim 160,
+    dec_dim 256, z_dim 48; the tests' tiny ones are narrower. A tensor that is not there leaves its default, so that
+    the key check in load_vae can name it."""
+    shape = lambda k, i, default: sd[k].shape[i] if k in sd else default  # noqa: E731
+    if any(k.startswith(("encoder.downsamples.0.downsamples.", "decoder.upsamples.0.upsamples.")) for k in sd):
+        c = VAE22_PRESETS["2.2"]
+        return dataclasses.replace(c, dim=shape("encoder.conv1.weight", 0, c.dim),
+                                   dec_dim=shape("decoder.head.2.weight", 1, c.dec_dim),  # the last stage's width
+                                   z_dim=shape("conv2.weight", 0, c.z_dim))
+    c = VAE_PRESETS["2.1"]
+    return dataclasses.replace(c, dim=shape("encoder.conv1.weight", 0, c.dim), z_dim=shape("conv2.weight", 0, c.z_dim))
 
 
-def load_vae(path, dtype=torch.float32, device="cpu", config=None) -> WanVAE:
-    # path: the official checkpoint folder (with Wan2.1_VAE.pth), Wan2.1_VAE.pth itself, or a .safetensors file with
-    # the same keys (ComfyUI's wan_2.1_vae.safetensors). Returns the model in eval mode, frozen, on device in dtype.
-    # config: None = read off the weights (vae_config_from).
+def load_vae(path, dtype=torch.float32, device="cpu", config=None):
+    # path: an official checkpoint folder (Wan2.1_VAE.pth; Wan2.2_VAE.pth in TI2V-5B's), the .pth itself, or a
+    # .safetensors file with the same keys (ComfyUI's wan_2.1_vae.safetensors). Returns WanVAE or Wan22VAE, whichever
+    # the weights are (vae_config_from), in eval mode, frozen, on device in dtype. Both have .encode, .decode, .z_dim
+    # (16 / 48) and .stride ((4, 8, 8) / (4, 16, 16)).
+    # config: None = read off the weights; a VAEConfig (2.1) or a VAE22Config (2.2) to insist on one.
     path = str(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "Wan2.1_VAE.pth")
+        found = [f for f in ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth") if os.path.exists(os.path.join(path, f))]
+        if len(found) > 1:
+            raise ValueError(f"{path} has both {found[0]} and {found[1]}: pass the path of the one to load")
+        path = os.path.join(path, found[0] if found else "Wan2.1_VAE.pth")
     sd = read_weights(path)  # .pth through torch.load(weights_only=True, mmap=True)
     config = config or vae_config_from(sd)
+    version, cls = ("2.2", Wan22VAE) if isinstance(config, VAE22Config) else ("2.1", WanVAE)
 
     with torch.device("meta"):
-        model = WanVAE(config)
+        model = cls(config)
     expected = model.state_dict().keys()
     missing = sorted(expected - sd.keys())
     unexpected = sorted(sd.keys() - expected)
     if missing or unexpected:
-        msg = f"{path} does not match the Wan 2.1 VAE: {len(missing)} missing keys {missing[:5]}, " \
+        msg = f"{path} does not match the Wan {version} VAE: {len(missing)} missing keys {missing[:5]}, " \
               f"{len(unexpected)} unexpected keys {unexpected[:5]}. "
         if any(".down_blocks." in k or ".up_blocks." in k or k.startswith("quant_conv.") for k in sd):
             msg += "This looks like a diffusers-format VAE (AutoencoderKLWan, keys like 'decoder.up_blocks.0...'), " \
-                   "which is not supported: use the official Wan2.1_VAE.pth (or ComfyUI's wan_2.1_vae.safetensors)."
-        elif any(k.startswith("decoder.upsamples.0.upsamples.") for k in sd):
-            msg += "This looks like the Wan 2.2 VAE (48 latent channels), which is a different model."
+                   "which is not supported: use the official Wan2.1_VAE.pth / Wan2.2_VAE.pth (or ComfyUI's " \
+                   "wan_2.1_vae.safetensors)."
+        elif version == "2.1" and any(k.startswith("decoder.upsamples.0.upsamples.") for k in sd):
+            msg += "This looks like the Wan 2.2 VAE (48 latent channels): leave config=None to load it as that."
+        elif version == "2.2" and any(k.startswith("decoder.upsamples.0.residual.") for k in sd):
+            msg += "This looks like the Wan 2.1 VAE (16 latent channels): leave config=None to load it as that."
         else:
-            msg += "Is this a Wan 2.1 VAE file? Expected the official Wan2.1_VAE.pth keys, e.g. " \
-                   "'encoder.downsamples.0.residual.0.gamma'."
+            msg += "Is this a Wan VAE file? Expected the official keys, e.g. 'encoder.downsamples.0.residual.0.gamma' " \
+                   "(Wan2.1_VAE.pth) or 'encoder.downsamples.0.downsamples.0.residual.0.gamma' (Wan2.2_VAE.pth)."
         raise ValueError(msg)
     # assign=True: the params become these tensors (no allocation on meta, no copy); shape mismatches still raise
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
@@ -921,6 +1279,134 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=None, tok
     return TextEncoder(model, Tokenizer(tok))
 
 # -----------------------------------------------------------------------------------------------------
+# Image encoder: the CLIP ViT-H/14 vision tower that Wan 2.1 i2v / flf2v condition on (inference only, frozen).
+# models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth is the whole open-clip XLM-RoBERTa-Large + ViT-H/14 (784
+# tensors, text tower included); Wan uses only `visual.*`, and of it only the hidden states after block 31 of 32 (all
+# 257 tokens, not the pooled embedding): the last block, post_norm and head are in the file but never run, so they
+# are not built here. Module names equal the keys after `visual.` (upstream wan/modules/clip.py), so the file loads
+# by its own names.
+
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, which this open-clip model keeps
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPConfig:
+    dim: int = 1280
+    num_heads: int = 16
+    num_layers: int = 32  # in the file; the output is taken after block num_layers - 1, so the last is not built
+    mlp_dim: int = 5120
+    patch_size: int = 14
+    image_size: int = 224  # 16 x 16 patches + the CLS token = 257 tokens
+    eps: float = 1e-5
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)  # rows: q, then k, then v (each dim wide, heads inside)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.to_qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, n, L, d)
+        y = F.scaled_dot_product_attention(q, k, v)  # bidirectional, scale 1/sqrt(d)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class CLIPBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)); the MLP's GELU is the exact one (erf)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.norm1 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)  # fp32 statistics, cast back below
+        self.attn = CLIPAttention(cfg.dim, cfg.num_heads)
+        self.norm2 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Linear(cfg.mlp_dim, cfg.dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x).type_as(x))
+        return x + self.mlp(self.norm2(x).type_as(x))
+
+
+class CLIPVision(nn.Module):
+    """forward(pixels (B, 3, image_size, image_size), already normalised) -> (B, 1 + (image_size/patch)^2, dim): the
+    hidden states after block num_layers - 1 (block 31 of 32 for ViT-H/14: (B, 257, 1280)), in the weights' dtype."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        # no bias: a pre-norm ViT (pre_norm follows), as open-clip builds it
+        self.patch_embedding = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, 1 + n, cfg.dim))  # CLS first, then the patches row by row
+        self.pre_norm = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.transformer = nn.Sequential(*(CLIPBlock(cfg) for _ in range(cfg.num_layers - 1)))
+
+    def forward(self, x):
+        dt = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2)  # (B, n, dim)
+        x = torch.cat([self.cls_embedding.to(dt).expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding.to(dt)
+        return self.transformer(self.pre_norm(x).to(dt))
+
+
+class ImageEncoder:
+    """encode_image(images (B, 3, H, W) in [-1, 1], any H, W) -> CLIP tokens (B, 257, 1280), as upstream's
+    CLIPModel.visual: a bicubic resize of the whole image to 224 x 224 (no crop, no antialias, aspect ratio not
+    kept), [-1, 1] -> [0, 1], the CLIP mean/std, the tower. The DiT's clip_fea for i2v; flf2v takes the first and the
+    last frame's, concatenated on dim 1: (B, 514, 1280)."""
+
+    def __init__(self, model: CLIPVision):
+        self.model = model
+
+    @torch.no_grad()
+    def encode_image(self, images):
+        p = self.model.patch_embedding.weight
+        size = (self.model.cfg.image_size,) * 2
+        x = F.interpolate(images.to(p.device, torch.float32), size=size, mode="bicubic", align_corners=False)
+        mean, std = (torch.tensor(c, device=p.device).view(1, 3, 1, 1) for c in (CLIP_MEAN, CLIP_STD))
+        return self.model(((x * 0.5 + 0.5) - mean) / std)
+
+
+def clip_config_from(sd):
+    """CLIPConfig from the shapes of the `visual.`-stripped state dict."""
+    dim, _, patch, _ = sd["patch_embedding.weight"].shape
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer."))
+    n_pos = sd["pos_embedding"].shape[1] - 1
+    return CLIPConfig(dim=dim, num_heads=dim // 80, num_layers=n_layers, patch_size=patch,
+                      mlp_dim=sd["transformer.0.mlp.0.weight"].shape[0], image_size=round(n_pos ** 0.5) * patch)
+
+
+CLIP_HINT = f"load_clip reads Wan 2.1's {CLIP_FILE} (open-clip XLM-RoBERTa-Large ViT-H/14; only visual.* is used)."
+
+
+def load_clip(path, dtype=torch.float32, device="cpu", num_heads=None):
+    """An ImageEncoder from the .pth (or the folder holding it; read with weights_only and mmap). Only `visual.*` is
+    read, the text tower is ignored; the sizes come off the tensors (head_dim 80: 16 heads for ViT-H; the tests pass
+    num_heads for their tiny towers). Upstream runs it in fp16 on GPU: pass dtype=torch.float16 or bfloat16 there."""
+    path = str(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CLIP_FILE)
+    sd = {k[len("visual."):]: v for k, v in read_weights(path).items() if k.startswith("visual.")}
+    if "patch_embedding.weight" not in sd:
+        raise KeyError(f"{path}: no visual.patch_embedding.weight. {CLIP_HINT}")
+    cfg = clip_config_from(sd)
+    if num_heads:
+        cfg = dataclasses.replace(cfg, num_heads=num_heads)
+    last = f"transformer.{cfg.num_layers - 1}."
+    sd = {k: v for k, v in sd.items() if not k.startswith((last, "post_norm.")) and k != "head"}  # never run
+    with torch.device("meta"):
+        model = CLIPVision(cfg)
+    check_keys(model.state_dict().keys(), sd, path, hint=CLIP_HINT)
+    check_shapes(model.state_dict(), sd, path)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    return ImageEncoder(model.to(device).eval().requires_grad_(False))
+
+
+# -----------------------------------------------------------------------------------------------------
 # LoRA. The adapter lives INSIDE the Linear it adapts, so the base keeps its official key
 # (`blocks.0.self_attn.q.weight`) and the adapter gets `blocks.0.self_attn.q.lora_A.weight` (rank, in) and
 # `.lora_B.weight` (out, rank): the PEFT / ComfyUI naming, which is what we export (prefixed `diffusion_model.`).
@@ -1160,6 +1646,14 @@ def sample_unipc(model, noise, context, neg_context=None, steps=50, guidance=5.0
 # diffusers' WanTransformer3DModel names -> the official names (the reverse of diffusers' own conversion).
 # Order matters: the specific patterns come before the general ones.
 DIFFUSERS_DIT_RENAMES = [
+    # Wan 2.1 i2v/flf2v: the image projection and the image keys/values of cross-attention
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
+    (".attn2.add_k_proj.", ".cross_attn.k_img."), (".attn2.add_v_proj.", ".cross_attn.v_img."),
+    (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
     ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
     ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
     ("condition_embedder.time_proj.", "time_projection.1."),
@@ -1184,25 +1678,48 @@ def diffusers_to_official_dit(sd):
     return out
 
 
+def model_type_from(in_dim, out_dim, flf):
+    """The model_type a file without one implies: flf2v has emb_pos, i2v takes y (more channels in than out), the
+    Wan 2.2 VAE's 48-channel latents mean TI2V-5B (for t2v/ti2v the type changes no weight: only how it is fed)."""
+    return "flf2v" if flf else "i2v" if in_dim != out_dim else "ti2v" if out_dim == 48 else "t2v"
+
+
 def dit_config_from(cfg_json=None, sd=None):
-    """WanConfig from an official or diffusers config.json, else from the tensor shapes."""
+    """WanConfig from an official or diffusers config.json, else from the tensor shapes. The weights (`sd`, official
+    keys; meta tensors will do) decide img_dim either way: a Wan 2.1 i2v/flf2v DiT has img_emb.*, a Wan 2.2 I2V-A14B
+    expert (also "i2v" in its config.json) has a 36-channel patch_embedding and no img_emb."""
     if cfg_json is not None and "num_attention_heads" in cfg_json:  # diffusers
         c = cfg_json
         cfg_json = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
                         num_heads=c["num_attention_heads"], num_layers=c["num_layers"], in_dim=c["in_channels"],
                         out_dim=c["out_channels"], text_dim=c.get("text_dim", 4096), freq_dim=c.get("freq_dim", 256),
-                        eps=c.get("eps", 1e-6), model_type="i2v" if c.get("image_dim") else "t2v")
+                        eps=c.get("eps", 1e-6), model_type=model_type_from(c["in_channels"], c["out_channels"],
+                                                                           bool(c.get("pos_embed_seq_len"))))
     if cfg_json is not None:
-        if cfg_json.get("model_type", "t2v") != "t2v":
-            raise ValueError(f"model_type {cfg_json['model_type']!r}: train_wan.py implements the text-to-video "
-                             "model (t2v); image-to-video checkpoints have extra weights (img_emb, k_img, v_img)")
         fields = {f.name for f in dataclasses.fields(WanConfig)}
-        return WanConfig(**{k: v for k, v in cfg_json.items() if k in fields and k != "patch_size"})
-    dim, in_dim = sd["patch_embedding.weight"].shape[:2]
-    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return WanConfig(dim=dim, in_dim=in_dim, num_heads=dim // 128, num_layers=n_layers,
-                     ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], text_dim=sd["text_embedding.0.weight"].shape[1],
-                     out_dim=sd["head.head.weight"].shape[0] // 4)
+        cfg = WanConfig(**{k: v for k, v in cfg_json.items() if k in fields and k not in ("patch_size", "img_dim")})
+        if "model_type" not in cfg_json:  # a hand-made config.json: the shapes say
+            cfg = dataclasses.replace(cfg, model_type=model_type_from(cfg.in_dim, cfg.out_dim,
+                                                                      sd is not None and "img_emb.emb_pos" in sd))
+    else:
+        dim, in_dim = sd["patch_embedding.weight"].shape[:2]
+        out_dim = sd["head.head.weight"].shape[0] // 4
+        n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        cfg = WanConfig(dim=dim, in_dim=in_dim, num_heads=dim // 128, num_layers=n_layers,
+                        ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], text_dim=sd["text_embedding.0.weight"].shape[1],
+                        out_dim=out_dim, model_type=model_type_from(in_dim, out_dim, "img_emb.emb_pos" in sd))
+    if sd is not None and "img_emb.proj.0.weight" in sd:
+        cfg = dataclasses.replace(cfg, img_dim=sd["img_emb.proj.0.weight"].shape[0])
+    mt, need_in = cfg.model_type, 2 * cfg.out_dim + 4 if cfg.model_type in ("i2v", "flf2v") else cfg.out_dim
+    if mt not in ("t2v", "i2v", "flf2v", "ti2v"):
+        raise ValueError(f"model_type {mt!r}: train_wan.py implements t2v, i2v, flf2v and ti2v (VACE, S2V and "
+                         "Animate have other weights)")
+    if cfg.in_dim != need_in:
+        raise ValueError(f"model_type {mt!r} with in_dim {cfg.in_dim}: a {mt} DiT takes {need_in} input channels"
+                         + (" (noisy latents, 4-channel mask, conditioning latents)" if mt in ("i2v", "flf2v") else ""))
+    if mt == "flf2v" and not cfg.img_dim:
+        raise ValueError("model_type 'flf2v' without img_emb.* weights: first-last-frame needs the CLIP projection")
+    return cfg
 
 
 def dit_files(path):
@@ -1211,6 +1728,10 @@ def dit_files(path):
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, "transformer")):  # diffusers repo root
             path = os.path.join(path, "transformer")
+        experts = [e for e in ("high_noise_model", "low_noise_model") if os.path.isdir(os.path.join(path, e))]
+        if experts and not glob.glob(os.path.join(path, "diffusion_pytorch_model*.safetensors")):
+            raise FileNotFoundError(f"{path}: a Wan 2.2 A14B folder holds one DiT per expert: load "
+                                    + " or ".join(os.path.join(path, e) for e in experts))
         cfg_file = os.path.join(path, "config.json")
         cfg_json = None
         if os.path.exists(cfg_file):
@@ -1236,16 +1757,15 @@ def read_dit_config(path):
     """The WanConfig of the DiT at `path` without reading its weights: config.json, or the config our own exports
     carry in their header, or the tensor shapes in the safetensors header."""
     files, cfg_json = dit_files(path)
-    if cfg_json is not None:
-        return dit_config_from(cfg_json)
     shapes = {}
     for f in files:
         meta, sh = safetensors_header(f)
-        if "wan_config" in meta:  # our exports (toy/tiny/custom shapes)
+        if "wan_config" in meta and cfg_json is None:  # our exports (toy/tiny/custom shapes)
             c = json.loads(meta["wan_config"])
             return WanConfig(**{**c, "patch_size": tuple(c["patch_size"])})
         shapes.update(sh)
-    return dit_config_from(None, official_dit_keys({k: torch.empty(v, device="meta") for k, v in shapes.items()}))
+    # config.json gives the dims; the header's shapes still tell a Wan 2.1 i2v DiT from a Wan 2.2 i2v expert
+    return dit_config_from(cfg_json, official_dit_keys({k: torch.empty(v, device="meta") for k, v in shapes.items()}))
 
 
 def read_dit_checkpoint(path, dtype=None):
@@ -1254,7 +1774,8 @@ def read_dit_checkpoint(path, dtype=None):
     return read_dit_config(path), official_dit_keys(read_safetensors(files, dtype))
 
 
-DIT_HINT = ("train_wan.py loads Wan 2.1 text-to-video DiTs: the official folder, a single official-key "
+DIT_HINT = ("train_wan.py loads the Wan 2.1 t2v / i2v / flf2v and Wan 2.2 ti2v-5B DiTs and each Wan 2.2 A14B expert "
+            "(its high_noise_model/ or low_noise_model/ folder): the official folder, a single official-key "
             ".safetensors (ComfyUI's repackaged files) or a diffusers folder.")
 
 
@@ -1277,7 +1798,7 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
 @dataclass
 class Args:
     mode: str = "train"  # train | cache (encode the dataset, stop) | sample (videos for --sample_prompts) | bench
-    preset: str = "1.3B"  # toy | tiny | 1.3B | 14B (with --ckpt_dir or --dit_path the checkpoint's own config wins)
+    preset: str = "1.3B"  # toy|tiny|1.3B|14B|i2v-14B|flf2v-14B|ti2v-5B|t2v-A14B|i2v-A14B (a checkpoint's config wins)
     ckpt_dir: str = ""  # the official Wan2.1-T2V-* folder (DiT + VAE + umT5); empty = random init (toy/tiny only)
     dit_path: str = ""  # a DiT elsewhere than ckpt_dir: a ComfyUI file, a diffusers folder, a model.safetensors of ours
     encoders: str = "official"  # official (the VAE and umT5 of --ckpt_dir) | toy (data/toy.py's pixel-space pair)
