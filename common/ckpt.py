@@ -20,6 +20,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 # Only what trains goes into a checkpoint: with LoRA that is a few MB instead of the whole frozen base, which
 # `--ckpt_dir` provides again on resume.
 _OPTS = StateDictOptions(ignore_frozen_params=True)
+# Loading it back must not ask for the frozen weights: a strict load names every one of them as missing. state["model"]
+# holds every trainable tensor, and dcp.load fails on one that the checkpoint lacks, so nothing trainable goes unset.
+_LOAD_OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _name(step):
@@ -98,8 +101,11 @@ def load(out_dir, step, model, optimizer, extra_state=None):
     `extra` dict."""
     path = os.path.join(out_dir, "checkpoints", _name(step))
     state = _state(model, optimizer, extra_state)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"], options=_OPTS)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except dcp.api.CheckpointException as e:  # a BaseException: say in one line which checkpoint and why
+        raise RuntimeError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[-1]}") from None
+    set_model_state_dict(model, state["model"], options=_LOAD_OPTS)
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTS)
     for k, v in (extra_state or {}).items():
         v.load_state_dict(state[k])
