@@ -33,8 +33,10 @@ from common import ckpt, lora_file, noise
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
+from common.float8 import quantize_frozen_linears
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
+from common.offload import offload_blocks
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
@@ -1371,6 +1373,9 @@ class Args:
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: bool = False  # activation checkpointing per block
     compile: bool = False  # torch.compile per block, in place
+    # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "HunyuanVideo on one GPU")
+    base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
+    offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
     keep: int = 3  # keep the newest K checkpoints (0 = all)
@@ -1412,7 +1417,7 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
-                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"),
+                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"), base_dtype=("auto", "float8"),
                    timestep_sampling=("uniform", "logit_normal", "shift"))
     for k, allowed in choices.items():
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
@@ -1449,6 +1454,16 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    if args.base_dtype == "float8" or args.offload:
+        what = "--base_dtype float8" if args.base_dtype == "float8" else "--offload 1"
+        need(args.mode in ("train", "bench"), f"{what} is for LoRA training (--mode train or bench); --mode "
+             f"{args.mode} runs without it")
+        need(args.lora_rank > 0, f"{what} converts the frozen base of a LoRA run: add --lora_rank (a full "
+             "fine-tune has no frozen base; across GPUs FSDP2 shards it instead)")
+        need(args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
+             "upcast/streamed weights for the backward, and the memory it saves is spent again")
+        need(not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy "
+             "blocks between CUDA streams, outside any compiled graph)")
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/hunyuan-toy/model.safetensors) or "
              "--ckpt_dir")
@@ -1564,6 +1579,8 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
     if rank == 0 and sd != "random":
         check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
         check_shapes(model.state_dict(), sd, where)
+    if args.base_dtype == "float8" or args.offload:
+        return build_dit_one_process(args, model, sd, device, compute_dtype)
     parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile)
     model.to_empty(device=device)
     if sd == "random":
@@ -1573,6 +1590,35 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
     else:
         load_full_state_dict(model, sd if rank == 0 else {})
+    return model
+
+
+def build_dit_one_process(args, model, sd, device, compute_dtype):
+    """--base_dtype float8 / --offload 1 (one process, LoRA: main and check_args made sure). The weights go into the
+    meta-built model on the CPU first (by assignment: no copy when the dtypes agree); the blocks' frozen base is
+    converted there, to float8 buffers and/or out of the model into CPU memory; then FSDP2 wraps what is still
+    registered (the adapters, the root, the float8 base) and moves it to the device. So the device never holds the
+    whole base in bf16, which a 24 GB card could not."""
+    if sd == "random":  # --mode bench without weights
+        model.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02, generator=g)
+    else:
+        ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
+        model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)
+    if args.base_dtype == "float8":
+        done = [quantize_frozen_linears(b, compute_dtype) for b in (model.double_blocks, model.single_blocks)]
+        n, before, after = (sum(d[i] for d in done) for i in range(3))  # weights, bytes before, bytes after
+        cdist.print0(f"float8 base: {n} frozen Linear weights of the blocks, {before / 2**30:.3g} GiB -> "
+                     f"{after / 2**30:.3g} GiB")
+    if args.offload:
+        off = offload_blocks([*model.double_blocks, *model.single_blocks], device, prefetch=1)
+        model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
+        cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
+                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
+    parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile)
     return model
 
 
@@ -1700,6 +1746,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
+               base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
                device=device_name(device), world=world)
@@ -1729,6 +1776,9 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
+    if (args.base_dtype == "float8" or args.offload) and world > 1:
+        raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
+                        f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
     micro = args.micro_batch or args.global_batch // world
     accum = args.global_batch // (micro * world)
     if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
@@ -1822,7 +1872,8 @@ def main(argv=None):
                        base=os.path.abspath(weights) if weights else f"init:{args.preset}", lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                        timestep_sampling=args.timestep_sampling, shift=args.shift, train_guidance=args.train_guidance,
-                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders)
+                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders,
+                       **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
