@@ -1,4 +1,6 @@
-"""Running a train_*.py script as a user does (a subprocess, one process or torchrun), for every model's tests."""
+"""Running a train_*.py script as a user does (a subprocess, one process or torchrun), for every model's tests; and
+a one-process torch.distributed group for the tests that call the scripts' distributed code in-process."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -20,6 +22,21 @@ def free_port():
         return str(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def gloo_world_of_one():
+    """A gloo process group of one (rank 0, a free local port) for the block, destroyed after it; a group that is
+    already there is used as it is and left alone."""
+    import torch.distributed as dist
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if mine:
+            dist.destroy_process_group()
+
+
 def script_cmd(script, args, nproc=1):
     """The command line of `python <script> args`, or of torchrun with nproc processes on one node."""
     path = os.path.join(ROOT, script)
@@ -36,6 +53,13 @@ def run_script(script, args, nproc=1, check=True, timeout=900):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def script_runner(script):
+    """run(*flags, check=True): `script` with these flags, one process, to the end (run_script)."""
+    def run(*flags, check=True):
+        return run_script(script, flags, check=check)
+    return run
 
 
 def records(out):
@@ -60,8 +84,11 @@ SMALL = ["--preset", "toy", "--height", "16", "--width", "16", "--frames", "5", 
 
 def toy_runner(script, *extra):
     """run(toy, out, *flags, nproc=1): `script` with SMALL (+ the script's own `extra` flags) on the toy dataset of
-    the `toy` fixture (conftest.py)."""
+    the `toy` fixture (conftest.py); run.script is the script, run.args(toy, out, *flags) its argument list."""
+    def args(toy, out, *flags):
+        return [*SMALL, *extra, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
+
     def run(toy, out, *flags, nproc=1, check=True, timeout=600):
-        args = [*SMALL, *extra, "--data", toy["data"], "--cache_dir", toy["cache"], "--out_dir", str(out), *flags]
-        return run_script(script, args, nproc=nproc, check=check, timeout=timeout)
+        return run_script(script, args(toy, out, *flags), nproc=nproc, check=check, timeout=timeout)
+    run.script, run.args = script, args  # for a check that starts the process itself (tests/checks.py)
     return run

@@ -112,17 +112,11 @@ def test_check_keys_names_the_keys():
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     """Two checkpoints; the newer one loses a shard / gets a broken extra.json: latest_valid names the damage and
     takes the older one."""
-    import socket
-
-    import torch.distributed as dist
-
     from common import ckpt
     from torch.distributed.fsdp import fully_shard
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+
+    from tests.procs import gloo_world_of_one
+    with gloo_world_of_one():
         model = torch.nn.Linear(4, 4)
         fully_shard(model)
         opt = torch.optim.AdamW(model.parameters())
@@ -141,8 +135,6 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
         assert "step_00000002" in said[0] and "missing or truncated" in said[0]
         (tmp_path / "checkpoints" / "step_00000001" / "extra.json").write_text("{not json")
         assert ckpt.latest_valid(out, log=said.append) is None and "unreadable" in said[-1]
-    finally:
-        dist.destroy_process_group()
 
 
 def test_no_common_file_knows_a_model():

@@ -7,25 +7,10 @@ from safetensors.torch import save_file
 
 import train_hunyuan as H
 from common.lora_file import write_lora
+from tests.checks import load_lora, lora_modules, random_lora
 from tests.test_hunyuan_dit import diffusers_twin, inputs, tiny_dit
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: the scale (2) must reach the other side
-
-
-def lora_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, H.LoRALinear)}
-
-
-def random_lora(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return {n + s: torch.randn(getattr(m, s[1:7]).weight.shape, generator=g) * 0.1
-            for n, m in lora_modules(model).items() for s in (".lora_A.weight", ".lora_B.weight")}
-
-
-def load(model, sd):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and not [k for k in missing if ".lora_" in k]
-    return model
 
 
 def test_zero_init_is_the_base_model():
@@ -34,7 +19,7 @@ def test_zero_init_is_the_base_model():
     with torch.no_grad():
         want = base(*x)
     m = H.add_lora(tiny_dit(), RANK, ALPHA)
-    load(m, H.lora_init_state(m, seed=0))
+    load_lora(m, H.lora_init_state(m, seed=0))
     with torch.no_grad():
         assert torch.equal(m(*x), want)
     assert all(p.requires_grad == (".lora_" in n) for n, p in m.named_parameters())
@@ -62,7 +47,7 @@ def test_exported_lora_matches_in_diffusers(tmp_path):
     from diffusers import HunyuanVideoPipeline
     targets = H.LORA_TARGETS.replace(",linear1", "")
     m = H.add_lora(tiny_dit(), RANK, ALPHA, targets)
-    load(m, random_lora(m))
+    load_lora(m, random_lora(m))
     sd = {k: v for k, v in m.state_dict().items() if ".lora_" in k}
     f = str(tmp_path / "lora.safetensors")
     write_lora(f, sd, ALPHA, metadata={"lora_rank": RANK}, fold_alpha=True)  # as export_weights writes it
@@ -73,7 +58,7 @@ def test_exported_lora_matches_in_diffusers(tmp_path):
     # ours, from the file (bf16 weights, alpha folded: read back at scale 1)
     sd2, rank, alpha = H.read_lora(f)
     assert (rank, alpha) == (RANK, float(RANK))
-    ours = load(H.add_lora(tiny_dit(), rank, alpha, targets), sd2).eval()
+    ours = load_lora(H.add_lora(tiny_dit(), rank, alpha, targets), sd2).eval()
     # diffusers: the base through its converter, then the LoRA file through its LoRA loader
     ref = diffusers_twin(tiny_dit())
     conv = HunyuanVideoPipeline.lora_state_dict(f)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train_hunyuan as H
-from common.log import read_log
-from tests.procs import run_script
+from tests import checks
+from tests.procs import script_runner
 from tests.test_hunyuan_dit import tiny_dit
 from tests.test_hunyuan_text import make_clip_folder, make_llama_folder
 from tests.test_hunyuan_vae import tiny_vae
@@ -43,73 +43,38 @@ def make_official_folder(root):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from data.toy import make_toy_dataset
-    d = tmp_path_factory.mktemp("official")
-    make_official_folder(str(d / "ckpts"))
-    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
-    return {"ckpt": str(d / "ckpts"), "data": str(d / "clips"), "cache": str(d / "cache"), "root": d}
+    return checks.official_folder(tmp_path_factory, "ckpts", make_official_folder)
 
 
-def hy(*flags, check=True):
-    return run_script("train_hunyuan.py", flags, check=check)
+hy = script_runner("train_hunyuan.py")
 
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir", folder["cache"], *CLIP]
-    p = hy("--mode", "cache", *common)
-    files = [f for f in os.listdir(folder["cache"]) if f.endswith(".safetensors")]
-    assert len(files) == 8, (files, p.stdout[-2000:])
-    from data.cache import load_entry
-    t, meta = load_entry(os.path.join(folder["cache"], files[0]))
+    t, meta = checks.check_cache(hy, common, folder["cache"])
     # 16 latent channels, 2 latent frames of 4x4; the caption's valid Llama tokens (its words + <|eot_id|>), CLIP pooled
     assert t["latents"].shape == (16, 2, 4, 4) and t["text.pooled"].shape == (24,)
     assert t["text.states"].shape[1] == 32 and t["text.states"].shape[0] == len(meta["caption"].split()) + 1
 
     # full fine-tune, 4 steps with a checkpoint at 2; then the same run to 6 with --resume 1
     out = tmp_path / "full"
-    p = hy(*common, "--out_dir", str(out), "--max_steps", "4", "--ckpt_every", "2", "--sample_prompts",
-           "a red circle moving left", "--sample_steps", "2", "--caption_dropout", "0.5")
-    assert "encoding" not in p.stderr  # the clips came from the cache
-    log = read_log(out)
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log if "loss" in r)  # finite, learning
+    checks.check_train_from_cache(hy, common, out, "--caption_dropout", "0.5")
     sd = H.read_dit_checkpoint(str(out / "model.safetensors"))[1]
     assert sd["double_blocks.0.img_attn_qkv.weight"].dtype == torch.bfloat16 and "guidance_in.mlp.0.weight" in sd
-    hy(*common, "--out_dir", str(out), "--max_steps", "6", "--ckpt_every", "2", "--resume", "1",
-       "--caption_dropout", "0.5")
-    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004", "step_00000006"]
-    from data.video import probe
-    info = probe(str(out / "samples" / "step_00000004_0.mp4"))  # decoded by the VAE: 5 frames of 32x32
-    assert (info["frames"], info["height"], info["width"]) == (5, 32, 32)
+    checks.check_resume_to_6(hy, common, out, 5, "--caption_dropout", "0.5")  # step-4 sample: 5 frames of 32x32
 
     # LoRA on the fine-tuned DiT, bf16 base
     lora = tmp_path / "lora"
-    hy(*common, "--out_dir", str(lora), "--max_steps", "3", "--lora_rank", "4", "--lr", "5e-2",
-       "--dit_path", str(out / "model.safetensors"))
-    lsd, rank, alpha = H.read_lora(str(lora / "lora.safetensors"))
-    assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+    lsd = checks.check_lora_on_export(hy, common, lora, str(out / "model.safetensors"), H.read_lora)
     assert all(k.startswith(("double_blocks.", "single_blocks.")) for k in lsd)
 
     # --mode sample with and without the LoRA: the LoRA must change the video
-    s = ["--mode", "sample", "--ckpt_dir", folder["ckpt"], "--dit_path", str(out / "model.safetensors"),
-         "--sample_prompts", "a blue square moving up", "--sample_steps", "3", "--height", "32", "--width", "32",
-         "--frames", "5", "--dtype", "bf16", "--cache_dir", folder["cache"]]
-    hy(*s, "--out_dir", str(tmp_path / "s0"))
-    hy(*s, "--out_dir", str(tmp_path / "s1"), "--lora", str(lora / "lora.safetensors"))
-    from data.video import read_clip
-    a = read_clip(str(tmp_path / "s0" / "samples" / "step_00000000_0.mp4"), 0, 5, 24, (32, 32))
-    b = read_clip(str(tmp_path / "s1" / "samples" / "step_00000000_0.mp4"), 0, 5, 24, (32, 32))
-    assert (a - b).abs().mean() > 0.01, (a - b).abs().mean()
-    assert not os.path.exists(tmp_path / "s0" / "args.json")  # sampling leaves no run files behind
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"]], str(out / "model.safetensors"), folder["cache"], 5)
+    checks.check_lora_changes_the_sample(hy, s, tmp_path, lora / "lora.safetensors", 5, 24)
 
 
 def test_bench_in_bf16(folder):
-    for extra in ([], ["--lora_rank", "4"]):
-        p = hy("--mode", "bench", "--ckpt_dir", folder["ckpt"], *CLIP, "--bench_steps", "1", *extra)
-        res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
-        assert res["dtype"] == "torch.bfloat16" and res["step_s"] > 0 and res["loss"] == res["loss"]
-        assert res["tokens"] == 2 * 8
+    checks.check_bench_in_bf16(hy, folder["ckpt"], CLIP, 2 * 8)
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -122,8 +87,4 @@ def test_bench_in_bf16(folder):
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
-    p = hy(*base, *flags, check=False)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o")
+    checks.check_user_error(hy, [*base, *flags], says, tmp_path / "o")

@@ -1,12 +1,12 @@
 """The causal 3-D VAE against diffusers' AutoencoderKLHunyuanVideo (tiling and frame-wise processing off, which is
 upstream's plain encode/decode), loaded from OUR state dict with no renames; full-size keys on meta."""
-import json
 import os
 
 import pytest
 import torch
 
 import train_hunyuan as H
+from tests.checks import check_full_size_keys
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -86,13 +86,7 @@ def test_not_strictly_causal_through_groupnorm():
 def test_full_size_keys_and_shapes():
     with torch.device("meta"):
         m = H.HunyuanVAE(H.VAE_PRESETS["884-16c-hy"])
-    shapes = {k: list(v.shape) for k, v in m.state_dict().items()}
-    with open(os.path.join(FIX, "hunyuan_vae_keys.json")) as f:
-        want = json.load(f)
-    assert len(want) == 248
-    assert sorted(shapes) == sorted(want), set(shapes) ^ set(want)
-    assert {k: shapes[k] for k in want if shapes[k] != want[k]} == {}
-    assert sum(p.numel() for p in m.parameters()) == 246_478_803
+    assert len(check_full_size_keys(m, os.path.join(FIX, "hunyuan_vae_keys.json"), 246_478_803)) == 248
 
 
 def test_tiling_matches_diffusers_tiled_path():

@@ -1,13 +1,13 @@
 """The LTX DiT against diffusers' LTXVideoTransformer3DModel (an independent implementation) at a tiny config with
 every weight random, through diffusers' own key names; the RoPE grid against the pipeline's formula; full-size
 keys, shapes and parameter counts on the meta device against fixtures made from the official code."""
-import json
 import os
 
 import pytest
 import torch
 
 import train_ltx as L
+from tests.checks import check_full_size_keys
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -124,21 +124,11 @@ def test_per_sample_frame_rate():
     assert not torch.allclose(a, model(x[:1], t[:1], ctx[:1], frame_rate=30.0), atol=1e-5)
 
 
-def _meta(preset):
-    with torch.device("meta"):
-        m = L.Transformer3DModel(L.DIT_PRESETS[preset])
-    return {k: list(v.shape) for k, v in m.state_dict().items()}, sum(p.numel() for p in m.parameters())
-
-
 @pytest.mark.parametrize("preset,n_params", [("2B", 1_923_385_472), ("13B", 13_042_569_344)])
 def test_full_size_keys_and_shapes(preset, n_params):
-    shapes, n = _meta(preset)
-    with open(os.path.join(FIX, f"ltx_{preset}_dit_keys.json")) as f:
-        want = json.load(f)
-    assert sorted(shapes) == sorted(want), set(shapes) ^ set(want)
-    bad = {k: (shapes[k], want[k]) for k in want if shapes[k] != want[k]}
-    assert not bad, bad
-    assert n == n_params
+    with torch.device("meta"):
+        m = L.Transformer3DModel(L.DIT_PRESETS[preset])
+    check_full_size_keys(m, os.path.join(FIX, f"ltx_{preset}_dit_keys.json"), n_params)
 
 
 def test_full_size_forward_on_meta():

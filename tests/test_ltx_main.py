@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import train_ltx as L
-from common.log import read_log
-from tests.procs import run_script
+from tests import checks
+from tests.procs import script_runner
 from tests.test_ltx_dit import randomise
 from tests.test_ltx_t5 import tiny_t5
 from tests.test_ltx_vae import TINY, tiny_vae
@@ -60,36 +60,21 @@ def make_official(root, seed=0):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from data.toy import make_toy_dataset
-    d = tmp_path_factory.mktemp("official")
-    make_official(str(d / "LTX-Video"))
-    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
-    return {"ckpt": str(d / "LTX-Video"), "data": str(d / "clips"), "cache": str(d / "cache"), "root": d}
+    return checks.official_folder(tmp_path_factory, "LTX-Video", make_official)
 
 
-def ltx(*flags, check=True):
-    return run_script("train_ltx.py", flags, check=check)
+ltx = script_runner("train_ltx.py")
 
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
               "--cache_dir", folder["cache"], "--first_frame_p", "0.5", *CLIP]
-    p = ltx("--mode", "cache", *common)
-    files = [f for f in os.listdir(folder["cache"]) if f.endswith(".safetensors")]
-    assert len(files) == 8, (files, p.stdout[-2000:])
-    from data.cache import load_entry
-    t, meta = load_entry(os.path.join(folder["cache"], files[0]))
+    t, meta = checks.check_cache(ltx, common, folder["cache"])
     assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
 
     # full fine-tune, 4 steps with a checkpoint at 2; then the same run to 6 with --resume 1
     out = tmp_path / "full"
-    prompt = "a red circle moving left"
-    p = ltx(*common, "--out_dir", str(out), "--max_steps", "4", "--ckpt_every", "2", "--sample_prompts", prompt,
-            "--sample_steps", "2")
-    assert "0 encoded" not in p.stdout  # everything came from the cache
-    log = read_log(out)
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log if "loss" in r)
+    checks.check_train_from_cache(ltx, common, out)
     # the export is the official single file: the DiT (bf16) + the unchanged VAE + the header config
     exported = str(out / "model.safetensors")
     cfg = L.header_config(exported)
@@ -98,44 +83,26 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     assert dit.cfg.causal_temporal_positioning and dit.cfg.caption_channels == 32
     base_vae, vae = L.load_vae(os.path.join(folder["ckpt"], "ltxv-tiny.safetensors")), L.load_vae(exported)
     assert all(torch.equal(a, b) for a, b in zip(base_vae.state_dict().values(), vae.state_dict().values()))
-    ltx(*common, "--out_dir", str(out), "--max_steps", "6", "--ckpt_every", "2", "--resume", "1")
-    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004", "step_00000006"]
-    from data.video import probe
-    info = probe(str(out / "samples" / "step_00000004_0.mp4"))
-    assert (info["frames"], info["height"], info["width"]) == (9, 32, 32)
+    checks.check_resume_to_6(ltx, common, out, 9)
 
     # LoRA on the fine-tuned DiT, bf16 base
     lora = tmp_path / "lora"
-    ltx(*common, "--out_dir", str(lora), "--max_steps", "3", "--lora_rank", "4", "--lr", "5e-2",
-        "--dit_path", exported)
     from common.lora_file import read_lora
-    lsd, rank, alpha = read_lora(str(lora / "lora.safetensors"))
-    assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+    checks.check_lora_on_export(ltx, common, lora, exported, read_lora)
 
     # --mode sample with and without the LoRA, and image-to-video
-    s = ["--mode", "sample", "--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--dit_path",
-         exported, "--sample_prompts", "a blue square moving up", "--sample_steps", "3", "--height", "32", "--width",
-         "32", "--frames", "9", "--fps", "16", "--dtype", "bf16", "--cache_dir", folder["cache"],
-         "--sample_stg_blocks", "1"]
-    ltx(*s, "--out_dir", str(tmp_path / "s0"))
-    ltx(*s, "--out_dir", str(tmp_path / "s1"), "--lora", str(lora / "lora.safetensors"))
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors"], exported,
+                            folder["cache"], 9, "--fps", "16", "--sample_stg_blocks", "1")
+    a, _ = checks.check_lora_changes_the_sample(ltx, s, tmp_path, lora / "lora.safetensors", 9, 16)
     clip = os.path.join(folder["data"], sorted(f for f in os.listdir(folder["data"]) if f.endswith(".mp4"))[0])
-    ltx(*s, "--out_dir", str(tmp_path / "s2"), "--sample_image", clip)
+    ltx(*s, "--out_dir", str(tmp_path / "s2"), "--sample_image", clip)  # image-to-video changes it too
     from data.video import read_clip
-    a, b, c = (read_clip(str(tmp_path / d / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
-               for d in ("s0", "s1", "s2"))
-    assert (a - b).abs().float().mean() > 0.01 and (a - c).abs().float().mean() > 0.01
-    assert not os.path.exists(tmp_path / "s0" / "args.json")  # sampling leaves no run files behind
+    c = read_clip(str(tmp_path / "s2" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (a - c).abs().float().mean() > 0.01
 
 
 def test_bench_in_bf16(folder):
-    for extra in ([], ["--lora_rank", "4"]):
-        p = ltx("--mode", "bench", "--ckpt_dir", os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), *CLIP,
-                "--bench_steps", "1", *extra)
-        res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
-        assert res["dtype"] == "torch.bfloat16" and res["step_s"] > 0 and res["loss"] == res["loss"]
-        assert res["tokens"] == 2 * 2
+    checks.check_bench_in_bf16(ltx, os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), CLIP, 2 * 2)
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -150,8 +117,4 @@ def test_bench_in_bf16(folder):
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
             "--out_dir", str(tmp_path / "o"), *CLIP]
-    p = ltx(*base, *flags, check=False)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o")
+    checks.check_user_error(ltx, [*base, *flags], says, tmp_path / "o")

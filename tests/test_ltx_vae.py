@@ -1,12 +1,12 @@
 """The 0.9.5+ causal VAE against diffusers' AutoencoderKLLTXVideo at a tiny config with every weight random (encode
 and the timestep-conditioned decode), through diffusers' own 0.9.5 key table; the per-channel statistics; the
 full-size keys, shapes and parameter count on the meta device."""
-import json
 import os
 
 import torch
 
 import train_ltx as L
+from tests.checks import check_full_size_keys
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -125,13 +125,7 @@ def test_decode_noise_flag():
 def test_full_size_keys_shapes_and_count():
     with torch.device("meta"):
         m = L.CausalVideoAutoencoder(L.VAEConfig())
-    shapes = {k: list(v.shape) for k, v in m.state_dict().items()}
-    with open(os.path.join(FIX, "ltx_vae_keys.json")) as f:
-        want = json.load(f)
-    assert sorted(shapes) == sorted(want), set(shapes) ^ set(want)
-    bad = {k: (shapes[k], want[k]) for k in want if shapes[k] != want[k]}
-    assert not bad, bad
-    assert sum(p.numel() for p in m.parameters()) == 1_246_913_522
+    check_full_size_keys(m, os.path.join(FIX, "ltx_vae_keys.json"), 1_246_913_522)
 
 
 def test_full_size_shapes_on_meta():

@@ -4,30 +4,17 @@ format: diffusion_model.<module>.lora_A/B.weight + .alpha) gives the same output
 loader written here after ComfyUI's key mapping, and read_lora on our file and on Genmo's own format."""
 import dataclasses
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import train_mochi as M
+from tests.checks import lora_modules, random_lora
+from tests.procs import gloo_world_of_one
 from tests.test_mochi_dit import inputs, tiny_dit
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: the scale (2) must reach the other side
-
-
-def lora_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, M.LoRALinear)}
-
-
-def random_lora(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for n, m in lora_modules(model).items():
-        sd[n + ".lora_A.weight"] = torch.randn(m.lora_A.weight.shape, generator=g) * 0.1
-        sd[n + ".lora_B.weight"] = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
-    return sd
 
 
 def run(model, seed=1):
@@ -55,15 +42,8 @@ def comfy_merge(base_sd, path):
 
 @pytest.fixture(scope="module")
 def pg():
-    mine = not dist.is_initialized()
-    if mine:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    if mine:
-        dist.destroy_process_group()
+    with gloo_world_of_one():  # export_weights gathers through torch.distributed
+        yield
 
 
 @dataclasses.dataclass

@@ -3,7 +3,6 @@ genmo/mochi-1-preview layout (dit.safetensors, encoder.safetensors, decoder.safe
 tokenizer/): the VAE encoder and T5 fill the cache (--mode cache), a full fine-tune trains and resumes, samples
 decode through the VAE decoder, a LoRA trains on the export and changes --mode sample's video, bench runs in bf16.
 Plus the flag checks: one clear line and exit code 2, before any work."""
-import json
 import os
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import train_mochi as M
-from tests.procs import run_script
+from tests import checks
+from tests.procs import script_runner
 from tests.test_mochi_vae import golden_weight
 
 # 32x32 pixels, 7 frames at 30 fps -> latents 12 x 2 x 4 x 4 -> 8 tokens
@@ -63,15 +63,10 @@ def make_official_folder(root, seed=0):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from data.toy import make_toy_dataset
-    d = tmp_path_factory.mktemp("official")
-    make_official_folder(str(d / "mochi-1-preview-tiny"))
-    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
-    return {"ckpt": str(d / "mochi-1-preview-tiny"), "data": str(d / "clips"), "cache": str(d / "cache")}
+    return checks.official_folder(tmp_path_factory, "mochi-1-preview-tiny", make_official_folder)
 
 
-def mochi(*flags, check=True):
-    return run_script("train_mochi.py", flags, check=check)
+mochi = script_runner("train_mochi.py")
 
 
 def test_the_loaders_read_the_sizes_off_the_files(folder):
@@ -85,53 +80,25 @@ def test_the_loaders_read_the_sizes_off_the_files(folder):
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir", folder["cache"], *CLIP]
-    p = mochi("--mode", "cache", *common)
-    files = [f for f in os.listdir(folder["cache"]) if f.endswith(".safetensors")]
-    assert len(files) == 8, (files, p.stdout[-2000:])
-    from data.cache import load_entry
-    t, _ = load_entry(os.path.join(folder["cache"], files[0]))
+    t, _ = checks.check_cache(mochi, common, folder["cache"])
     assert t["latents"].shape == (12, 2, 4, 4) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 12
 
     out = tmp_path / "full"
-    p = mochi(*common, "--out_dir", str(out), "--max_steps", "4", "--ckpt_every", "2", "--sample_prompts",
-              "a red circle moving left", "--sample_steps", "2")
-    assert "0 encoded" not in p.stdout  # everything came from the cache
-    from common.log import read_log
-    log = [r for r in read_log(out) if "loss" in r]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log)
+    checks.check_train_from_cache(mochi, common, out)
     cfg, sd = M.read_dit_checkpoint(str(out / "model.safetensors"))
     assert cfg == TINY_DIT and sd["blocks.0.attn.qkv_x.weight"].dtype == torch.bfloat16
     assert sd["pos_frequencies"].dtype == torch.float32 and sd["blocks.0.attn.q_norm_x.weight"].dtype == torch.float32
-    mochi(*common, "--out_dir", str(out), "--max_steps", "6", "--ckpt_every", "2", "--resume", "1")
-    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    from data.video import probe
-    info = probe(str(out / "samples" / "step_00000004_0.mp4"))
-    assert (info["frames"], info["height"], info["width"]) == (7, 32, 32)
+    checks.check_resume_to_6(mochi, common, out, 7)
 
     lora = tmp_path / "lora"
-    mochi(*common, "--out_dir", str(lora), "--max_steps", "3", "--lora_rank", "4", "--lr", "5e-2",
-          "--dit_path", str(out / "model.safetensors"))
-    lsd, rank, _ = M.read_lora(str(lora / "lora.safetensors"))
-    assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+    checks.check_lora_on_export(mochi, common, lora, str(out / "model.safetensors"), M.read_lora)
 
-    s = ["--mode", "sample", "--ckpt_dir", folder["ckpt"], "--dit_path", str(out / "model.safetensors"),
-         "--sample_prompts", "a blue square moving up", "--sample_steps", "3", "--height", "32", "--width", "32",
-         "--frames", "7", "--dtype", "bf16", "--cache_dir", folder["cache"]]
-    mochi(*s, "--out_dir", str(tmp_path / "s0"))
-    mochi(*s, "--out_dir", str(tmp_path / "s1"), "--lora", str(lora / "lora.safetensors"))
-    from data.video import read_clip
-    a = read_clip(str(tmp_path / "s0" / "samples" / "step_00000000_0.mp4"), 0, 7, 30, (32, 32))
-    b = read_clip(str(tmp_path / "s1" / "samples" / "step_00000000_0.mp4"), 0, 7, 30, (32, 32))
-    assert (a - b).abs().mean() > 0.01, (a - b).abs().mean()
-    assert not os.path.exists(tmp_path / "s0" / "args.json")
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"]], str(out / "model.safetensors"), folder["cache"], 7)
+    checks.check_lora_changes_the_sample(mochi, s, tmp_path, lora / "lora.safetensors", 7, 30)
 
 
 def test_bench_in_bf16(folder):
-    for extra in ([], ["--lora_rank", "4"]):
-        p = mochi("--mode", "bench", "--ckpt_dir", folder["ckpt"], *CLIP, "--bench_steps", "1", *extra)
-        res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
-        assert res["dtype"] == "torch.bfloat16" and res["step_s"] > 0 and res["loss"] == res["loss"]
-        assert res["tokens"] == 2 * 8
+    checks.check_bench_in_bf16(mochi, folder["ckpt"], CLIP, 2 * 8)
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -144,8 +111,4 @@ def test_bench_in_bf16(folder):
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
-    p = mochi(*base, *flags, check=False)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o")
+    checks.check_user_error(mochi, [*base, *flags], says, tmp_path / "o")

@@ -3,7 +3,6 @@ make_mochi_vae_golden.py; diffusers decodes differently), the encoder against th
 diffusers' AutoencoderKLMochi (whose encoder matches upstream's), full-size keys, shapes and parameter counts on the
 meta device against fixtures of the official keys, and the frame/latent arithmetic."""
 import hashlib
-import json
 import os
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_mochi as M
+from tests.checks import check_full_size_keys
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = M.VAE_PRESETS["tiny"]
@@ -139,11 +139,7 @@ def test_causal_in_time(vae):
 def test_full_size_keys_shapes_and_count(part, n_params):
     with torch.device("meta"):
         m = getattr(M.MochiVAE(M.VAE_PRESETS["official"]), part)
-    shapes = {k: list(v.shape) for k, v in m.state_dict().items()}
-    with open(os.path.join(FIX, f"mochi_vae_{part}_keys.json")) as f:
-        want = json.load(f)
-    assert shapes == want, set(shapes) ^ set(want)
-    assert sum(p.numel() for p in m.parameters()) == n_params
+    check_full_size_keys(m, os.path.join(FIX, f"mochi_vae_{part}_keys.json"), n_params)
 
 
 def test_tiled_decode_matches_upstream(vae, golden):

@@ -2,39 +2,18 @@
 file (ComfyUI key format + .alpha) gives the same outputs in diffusers (WanPipeline.load_lora_weights) as in our model.
 Also read_lora on our file and on a hand-written musubi/kohya file, and the file's header metadata."""
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import train_wan as W
+from tests.checks import load_lora, lora_modules, random_lora
 from tests.helpers import dit_inputs, tiny_dit
+from tests.procs import gloo_world_of_one
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: the scale (2) must reach the other side
-
-
-def lora_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, W.LoRALinear)}
-
-
-def random_lora(model, seed=3):
-    """Non-zero A and B, large enough that the adapter visibly moves the output."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for n, m in lora_modules(model).items():
-        sd[n + ".lora_A.weight"] = torch.randn(m.lora_A.weight.shape, generator=g) * 0.1
-        sd[n + ".lora_B.weight"] = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
-    return sd
-
-
-def load_lora(model, sd):
-    """Load adapter weights only; every LoRA key must be used and only base keys may be missing."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    assert not [k for k in missing if ".lora_" in k]
 
 
 def lora_model(sd, rank, alpha, seed=0):
@@ -71,15 +50,8 @@ def diffusers_base(model):
 @pytest.fixture(scope="module")
 def pg():
     """export_weights gathers through torch.distributed: a gloo world of one (made here, destroyed at the end)."""
-    mine = not dist.is_initialized()
-    if mine:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    if mine:
-        dist.destroy_process_group()
+    with gloo_world_of_one():
+        yield
 
 
 @pytest.fixture(scope="module")

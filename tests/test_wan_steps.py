@@ -1,16 +1,14 @@
 """The pieces of train_wan.py's training step, in process: caption dropout (seeded, per sample, the empty prompt's
 context), the gradient-reduction policy under FSDP2 (a full fine-tune never holds unsharded fp32 gradients), the
 RoPE table cache, and --help showing every flag's description."""
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import train_wan as W
 from common.args import field_comments
 from tests.helpers import dit_inputs, tiny_dit
-from tests.procs import run_script
+from tests.procs import gloo_world_of_one, run_script
 
 
 
@@ -38,12 +36,8 @@ def test_drop_captions_puts_the_empty_prompt_in_dropped_rows():
 
 @pytest.fixture
 def pg():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with gloo_world_of_one():
+        yield
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

@@ -1,0 +1,298 @@
+"""The check bodies that every model's tests share, each parameterised by the model's script and flags; a model's own
+assertions stay in its test file, on what these return. Toy runs: `run` is a tests/procs.py toy_runner. The real
+(non-toy) path of main(): `run` is a function of the flags that runs the script (check=False: do not raise)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+from common.log import read_log
+from tests.procs import ROOT, close, env, losses, records, script_cmd
+
+# ---- in-process: a model's LoRA adapters (any script's LoRALinear), its full-size keys
+
+
+def lora_modules(model):
+    """{name: module} of the model's LoRALinear modules (each script has its own class of that name)."""
+    return {n: m for n, m in model.named_modules() if type(m).__name__ == "LoRALinear"}
+
+
+def random_lora(model, seed=3):
+    """Non-zero A and B for every adapter, large enough that the adapter visibly moves the output."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, m in lora_modules(model).items():
+        sd[n + ".lora_A.weight"] = torch.randn(m.lora_A.weight.shape, generator=g) * 0.1
+        sd[n + ".lora_B.weight"] = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
+    return sd
+
+
+def load_lora(model, sd):
+    """Load adapter weights only (every LoRA key must be used, only base keys may be missing); returns the model."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if ".lora_" in k]
+    return model
+
+
+def check_full_size_keys(model, fixture, n_params, drop=()):
+    """A meta-device model's state-dict keys and shapes equal the upstream list in the JSON file `fixture` (less the
+    keys in `drop`), and its parameter count is n_params; returns that list."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    with open(fixture) as f:
+        want = json.load(f)
+    for k in drop:
+        want.pop(k)
+    assert sorted(shapes) == sorted(want), set(shapes) ^ set(want)
+    bad = {k: (shapes[k], want[k]) for k in want if shapes[k] != want[k]}
+    assert not bad, bad
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    return want
+
+
+# ---- toy runs (tests/test_*_train.py)
+
+
+def check_one_and_two_processes_agree(run, toy, tmp_path, *flags, falls=0.9):
+    """8 steps on 1 and on 2 processes with `flags`: the losses AND the gradient norms agree per step (equal up to
+    float summation order), and the mean loss of steps 7-8 is under `falls` x that of steps 1-2."""
+    run(toy, tmp_path / "p1", "--max_steps", "8", *flags)
+    run(toy, tmp_path / "p2", "--max_steps", "8", *flags, nproc=2)
+    a, b = records(tmp_path / "p1"), records(tmp_path / "p2")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in range(1, 9):
+        assert close(a[s]["loss"], b[s]["loss"]), (s, a[s], b[s])
+        assert close(a[s]["grad_norm"], b[s]["grad_norm"], 1e-3), (s, a[s], b[s])
+    assert sum(a[s]["loss"] for s in (7, 8)) < sum(a[s]["loss"] for s in (1, 2)) * falls, a
+
+
+def check_lora_trains_only_the_adapters(run, toy, tmp_path, *base_flags):
+    """A 3-step base run (+ base_flags), then rank-4 LoRA on its export for 4 steps in bf16 with --keep 2: two
+    checkpoints kept, the file holds only lora_A / lora_B / .alpha tensors, B left zero, the DCP checkpoint only
+    adapters. Returns the LoRA file's state dict (the model's own key checks are its test's)."""
+    from safetensors.torch import load_file
+    import torch.distributed.checkpoint as dcp
+    run(toy, tmp_path / "base", "--max_steps", "3", *base_flags)
+    out = tmp_path / "lora"
+    run(toy, out, "--max_steps", "4", "--lora_rank", "4", "--lr", "1e-2", "--ckpt_every", "1", "--keep", "2",
+        "--dit_path", str(tmp_path / "base" / "model.safetensors"), "--dtype", "bf16")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000004"]  # --keep 2
+    sd = load_file(str(out / "lora.safetensors"))
+    assert sd and all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in sd), list(sd)[:5]
+    # B starts at zero: after training it is not, so the adapters learned
+    assert max(v.abs().max().item() for k, v in sd.items() if ".lora_B." in k) > 0
+    # the checkpoint holds the trainable tensors only (the frozen base comes from --ckpt_dir on resume)
+    meta = dcp.FileSystemReader(str(out / "checkpoints" / "step_00000004")).read_metadata()
+    model_keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys[:5]
+    return sd
+
+
+def check_interrupted_run_resumes_exactly(run, toy, tmp_path):
+    """SIGTERM in the middle of an accumulated step (micro-batch 1: 8 a step): the step in flight is dropped and
+    said so, the last whole step is checkpointed (EMA included), a half-written later checkpoint (.tmp) is ignored,
+    and --resume 1 continues bit for bit as the uninterrupted run, exported EMA weights included."""
+    from safetensors.torch import load_file
+    flags = ["--micro_batch", "1", "--ema", "0.9", "--ema_export", "1", "--ckpt_every", "100"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(toy, full, "--max_steps", "8", *flags)
+    cmd = script_cmd(run.script, run.args(toy, cut, "--max_steps", "8", *flags))
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 300 and p.poll() is None:
+        if os.path.exists(cut / "log.jsonl") and len(losses(cut)) >= 2:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, stdout[-3000:]
+    done = sorted(os.listdir(cut / "checkpoints"))
+    assert len(done) == 1 and not done[0].endswith(".tmp"), done
+    k = int(done[0].split("_")[1])
+    assert 2 <= k < 8, (k, stdout[-2000:])
+    assert f"stopped by a signal in step {k + 1} (before micro-batch" in stdout and "of 8)" in stdout, stdout[-2000:]
+    # a crash in the middle of a later checkpoint write leaves a .tmp folder behind: it must be ignored
+    os.makedirs(cut / "checkpoints" / "step_00000099.tmp")
+    (cut / "checkpoints" / "step_00000099.tmp" / "junk").write_text("half a checkpoint")
+    run(toy, cut, "--max_steps", "8", "--resume", "1", *flags)
+    a, b = losses(full), losses(cut)
+    assert sorted(b) == list(range(1, 9))  # log.jsonl reads as one run: the redone steps are not there twice
+    for s in range(k + 1, 9):
+        assert a[s] == b[s], (s, a[s], b[s])  # exact: same weights, optimizer state, data position and noise
+    wa, wb = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+def check_resume_across_world_sizes(run, toy, tmp_path, pairs=((1, 2), (2, 1)), steps=6):
+    """For each (first, then): `first` processes to step 3, then `then` processes to `steps` with --resume 1: the
+    losses and gradient norms of steps 4.. equal an uninterrupted 1-process run's."""
+    run(toy, tmp_path / "one", "--max_steps", str(steps))
+    a = records(tmp_path / "one")
+    for first, then in pairs:
+        out = tmp_path / f"{first}to{then}"
+        run(toy, out, "--max_steps", "3", "--ckpt_every", "3", nproc=first)
+        run(toy, out, "--max_steps", str(steps), "--resume", "1", nproc=then)
+        b = records(out)
+        for s in range(4, steps + 1):
+            assert close(a[s]["loss"], b[s]["loss"]) and close(a[s]["grad_norm"], b[s]["grad_norm"], 1e-3), \
+                (first, then, s, a[s], b[s])
+
+
+def check_run_folder_is_never_another_runs(run, toy, tmp_path, changed, says):
+    """A second run in a run's folder is refused (exit 2, pointing to --resume 1); --resume 1 with the `changed`
+    flags is refused, its error naming each change in `says`; the folder's checkpoint is untouched."""
+    out = tmp_path / "r"
+    run(toy, out, "--max_steps", "2", "--ckpt_every", "2")
+    p = run(toy, out, "--max_steps", "2", check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr and "--resume 1" in p.stderr, p.stderr
+    p = run(toy, out, "--max_steps", "4", "--resume", "1", *changed, check=False)
+    assert p.returncode == 2 and all(s in p.stderr for s in says), (says, p.stderr)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]  # nothing was touched
+
+
+def check_validation_loss_is_fixed(run, toy, tmp_path, runs=1):
+    """`runs` equal runs of 4 steps at lr 0 with validation every 2: two validation losses a run, the same in
+    every run and at both steps (fixed clips, sigmas and noise, weights that do not move). Returns the first's."""
+    vs = []
+    for i in range(1, runs + 1):
+        run(toy, tmp_path / f"v{i}", "--max_steps", "4", "--val_count", "4", "--val_every", "2", "--lr", "0")
+        vs.append([r["val_loss"] for r in read_log(tmp_path / f"v{i}") if "val_loss" in r])
+    assert len(vs[0]) == 2 and all(v == vs[0] for v in vs), vs
+    assert vs[0][0] == vs[0][1], vs
+    return vs[0]
+
+
+def check_sample_mode_with_lora(run, toy, tmp_path, *sample_flags, base_flags=()):
+    """A 2-step base run (+ base_flags), a rank-2 LoRA on its export, then --mode sample of one prompt in 3 steps
+    with that LoRA (+ sample_flags): an mp4 of 5 frames of 16x16. Returns the sample run's process."""
+    import av
+    run(toy, tmp_path / "base", "--max_steps", "2", *base_flags)
+    run(toy, tmp_path / "lora", "--max_steps", "2", "--lora_rank", "2",
+        "--dit_path", str(tmp_path / "base" / "model.safetensors"))
+    p = run(toy, tmp_path / "s", "--mode", "sample", "--dit_path", str(tmp_path / "base" / "model.safetensors"),
+            "--lora", str(tmp_path / "lora" / "lora.safetensors"), "--sample_prompts", "a red circle moving left",
+            "--sample_steps", "3", *sample_flags)
+    with av.open(str(tmp_path / "s" / "samples" / "step_00000000_0.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (16, 16, 3)
+    return p
+
+
+def check_bench(run, toy, out):
+    """--mode bench for 1 step with AC prints its figures as a JSON line: 4 x 80 tokens, positive times. Returns it."""
+    p = run(toy, out, "--mode", "bench", "--bench_steps", "1", "--ac", "1")
+    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    assert res["tokens"] == 4 * 5 * 4 * 4 and res["step_s"] > 0 and res["tokens_s"] > 0, res
+    return res
+
+
+def check_compile_and_ac_keep_the_math(run, toy, tmp_path):
+    """--compile 1 --ac 1 give the plain run's losses over 2 steps, and the exported keys carry no wrapper names.
+    Returns those keys."""
+    from safetensors.torch import load_file
+    run(toy, tmp_path / "plain", "--max_steps", "2")
+    run(toy, tmp_path / "fast", "--max_steps", "2", "--compile", "1", "--ac", "1", timeout=900)
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "fast")
+    for s in (1, 2):
+        assert close(a[s], b[s]), (s, a[s], b[s])
+    keys = load_file(str(tmp_path / "fast" / "model.safetensors")).keys()
+    assert not [k for k in keys if "_orig_mod" in k or "_checkpoint_wrapped" in k]
+    return keys
+
+
+# ---- the real path of main() on a tiny official folder (tests/test_*_main.py)
+
+
+def official_folder(tmp_path_factory, name, make):
+    """For a module fixture: make(path) writes a tiny model in its official layout at <tmp>/<name>, beside 8 toy
+    clips of 32x32 and 9 frames; returns {"ckpt": that path, "data", "cache": a folder for the cache, "root"}."""
+    from data.toy import make_toy_dataset
+    d = tmp_path_factory.mktemp("official")
+    make(str(d / name))
+    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
+    return {"ckpt": str(d / name), "data": str(d / "clips"), "cache": str(d / "cache"), "root": d}
+
+
+def sample_flags(model, dit_path, cache, frames, *extra):
+    """--mode sample of one prompt ("a blue square moving up") in 3 steps at 32x32 x `frames` in bf16, from the
+    `model` flags (--ckpt_dir ...) and the DiT file `dit_path` (+ extra)."""
+    return ["--mode", "sample", *model, "--dit_path", dit_path, "--sample_prompts", "a blue square moving up",
+            "--sample_steps", "3", "--height", "32", "--width", "32", "--frames", str(frames), "--dtype", "bf16",
+            "--cache_dir", cache, *extra]
+
+
+def check_cache(run, common, cache, n=8):
+    """--mode cache (the `common` flags) fills the folder `cache` with `n` entries; returns (tensors, meta) of one."""
+    from data.cache import load_entry
+    p = run("--mode", "cache", *common)
+    files = [f for f in os.listdir(cache) if f.endswith(".safetensors")]
+    assert len(files) == n, (files, p.stdout[-2000:])
+    return load_entry(os.path.join(cache, files[0]))
+
+
+def check_train_from_cache(run, common, out, *flags):
+    """A full fine-tune of 4 steps (+ flags) with a checkpoint at 2 and a 2-step sample at the end, all from the
+    cache: finite losses, gradients that move. Returns the process."""
+    p = run(*common, "--out_dir", str(out), "--max_steps", "4", "--ckpt_every", "2", "--sample_prompts",
+            "a red circle moving left", "--sample_steps", "2", *flags)
+    assert "encoding" not in p.stderr and "0 encoded" not in p.stdout  # everything came from the cache
+    log = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log)  # finite, learning
+    return p
+
+
+def check_resume_to_6(run, common, out, frames, *flags):
+    """The run of check_train_from_cache to step 6 with --resume 1 (+ flags): one log of steps 1-6, checkpoints 2,
+    4, 6, and its step-4 sample decoded by the VAE to `frames` frames of 32x32."""
+    from data.video import probe
+    run(*common, "--out_dir", str(out), "--max_steps", "6", "--ckpt_every", "2", "--resume", "1", *flags)
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004", "step_00000006"]
+    info = probe(str(out / "samples" / "step_00000004_0.mp4"))
+    assert (info["frames"], info["height"], info["width"]) == (frames, 32, 32)
+
+
+def check_lora_on_export(run, common, out, dit_path, read_lora):
+    """A rank-4 LoRA, 3 steps at lr 5e-2, on the exported DiT `dit_path`: the file reads back (`read_lora`, the
+    script's) with rank 4 and a B that moved. Returns the read state dict."""
+    run(*common, "--out_dir", str(out), "--max_steps", "3", "--lora_rank", "4", "--lr", "5e-2", "--dit_path", dit_path)
+    lsd, rank, _ = read_lora(str(out / "lora.safetensors"))
+    assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+    return lsd
+
+
+def check_lora_changes_the_sample(run, sample, tmp_path, lora, frames, fps):
+    """--mode sample (the `sample` flags) into s0 without and s1 with the LoRA file `lora`: the LoRA changes the
+    video, and sampling leaves no run files behind. Returns the two clips (read at `frames` frames, `fps`)."""
+    from data.video import read_clip
+    run(*sample, "--out_dir", str(tmp_path / "s0"))
+    run(*sample, "--out_dir", str(tmp_path / "s1"), "--lora", str(lora))
+    a, b = (read_clip(str(tmp_path / d / "samples" / "step_00000000_0.mp4"), 0, frames, fps, (32, 32))
+            for d in ("s0", "s1"))
+    assert (a - b).abs().float().mean() > 0.01, (a - b).abs().float().mean()
+    assert not os.path.exists(tmp_path / "s0" / "args.json")  # sampling leaves no run files behind
+    return a, b
+
+
+def check_bench_in_bf16(run, ckpt, clip, tokens):
+    """--mode bench of the model at `ckpt` (the `clip` flags), plain and with a rank-4 LoRA: bf16, a positive step
+    time, a finite loss, `tokens` tokens."""
+    for extra in ([], ["--lora_rank", "4"]):
+        p = run("--mode", "bench", "--ckpt_dir", ckpt, *clip, "--bench_steps", "1", *extra)
+        res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+        assert res["dtype"] == "torch.bfloat16" and res["step_s"] > 0 and res["loss"] == res["loss"]
+        assert res["tokens"] == tokens
+
+
+def check_user_error(run, args, says, out):
+    """The script with `args` stops before any work: exit 2, one stderr line `error: ...` containing `says`, no
+    traceback, and no run folder `out` made."""
+    p = run(*args, check=False)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and not os.path.exists(out)
