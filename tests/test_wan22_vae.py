@@ -3,7 +3,6 @@ configuration (an independent implementation), loaded from OUR state dict throug
 below; causality of the chunked encode/decode; full-size keys and shapes on the meta device against a fixture made
 from diffusers' full-size 2.2 model (tests/fixtures/make_wan22_vae_keys.py); load_vae telling 2.2 from 2.1 by the
 weights; bf16 on CPU."""
-import json
 import os
 import re
 
@@ -11,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.test_wan_vae import (check_causal, check_full_size, check_loads_back, check_matches_diffusers,
+                                  check_names_bad_keys, randomise, video)
 from train_wan import VAE22_PRESETS, VAE_PRESETS, Wan22VAE, WanVAE, load_vae
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -19,18 +20,7 @@ TINY = VAE22_PRESETS["tiny"]
 
 def tiny_vae(seed=0):
     torch.manual_seed(seed)
-    model = Wan22VAE(TINY)
-    # randomise everything (gamma too) so that a swapped or ignored tensor shows up; N(0, 0.25/fan_in) keeps activations
-    # O(1) so the decoded video is mostly inside the [-1, 1] clamp
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.5 * p[0].numel() ** -0.5)
-    return model.eval().requires_grad_(False)
+    return randomise(Wan22VAE(TINY))
 
 
 # Official Wan2.2_VAE.pth key -> diffusers AutoencoderKLWan(is_residual=True) key. diffusers 0.42.1 ships no loader for
@@ -84,65 +74,13 @@ def pair():
     return model, diffusers_twin(model)
 
 
-def video(B, F, H, W, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(B, 3, F, H, W, generator=g) * 2 - 1
-
-
 @pytest.mark.parametrize("frames", [1, 5, 9])
 def test_vae22_matches_diffusers(pair, frames):
-    model, ref = pair
-    B, H, W = 2, 32, 48  # H != W catches a swapped reshape
-    x = video(B, frames, H, W)
-    mean = torch.tensor(model.cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(model.cfg.latents_std).view(1, -1, 1, 1, 1)
-    T = (frames - 1) // 4 + 1
-    with torch.no_grad():
-        z = model.encode(x)
-        z_ref = (ref.encode(x).latent_dist.mode() - mean) / std
-        assert z.shape == z_ref.shape == (B, 48, T, H // 16, W // 16)
-        enc_err = (z - z_ref).abs().max().item()
-
-        # decode independent latents, not just our own output, so a decoder bug can't hide behind the encoder
-        zin = torch.randn(B, 48, T, H // 16, W // 16, generator=torch.Generator().manual_seed(2))
-        v = model.decode(zin)
-        v_ref = ref.decode(zin * std + mean).sample.clamp(-1, 1)
-        assert v.shape == v_ref.shape == (B, 3, frames, H, W)
-        dec_err = (v - v_ref).abs().max().item()
-    print(f"frames={frames}: encode max diff {enc_err:.2e}, decode max diff {dec_err:.2e}")
-    assert enc_err <= 1e-5, enc_err
-    assert dec_err <= 1e-5, dec_err
-    # the comparison means something only if the clamp didn't flatten the output, and the batch items differ
-    assert (v.abs() < 1).float().mean() > 0.9
-    assert not torch.allclose(z[0], z[1]) and not torch.allclose(v[0], v[1])
+    check_matches_diffusers(*pair, frames, B=2, H=32, W=48)
 
 
 def test_vae22_is_causal():
-    # the first latent frame depends only on the first video frame, latents 0-1 only on frames 0-4; and back
-    model = tiny_vae()
-    x = video(2, 9, 32, 48)
-    with torch.no_grad():
-        z9 = model.encode(x)                 # 3 latents
-        z5 = model.encode(x[:, :, :5])       # 2 latents
-        z1 = model.encode(x[:, :, :1])       # 1 latent
-        y = x.clone()
-        y[:, :, 1:] = video(2, 8, 32, 48, seed=7)  # other frames after the first
-        z9_other = model.encode(y)
-        enc_err = max((z5 - z9[:, :, :2]).abs().max().item(), (z1 - z9[:, :, :1]).abs().max().item(),
-                      (z9_other[:, :, 0] - z9[:, :, 0]).abs().max().item())
-        v3 = model.decode(z9)                # 9 frames
-        v2 = model.decode(z9[:, :, :2])      # 5 frames
-        v1 = model.decode(z9[:, :, :1])      # 1 frame
-        dec_err = max((v2 - v3[:, :, :5]).abs().max().item(), (v1 - v3[:, :, :1]).abs().max().item())
-    assert z1.shape[2] == 1 and z5.shape[2] == 2 and v1.shape[2] == 1 and v2.shape[2] == 5
-    print(f"causality: encode max diff {enc_err:.2e}, decode max diff {dec_err:.2e}")
-    assert enc_err <= 1e-5, enc_err
-    assert dec_err <= 1e-5, dec_err
-    # and the later latents do depend on what came before (otherwise the test above proves nothing about the cache)
-    assert (z9_other[:, :, 1:] - z9[:, :, 1:]).abs().max() > 1e-3
-    with torch.no_grad():
-        z_alone = model.encode(torch.cat([x[:, :, :1], x[:, :, 5:9]], dim=2))
-    assert (z_alone[:, :, 1] - z9[:, :, 2]).abs().max() > 1e-3
+    check_causal(tiny_vae(), 32, 48)
 
 
 def test_vae22_rejects_bad_shapes():
@@ -177,17 +115,8 @@ SPEC_KEYS = {
 def test_full_size_keys_and_shapes_on_meta():
     with torch.device("meta"):
         model = Wan22VAE(VAE22_PRESETS["2.2"])
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    with open(os.path.join(FIX, "wan22_vae_keys.json")) as f:
-        official = json.load(f)
+    official = check_full_size(model, "wan22_vae_keys.json", SPEC_KEYS, 704_688_668, 149_627_776, 555_049_228)
     assert len(official) == 196
-    assert ours == official
-    assert list(ours) == list(official)  # same order too, so a state_dict dump diffs cleanly against the official one
-    for k, shape in SPEC_KEYS.items():
-        assert tuple(official[k]) == shape, k
-    assert sum(p.numel() for p in model.parameters()) == 704_688_668
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.")) == 149_627_776
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.")) == 555_049_228
     # the 2.2 layout: stage modules with their residual blocks and resamplers nested inside
     assert "encoder.downsamples.1.downsamples.2.time_conv.weight" in official
     assert "decoder.upsamples.0.upsamples.3.time_conv.weight" in official
@@ -210,15 +139,8 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("name", ["vae.pth", "vae.safetensors", "ti2v", "Wan2.1_VAE.pth"])
 def test_load_vae22_round_trip(saved, name):
     model, d = saved
-    loaded = load_vae(str(d / name))  # no config: the version and the widths come from the file
+    loaded = check_loads_back(model, d / name, video(1, 5, 32, 16))  # no config: version and widths from the file
     assert isinstance(loaded, Wan22VAE) and loaded.cfg == TINY
-    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    x = video(1, 5, 32, 16)
-    with torch.no_grad():
-        z, z_loaded = model.encode(x), loaded.encode(x)
-        v, v_loaded = model.decode(z), loaded.decode(z)
-    assert torch.equal(z, z_loaded)
-    assert torch.equal(v, v_loaded)
 
 
 def test_load_vae_still_reads_wan21(tmp_path):
@@ -261,19 +183,7 @@ def test_load_vae22_bf16(saved):
 
 
 def test_load_vae22_names_missing_and_unexpected_keys(saved, tmp_path):
-    model, _ = saved
-    sd = dict(model.state_dict())
-    del sd["decoder.upsamples.0.upsamples.3.time_conv.weight"]
-    torch.save(sd, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="Wan 2.2 VAE: 1 missing keys.*decoder\\.upsamples\\.0\\.upsamples\\.3\\."
-                                         "time_conv\\.weight"):
-        load_vae(str(tmp_path / "missing.pth"))
-
-    sd = dict(model.state_dict())
-    sd["encoder.extra.weight"] = torch.zeros(1)
-    save_file(sd, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(ValueError, match="1 unexpected keys.*encoder\\.extra\\.weight"):
-        load_vae(str(tmp_path / "extra.safetensors"))
+    check_names_bad_keys(saved[0], tmp_path, "decoder.upsamples.0.upsamples.3.time_conv.weight", say="Wan 2.2 VAE: ")
 
 
 def test_load_vae_wrong_version_asked(saved, tmp_path):

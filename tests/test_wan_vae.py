@@ -3,6 +3,7 @@ through diffusers' own key conversion; causality of the chunked encode/decode; f
 device against a fixture dumped from the official code; load_vae round trips and its error messages."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,11 +15,10 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = VAE_PRESETS["tiny"]
 
 
-def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    model = WanVAE(TINY)
-    # default init leaves gamma = 1 and small biases: randomise everything so a swapped or ignored tensor shows up.
-    # Weights ~ N(0, 0.25/fan_in) keep activations O(1), so the decoded video is almost all inside the [-1, 1] clamp.
+def randomise(model):
+    """Every tensor of a VAE random: default init leaves gamma = 1 and small biases, so a swapped or ignored tensor
+    would not show. Weights ~ N(0, 0.25/fan_in) keep activations O(1), so the decoded video is almost all inside the
+    [-1, 1] clamp. -> the model, in eval mode, frozen."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
@@ -28,6 +28,11 @@ def tiny_vae(seed=0):
             else:
                 p.normal_(0, 0.5 * p[0].numel() ** -0.5)
     return model.eval().requires_grad_(False)
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return randomise(WanVAE(TINY))
 
 
 def diffusers_twin(model):
@@ -53,22 +58,22 @@ def video(B, F, H, W, seed=1):
     return torch.rand(B, 3, F, H, W, generator=g) * 2 - 1
 
 
-@pytest.mark.parametrize("frames", [1, 9])
-def test_vae_matches_diffusers(pair, frames):
-    model, ref = pair
-    B, H, W = 2, 16, 24  # H != W catches a swapped reshape
+def check_matches_diffusers(model, ref, frames, B, H, W):
+    """Our encode (posterior mean, normalised) and decode against diffusers' on the same weights, <= 1e-5 fp32.
+    Used for the Wan 2.1 VAE here and the Wan 2.2 one in test_wan22_vae.py; H != W catches a swapped reshape."""
     x = video(B, frames, H, W)
     mean = torch.tensor(model.cfg.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(model.cfg.latents_std).view(1, -1, 1, 1, 1)
-    T = (frames - 1) // 4 + 1
+    st, sh, sw = model.stride
+    lat = (B, model.z_dim, (frames - 1) // st + 1, H // sh, W // sw)
     with torch.no_grad():
         z = model.encode(x)
         z_ref = (ref.encode(x).latent_dist.mode() - mean) / std
-        assert z.shape == z_ref.shape == (B, 16, T, H // 8, W // 8)
+        assert z.shape == z_ref.shape == lat
         enc_err = (z - z_ref).abs().max().item()
 
         # decode independent latents, not just our own output, so a decoder bug can't hide behind the encoder
-        zin = torch.randn(B, 16, T, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
+        zin = torch.randn(*lat, generator=torch.Generator().manual_seed(2))
         v = model.decode(zin)
         v_ref = ref.decode(zin * std + mean).sample.clamp(-1, 1)
         assert v.shape == v_ref.shape == (B, 3, frames, H, W)
@@ -81,23 +86,41 @@ def test_vae_matches_diffusers(pair, frames):
     assert not torch.allclose(z[0], z[1]) and not torch.allclose(v[0], v[1])
 
 
-def test_vae_is_causal():
-    model = tiny_vae()
-    x = video(2, 9, 16, 24)
+@pytest.mark.parametrize("frames", [1, 9])
+def test_vae_matches_diffusers(pair, frames):
+    check_matches_diffusers(*pair, frames, B=2, H=16, W=24)
+
+
+def check_causal(model, H, W):
+    """The first latent frame depends only on the first video frame, latents 0-1 only on frames 0-4; and back for
+    decode; and the later latents do depend on the earlier frames (the chunk cache carries them)."""
+    x = video(2, 9, H, W)
     with torch.no_grad():
         z9 = model.encode(x)                 # 3 latents
         z5 = model.encode(x[:, :, :5])       # 2 latents
-        enc_err = (z5 - z9[:, :, :2]).abs().max().item()
+        z1 = model.encode(x[:, :, :1])       # 1 latent
+        y = x.clone()
+        y[:, :, 1:] = video(2, 8, H, W, seed=7)  # other frames after the first
+        z9_other = model.encode(y)
+        enc_err = max((z5 - z9[:, :, :2]).abs().max().item(), (z1 - z9[:, :, :1]).abs().max().item(),
+                      (z9_other[:, :, 0] - z9[:, :, 0]).abs().max().item())
         v3 = model.decode(z9)                # 9 frames
         v2 = model.decode(z9[:, :, :2])      # 5 frames
-        dec_err = (v2 - v3[:, :, :5]).abs().max().item()
-    assert z5.shape[2] == 2 and v2.shape[2] == 5
+        v1 = model.decode(z9[:, :, :1])      # 1 frame
+        dec_err = max((v2 - v3[:, :, :5]).abs().max().item(), (v1 - v3[:, :, :1]).abs().max().item())
+    assert z1.shape[2] == 1 and z5.shape[2] == 2 and v1.shape[2] == 1 and v2.shape[2] == 5
+    print(f"causality: encode max diff {enc_err:.2e}, decode max diff {dec_err:.2e}")
     assert enc_err <= 1e-5, enc_err
     assert dec_err <= 1e-5, dec_err
-    # and the later frames do depend on what came before (otherwise the test above proves nothing about the cache)
+    # and the later latents do depend on what came before (otherwise the test above proves nothing about the cache)
+    assert (z9_other[:, :, 1:] - z9[:, :, 1:]).abs().max() > 1e-3
     with torch.no_grad():
         z_alone = model.encode(torch.cat([x[:, :, :1], x[:, :, 5:9]], dim=2))
     assert (z_alone[:, :, 1] - z9[:, :, 2]).abs().max() > 1e-3
+
+
+def test_vae_is_causal():
+    check_causal(tiny_vae(), 16, 24)
 
 
 def test_vae_rejects_bad_frame_count():
@@ -128,21 +151,27 @@ SPEC_KEYS = {
 }
 
 
+def check_full_size(model, fixture, spec_keys, n_params, n_encoder, n_decoder):
+    """A full-size VAE built on meta: its keys, their order and shapes equal the fixture's (dumped from the official
+    code, or from diffusers' model renamed back), the spec's shapes hold in the fixture, and the parameter counts are
+    the spec's. Used for Wan 2.1 here and Wan 2.2 in test_wan22_vae.py. -> the fixture."""
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    with open(os.path.join(FIX, fixture)) as f:
+        official = json.load(f)
+    assert ours == official
+    assert list(ours) == list(official)  # same order too, so a state_dict dump diffs cleanly against the official one
+    for k, shape in spec_keys.items():
+        assert tuple(official[k]) == shape, k
+    count = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
+    assert (count(""), count("encoder."), count("decoder.")) == (n_params, n_encoder, n_decoder)
+    return official
+
+
 def test_full_size_keys_and_shapes_on_meta():
     with torch.device("meta"):
         model = WanVAE(VAE_PRESETS["2.1"])
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    with open(os.path.join(FIX, "wan21_vae_keys.json")) as f:
-        official = json.load(f)
-    assert len(official) == 194
-    assert ours == official
-    assert list(ours) == list(official)  # same order too, so a state_dict dump diffs cleanly against the official one
-    for k, shape in SPEC_KEYS.items():
-        assert tuple(official[k]) == shape, k
-    assert "encoder.head.0.gamma" in official
-    assert sum(p.numel() for p in model.parameters()) == 126_892_531
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.")) == 53_595_872
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.")) == 73_295_331
+    official = check_full_size(model, "wan21_vae_keys.json", SPEC_KEYS, 126_892_531, 53_595_872, 73_295_331)
+    assert len(official) == 194 and "encoder.head.0.gamma" in official
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +186,23 @@ def saved(tmp_path_factory):
     return model, d
 
 
-@pytest.mark.parametrize("name", ["vae.pth", "vae.safetensors", "ckpt"])
-def test_load_vae_round_trip(saved, name):
-    model, d = saved
-    loaded = load_vae(str(d / name), config=TINY)
+def check_loads_back(model, path, x, **kw):
+    """load_vae(path, **kw) gives a frozen eval-mode VAE whose encode and decode of x equal `model`'s bit for bit.
+    -> the loaded VAE."""
+    loaded = load_vae(str(path), **kw)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    x = video(1, 5, 8, 16)
     with torch.no_grad():
         z, z_loaded = model.encode(x), loaded.encode(x)
         v, v_loaded = model.decode(z), loaded.decode(z)
     assert torch.equal(z, z_loaded)
     assert torch.equal(v, v_loaded)
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["vae.pth", "vae.safetensors", "ckpt"])
+def test_load_vae_round_trip(saved, name):
+    model, d = saved
+    check_loads_back(model, d / name, video(1, 5, 8, 16), config=TINY)
 
 
 def test_load_vae_bf16(saved):
@@ -181,19 +216,22 @@ def test_load_vae_bf16(saved):
     assert (z - z16).abs().max() < 0.1 * z.abs().max()
 
 
-def test_load_vae_names_missing_and_unexpected_keys(saved, tmp_path):
-    model, _ = saved
+def check_names_bad_keys(model, tmp_path, missing, say="", **kw):
+    """A file without the key `missing` and one with an extra key: load_vae names each ("<say>N missing keys: ...")."""
     sd = dict(model.state_dict())
-    del sd["decoder.upsamples.3.time_conv.weight"]
+    del sd[missing]
     torch.save(sd, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="1 missing keys.*decoder\\.upsamples\\.3\\.time_conv\\.weight"):
-        load_vae(str(tmp_path / "missing.pth"), config=TINY)
-
+    with pytest.raises(ValueError, match=f"{say}1 missing keys.*{re.escape(missing)}"):
+        load_vae(str(tmp_path / "missing.pth"), **kw)
     sd = dict(model.state_dict())
     sd["encoder.extra.weight"] = torch.zeros(1)
     save_file(sd, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match="1 unexpected keys.*encoder\\.extra\\.weight"):
-        load_vae(str(tmp_path / "extra.safetensors"), config=TINY)
+        load_vae(str(tmp_path / "extra.safetensors"), **kw)
+
+
+def test_load_vae_names_missing_and_unexpected_keys(saved, tmp_path):
+    check_names_bad_keys(saved[0], tmp_path, "decoder.upsamples.3.time_conv.weight", config=TINY)
 
 
 def test_load_vae_reads_its_width_off_the_file_and_rejects_wrong_shapes(saved):
