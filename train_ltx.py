@@ -838,6 +838,8 @@ def dit_config_from(c):
         raise ValueError("transformer config patch_size != 1: LTX-Video 0.9.x DiTs have one token per latent pixel")
     fields = {f.name for f in dataclasses.fields(LTXConfig)}
     kw = {k: v for k, v in c.items() if k in fields}
+    if "causal_temporal_positioning" not in kw:  # absent (diffusers configs never carry it): the README's choice
+        kw["causal_temporal_positioning"] = kw.get("num_layers") == 48  # 13B causal, 2B not (a port read both headers)
     if "positional_embedding_max_pos" in kw:
         kw["positional_embedding_max_pos"] = tuple(kw["positional_embedding_max_pos"])
     return LTXConfig(**kw)
@@ -856,6 +858,63 @@ def vae_config_from(c):
         raise ValueError("vae config without encoder_blocks: that is the 0.9.0 VAE; train_ltx.py loads 0.9.5+")
     fields = {f.name for f in dataclasses.fields(VAEConfig)}
     return VAEConfig(**{k: v for k, v in c.items() if k in fields})
+
+
+def vae_from_diffusers(c):
+    """-> (VAEConfig, renames) of a diffusers AutoencoderKLLTXVideo config.json (the 0.9.5+ layout). diffusers groups
+    the encoder as down_blocks.i = (resnets, downsamplers.0) + mid_block and the decoder as mid_block + up_blocks.i =
+    (upsamplers.0, resnets); ours is the flat block list of the official config, so the same walk over the config
+    gives our block list and the key renames (diffusers prefix -> official prefix) of every group."""
+    if c.get("_class_name", "AutoencoderKLLTXVideo") != "AutoencoderKLLTXVideo":
+        raise ValueError(f"vae/config.json is a {c['_class_name']}: expected AutoencoderKLLTXVideo")
+    if any(t != "LTXVideo095DownBlock3D" for t in c["down_block_types"]) or any(c.get("decoder_inject_noise", ())) \
+            or not c.get("timestep_conditioning") or c.get("patch_size_t", 1) != 1 or not c.get("encoder_causal", 1):
+        raise ValueError("diffusers VAE config: not the 0.9.5+ VAE (LTXVideo095DownBlock3D, timestep-conditioned "
+                         "decoder, no noise injection); train_ltx.py loads 0.9.5+")
+    boc, lpb = c["block_out_channels"], c["layers_per_block"]
+    kinds = {"spatial": "compress_space_res", "temporal": "compress_time_res", "spatiotemporal": "compress_all_res"}
+    enc, ren = [], [("latents_mean", "per_channel_statistics.mean-of-means"),
+                    ("latents_std", "per_channel_statistics.std-of-means"),
+                    ("decoder.time_embedder.", "decoder.last_time_embedder."),
+                    ("decoder.scale_shift_table", "decoder.last_scale_shift_table")]
+    for i, (n, down, kind) in enumerate(zip(lpb, c["spatio_temporal_scaling"], c["downsample_type"])):
+        ren.append((f"encoder.down_blocks.{i}.resnets.", f"encoder.down_blocks.{len(enc)}.res_blocks."))
+        enc.append(["res_x", {"num_layers": n}])
+        if down:
+            ren.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down_blocks.{len(enc)}."))
+            enc.append([kinds[kind], {"multiplier": boc[i + 1] // boc[i]}])
+    ren.append(("encoder.mid_block.resnets.", f"encoder.down_blocks.{len(enc)}.res_blocks."))
+    enc.append(["res_x", {"num_layers": lpb[-1]}])
+    # the decoder in the order it runs: our up_blocks indices; the config lists it widest last
+    dboc, dlpb = c["decoder_block_out_channels"][::-1], c["decoder_layers_per_block"][::-1]
+    up, res = c["upsample_factor"][::-1], c["upsample_residual"][::-1]
+    dec = [["res_x", {"num_layers": dlpb[0], "inject_noise": False}]]
+    ren += [("decoder.mid_block.resnets.", "decoder.up_blocks.0.res_blocks."),
+            ("decoder.mid_block.time_embedder.", "decoder.up_blocks.0.time_embedder.")]
+    C = dboc[0]
+    for i, scale in enumerate(c["decoder_spatio_temporal_scaling"][::-1]):
+        if C != dboc[i] or not scale:  # diffusers would add a conv_in resnet or skip the upsampler: not in 0.9.5+
+            raise ValueError("diffusers VAE config: decoder widths or upsamplers that the 0.9.5+ layout does not have")
+        ren.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up_blocks.{len(dec)}."))
+        dec.append(["compress_all", {"residual": bool(res[i]), "multiplier": up[i]}])
+        C //= up[i]
+        ren += [(f"decoder.up_blocks.{i}.resnets.", f"decoder.up_blocks.{len(dec)}.res_blocks."),
+                (f"decoder.up_blocks.{i}.time_embedder.", f"decoder.up_blocks.{len(dec)}.time_embedder.")]
+        dec.append(["res_x", {"num_layers": dlpb[i + 1], "inject_noise": False}])
+    cfg = VAEConfig(encoder_blocks=enc, decoder_blocks=dec[::-1], latent_channels=c["latent_channels"],
+                    patch_size=c["patch_size"], encoder_base_channels=boc[0], decoder_base_channels=C,
+                    causal_decoder=bool(c.get("decoder_causal", False)), in_channels=c.get("in_channels", 3),
+                    out_channels=c.get("out_channels", 3))  # diffusers pads with zeros: our default
+    return cfg, ren
+
+
+def rename_prefixes(sd, renames):
+    """Each key whose start is one of the diffusers prefixes gets the official one instead (the first that matches)."""
+    out = {}
+    for k, v in sd.items():
+        a, b = next(((a, b) for a, b in renames if k.startswith(a)), ("", ""))
+        out[b + k[len(a):]] = v
+    return out
 
 
 def dit_source(path):
@@ -904,14 +963,27 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     return model.to(device).eval()
 
 
-def load_vae(path, dtype=torch.float32, device="cpu"):
-    """The VAE of an official single file (keys `vae.*`, config from the header's "vae" section), eval, frozen."""
+def read_vae_checkpoint(path, dtype=None):
+    """-> (VAEConfig, state dict with the official keys) of an official single file (keys `vae.*`, config from the
+    header's "vae" section) or a diffusers folder (vae/ or the folder itself: config.json +
+    diffusion_pytorch_model*.safetensors, keys renamed by rename_prefixes)."""
     path = str(path)
+    if os.path.isdir(path):
+        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+        with open(os.path.join(folder, "config.json")) as f:
+            vcfg, renames = vae_from_diffusers(json.load(f))
+        return vcfg, rename_prefixes(read_prefixed(safetensors_files(folder, "diffusion_pytorch_model"), "", dtype),
+                                     renames)
     cfg = header_config(path)
     if "vae" not in cfg:
-        raise ValueError(f"{path}: no 'vae' section in the header config; pass the official ltxv-*.safetensors file")
-    vcfg = vae_config_from(cfg["vae"])
-    sd = read_prefixed([path], VAE_PREFIX, dtype)
+        raise ValueError(f"{path}: no 'vae' section in the header config; pass the official ltxv-*.safetensors "
+                         "file or a diffusers folder")
+    return vae_config_from(cfg["vae"]), read_prefixed([path], VAE_PREFIX, dtype)
+
+
+def load_vae(path, dtype=torch.float32, device="cpu"):
+    """The VAE (eval, frozen) of an official single file or a diffusers folder (see read_vae_checkpoint)."""
+    vcfg, sd = read_vae_checkpoint(path, dtype)
     with torch.device("meta"):
         model = CausalVideoAutoencoder(vcfg)
     expected = model.state_dict()
@@ -1082,16 +1154,25 @@ def linear_quadratic_schedule(steps, threshold=0.025, linear_steps=None):
     return torch.tensor([1.0 - x for x in lin + quad])
 
 
+# The distilled checkpoints (ltxv-13b-0.9.8-distilled, ltxv-2b-0.9.8-distilled) sample with a fixed list of timesteps,
+# no guidance and no STG (LTX-Video's 0.9.8-distilled configs, first pass; the final step goes to 0). Those configs
+# run it as the first pass of a multi-scale pipeline (a latent upsampler, then a second pass from 0.9094): that
+# second pass needs the upsampler model, which this file does not implement (README).
+DISTILLED_TIMESTEPS = (1.0, 0.9937, 0.9875, 0.9812, 0.9750, 0.9094, 0.7250)
+
+
 def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
     """The official schedule (RectifiedFlowScheduler.set_timesteps): Uniform = linspace(1, 1/steps) or LinearQuadratic;
     with shifting "SD3" each t -> e^mu / (e^mu + 1/t - 1), mu = token_shift(tokens), stretched so the last equals
     `terminal` when given. -> (steps,) fp32; the sampler steps from each to the next and from the last to 0."""
+    if sampler == "distilled":  # fixed: `steps`, the shift and the terminal do not apply
+        return torch.tensor(DISTILLED_TIMESTEPS)
     if sampler == "LinearQuadratic":
         t = linear_quadratic_schedule(steps)
     elif sampler == "Uniform":
         t = torch.linspace(1, 1 / steps, steps)
     else:
-        raise ValueError(f"sampler {sampler!r}: expected Uniform or LinearQuadratic")
+        raise ValueError(f"sampler {sampler!r}: expected Uniform, LinearQuadratic or distilled")
     if shifting == "SD3":
         mu = token_shift(n_tokens)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
@@ -1141,15 +1222,23 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
 
 @torch.no_grad()
 def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1.0, (19,), 0.7),
-                 sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None):
+                 sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None,
+                 renoise=None):
     """The official first-order sampler (RectifiedFlowScheduler.step): x <- x - (t - t_next) v, from t = 1 (noise)
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
-    0.7). With cond_latent the first latent frame is the conditioning image's latent throughout (timestep 0)."""
+    0.7). With cond_latent the first latent frame is the conditioning image's latent throughout (timestep 0).
+    renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
+    x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0."""
     B, C, f, h, w = noise.shape
     ts = sampling_sigmas(steps, sampler, f * h * w, shifting, terminal).tolist() + [0.0]
     x = noise.float()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x = x - (t - t_next) * velocity(model, x, t, context, neg, guidance, stg, frame_rate, cond_latent)
+        v = velocity(model, x, t, context, neg, guidance, stg, frame_rate, cond_latent)
+        if renoise is not None and t_next > 0:
+            eps = torch.randn(x.shape, generator=renoise).to(x.device)
+            x = (1 - t_next) * (x - t * v) + t_next * eps
+        else:
+            x = x - (t - t_next) * v
     if cond_latent is not None:
         x = torch.cat([cond_latent.to(x), x[:, :, 1:]], dim=2)
     return x
@@ -1220,7 +1309,8 @@ class Args:
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
     sample_stg_blocks: str = "19"  # the blocks STG perturbs (comma-separated)
     sample_rescale: float = 0.7  # the guidance rescaling of the official configs (with STG)
-    sample_schedule: str = "checkpoint"  # checkpoint (the header's scheduler) | LinearQuadratic | Uniform
+    sample_schedule: str = "checkpoint"  # checkpoint (header) | LinearQuadratic | Uniform | distilled (no CFG/STG)
+    sample_stochastic: bool = False  # re-noise between steps (the 0.9.6-distilled config's stochastic sampling)
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     decode_timestep: float = 0.05  # the VAE decoder's timestep (the official configs)
     decode_noise: float = 0.0  # the pipeline's decode noise (its configs: 0.025); 0 = none
@@ -1256,7 +1346,7 @@ def check_args(args):
     choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
                    lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"),
                    timestep_sampling=("shifted_logit_normal", "logit_normal", "uniform"),
-                   sample_schedule=("checkpoint", "LinearQuadratic", "Uniform"))
+                   sample_schedule=("checkpoint", "LinearQuadratic", "Uniform", "distilled"))
     for k, allowed in choices.items():
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
     need(args.preset in DIT_PRESETS, f"--preset {args.preset!r}: expected one of {', '.join(DIT_PRESETS)}")
@@ -1308,8 +1398,12 @@ def check_args(args):
 
 
 def ckpt_file(args):
-    """The official single file: --ckpt_dir itself, or --ckpt_file (default: the preset's release) inside it."""
+    """The official single file: --ckpt_dir itself, or --ckpt_file (default: the preset's release) inside it; or
+    --ckpt_dir itself when it is a diffusers folder (transformer/ + vae/, text_encoder/, tokenizer/)."""
     if not args.ckpt_dir or os.path.isfile(args.ckpt_dir):
+        return args.ckpt_dir
+    if not args.ckpt_file and all(os.path.isfile(os.path.join(args.ckpt_dir, d, "config.json"))
+                                  for d in ("transformer", "vae")):
         return args.ckpt_dir
     name = args.ckpt_file or CKPT_FILES.get(args.preset, "")
     path = os.path.join(args.ckpt_dir, name)
@@ -1495,9 +1589,10 @@ def val_loss(model, val_idx, val, device, fps):
 def sample_schedule(args):
     """(sampler, shifting, terminal) of --sample_schedule; 'checkpoint' reads the header's scheduler section (the
     official configs' sampler: from_checkpoint), LinearQuadratic when there is none."""
-    if args.sample_schedule != "checkpoint":
+    if args.sample_schedule != "checkpoint":  # LinearQuadratic, Uniform, distilled: no shift
         return args.sample_schedule, "", None
-    sch = header_config(ckpt_file(args)).get("scheduler", {}) if args.ckpt_dir else {}
+    base = ckpt_file(args) if args.ckpt_dir else ""
+    sch = header_config(base).get("scheduler", {}) if os.path.isfile(base) else {}  # a diffusers folder: none
     return sch.get("sampler", "LinearQuadratic"), sch.get("shifting") or "", sch.get("target_shift_terminal")
 
 
@@ -1512,8 +1607,15 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     sampler, shifting, terminal = sample_schedule(args)
     stg_blocks = tuple(int(b) for b in args.sample_stg_blocks.split(",") if b.strip())
     stg = (args.sample_stg, stg_blocks, args.sample_rescale) if args.sample_stg > 0 else None
+    guidance, steps = args.sample_guidance, args.sample_steps
+    if sampler == "distilled":  # the distilled configs: no CFG, no STG, their own timesteps
+        guidance, stg, steps = 1.0, None, len(DISTILLED_TIMESTEPS)
     frames = args.sample_frames or args.frames
     shape = latent_shape(cfg, args, frames)
+    ts = sampling_sigmas(steps, sampler, shape[1] * shape[2] * shape[3], shifting, terminal)
+    cdist.print0("sample schedule: " + json.dumps(dict(sampler=sampler, timesteps=[round(t, 6) for t in ts.tolist()],
+                                                       guidance=guidance, stg=stg and stg[0],
+                                                       stochastic=args.sample_stochastic)))
     cond = None
     if args.sample_image:  # the first frame, resized and centre-cropped to the sample's size, encoded by rank 0
         z = torch.zeros(1, shape[0], 1, *shape[2:])
@@ -1531,9 +1633,10 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         L = max(ctx.shape[1], neg.shape[1])  # one batch for cond and uncond: pad the shorter, mask its padding
         context, neg_context = ((F.pad(c, (0, 0, 0, L - c.shape[1])), F.pad(m, (0, L - m.shape[1])))
                                 for c, m in (context, neg_context))
-        z = sample_euler(model, x, context, neg_context, steps=args.sample_steps, guidance=args.sample_guidance,
+        z = sample_euler(model, x, context, neg_context, steps=steps, guidance=guidance,
                          stg=stg, sampler=sampler, shifting=shifting, terminal=terminal, frame_rate=float(args.fps),
-                         cond_latent=cond)
+                         cond_latent=cond, renoise=noise.generator(args.seed, "renoise", i) if args.sample_stochastic
+                         else None)
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
@@ -1561,8 +1664,10 @@ def export_weights(model, args, cfg, path):
     header = {"transformer": {**dataclasses.asdict(cfg), "_class_name": "Transformer3DModel"}}
     base = ckpt_file(args) if args.ckpt_dir else ""
     if base:  # the VAE (and scheduler) of the base file, unchanged
-        header.update({k: v for k, v in header_config(base).items() if k != "transformer"})
-        out.update({VAE_PREFIX + k: v for k, v in read_prefixed([base], VAE_PREFIX).items()})
+        vcfg, vae_sd = read_vae_checkpoint(base)  # a diffusers folder's VAE is written with the official keys
+        header.update({k: v for k, v in header_config(base).items() if k != "transformer"} if os.path.isfile(base)
+                      else {"vae": {**dataclasses.asdict(vcfg), "_class_name": "CausalVideoAutoencoder"}})
+        out.update({VAE_PREFIX + k: v for k, v in vae_sd.items()})
     meta["config"] = json.dumps(header)
     save_file(out, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
@@ -1634,7 +1739,7 @@ def main(argv=None):
         else torch.bfloat16
     cfg = dit_config(args)
     bad = [b for b in args.sample_stg_blocks.split(",") if b.strip() and int(b) >= cfg.num_layers]
-    if args.sample_stg > 0 and prompts_from(args.sample_prompts) and bad:
+    if args.sample_stg > 0 and args.sample_schedule != "distilled" and prompts_from(args.sample_prompts) and bad:
         raise UserError(f"--sample_stg_blocks {args.sample_stg_blocks}: the DiT has {cfg.num_layers} blocks")
     print0(f"ltx: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
            f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
