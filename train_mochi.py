@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
@@ -41,7 +41,8 @@ from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_g
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
-from common.weights import check_keys, check_shapes, read_safetensors, read_weights, safetensors_header
+from common.weights import (check_keys, check_shapes, read_safetensors, read_weights, safetensors_files,
+                            safetensors_header)
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
 from data.loader import batches, split_val, val_batches, with_repeats
@@ -879,27 +880,62 @@ def lora_init_state(model, seed):
     return sd
 
 
-def read_lora(path):
-    """A LoRA file -> (official-key state dict `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha). Ours and
-    diffusion-pipe's (ComfyUI format: common/lora_file.py), or Genmo's fine-tuner output (`blocks.0.attn.qkv_x.lora_A`
-    with no `.weight`, rank and alpha per group in the header's "kwargs": qkv_proj_lora_* for qkv_x/qkv_y,
-    out_proj_lora_* for proj_x/proj_y). Where Genmo's two groups' scales differ, alpha/rank is folded into B."""
-    meta, shapes = safetensors_header(path)
-    if not any(k.endswith((".lora_A", ".lora_B")) for k in shapes):
-        return lora_file.read_lora(path)
-    kw = json.loads(meta.get("kwargs", "{}"))
-    sd = {k + ".weight": v.float() for k, v in load_file(path).items() if k.endswith((".lora_A", ".lora_B"))}
-    ranks = {v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")}
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
-    rank = ranks.pop()
-    alpha = {"qkv": float(kw.get("qkv_proj_lora_alpha", rank)), "proj": float(kw.get("out_proj_lora_alpha", rank))}
-    if alpha["qkv"] == alpha["proj"]:
-        return sd, rank, alpha["qkv"]
-    for k in sd:
-        if k.endswith(".lora_B.weight"):
-            sd[k] = sd[k] * alpha["qkv" if ".qkv_" in k else "proj"] / rank
+# Genmo's fine-tuner (genmoai/mochi demos/fine_tuner; the layer is dit/joint_model/lora.py `LoraLinear`) writes
+# `model_{step}.lora.safetensors`: only the adapter tensors, named `blocks.{i}.attn.{qkv_x,qkv_y,proj_x,proj_y}.lora_A`
+# (r, in) and `.lora_B` (out, r) with no `.weight`, stored in the model dtype (bf16), and the header's "kwargs" = the
+# JSON of {qkv_proj_lora_rank, _alpha, _dropout, out_proj_lora_rank, _alpha, _dropout}: one rank and one alpha for
+# the qkv group (qkv_x, qkv_y) and one for the out group (proj_x, proj_y). The `.pt` variant (its pipelines.py
+# `DitModelFactory` reads both) is a pickle {"state_dict": those tensors, "kwargs": that dict}. Upstream applies
+#   y = F.linear(x, W, b) + (dropout(x) @ A.T @ B.T) * (alpha / r)   (LoraLinear.forward; eval() merges
+#   W += B @ A * alpha / r, the same map), so each group's adapter is W + (alpha_g / r_g) * B @ A. Our LoRALinear has
+# one rank and one scale per model: a smaller rank is zero-padded to the larger (zero rows of A, zero columns of B:
+# the product is unchanged); one common scale s comes back as alpha = s * rank, two different scales are folded
+# into their B's (alpha = rank, scale 1).
+GENMO_GROUPS = {"qkv_proj": (".attn.qkv_x", ".attn.qkv_y"), "out_proj": (".attn.proj_x", ".attn.proj_y")}
+
+
+def read_genmo_lora(path):
+    """Genmo's fine-tuner's LoRA file (.safetensors or .pt) -> (official-key sd, rank, alpha), see above."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw, kw = {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("kwargs", "{}"))
+    else:  # plain dicts, tensors and numbers only: weights_only loads it without running pickled code
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        raw, kw = obj["state_dict"], obj.get("kwargs", {})
+        kw = json.loads(kw) if isinstance(kw, str) else kw
+    sd = {k + ".weight": v.float() for k, v in raw.items() if k.endswith((".lora_A", ".lora_B"))}
+    if not sd:
+        raise ValueError(f"{path}: no `*.lora_A` / `*.lora_B` tensors: not a Genmo fine-tuner LoRA file")
+    mods = sorted(k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight"))
+    rank = max(sd[m + ".lora_A.weight"].shape[0] for m in mods)
+    scale = {}
+    for m in mods:
+        group = next((g for g, ends in GENMO_GROUPS.items() if m.endswith(ends)), None)
+        if group is None:
+            raise ValueError(f"{path}: {m} is not one of Genmo's LoRA targets (attn.qkv_x/qkv_y/proj_x/proj_y)")
+        a, b = sd[m + ".lora_A.weight"], sd[m + ".lora_B.weight"]
+        r = a.shape[0]
+        if kw.get(f"{group}_lora_rank", r) != r:
+            raise ValueError(f"{path}: {m}.lora_A has rank {r} but the header says {group}_lora_rank="
+                             f"{kw[f'{group}_lora_rank']}")
+        scale[m] = float(kw.get(f"{group}_lora_alpha", r)) / r  # no header: scale 1, as ComfyUI reads these
+        sd[m + ".lora_A.weight"], sd[m + ".lora_B.weight"] = F.pad(a, (0, 0, 0, rank - r)), F.pad(b, (0, rank - r))
+    if len(set(scale.values())) == 1:  # one scale s: LoRALinear's alpha / rank = s
+        return sd, rank, next(iter(scale.values())) * rank
+    for m in mods:
+        sd[m + ".lora_B.weight"] = sd[m + ".lora_B.weight"] * scale[m]
     return sd, rank, float(rank)
+
+
+def read_lora(path):
+    """A LoRA file -> (official-key state dict `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha): ours and
+    diffusion-pipe's (ComfyUI format: common/lora_file.py), or Genmo's fine-tuner output (read_genmo_lora)."""
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        return read_genmo_lora(path)
+    if any(k.endswith((".lora_A", ".lora_B")) for k in safetensors_header(path)[1]):
+        return read_genmo_lora(path)
+    return lora_file.read_lora(path)
 
 
 def export_weights(model, args, cfg, path):
@@ -1006,14 +1042,16 @@ def sample_euler(model, noise, cond, uncond=None, steps=64, guidance=6.0, thresh
 # the tensor shapes. Accepted layouts:
 #   DiT: the folder with dit.safetensors, or a .safetensors file with the official keys, optionally prefixed
 #        `model.diffusion_model.` / `diffusion_model.` (ComfyUI's repackaged mochi_preview_*.safetensors), or our own
-#        full fine-tune export (its config in the header).
+#        full fine-tune export (its config in the header); or a diffusers MochiTransformer3DModel folder
+#        (transformer/: config.json + diffusion_pytorch_model*.safetensors), renamed to the official keys on load.
 #   VAE: the folder with encoder.safetensors and/or decoder.safetensors.
 #   T5:  the Mochi folder's text_encoder/ + tokenizer/ (the diffusers layout it also ships), a google/t5-v1_1-xxl
 #        folder (config.json, *.safetensors or pytorch_model.bin, spiece.model / tokenizer.json), or one weights file.
 
 DIT_FILE, ENCODER_FILE, DECODER_FILE = "dit.safetensors", "encoder.safetensors", "decoder.safetensors"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 DIT_HINT = ("train_mochi.py loads Mochi 1's AsymmDiT: dit.safetensors of genmo/mochi-1-preview (or a single "
-            "official-key .safetensors such as ComfyUI's repackaged file).")
+            "official-key .safetensors such as ComfyUI's repackaged file, or diffusers' transformer/ folder).")
 
 
 def keep_fp32(key):
@@ -1042,18 +1080,106 @@ def dit_config_from(shapes):
                        in_channels=c_in, patch_size=p, t5_dim=t5_dim)
 
 
+# diffusers' MochiTransformer3DModel names the same tensors differently (its scripts/convert_mochi_to_diffusers.py;
+# spec section 1.5). Inverted here, per key: the top-level modules by prefix, the block modules by name; to_q/to_k/
+# to_v (add_q/k/v_proj) are the row thirds of qkv_x (qkv_y), concatenated back in that order (q, k, v, each
+# head-major); the SwiGLU w1 and the final modulation come with their halves swapped (diffusers gates with the
+# first half and orders scale, shift; upstream gates with the second and orders shift, scale), swapped back.
+DIFFUSERS_TOP = (("patch_embed.proj.", "x_embedder.proj."), ("time_embed.timestep_embedder.linear_1.",
+                 "t_embedder.mlp.0."), ("time_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+                 ("time_embed.pooler.", "t5_y_embedder."), ("time_embed.caption_proj.", "t5_yproj."),
+                 ("norm_out.linear.", "final_layer.mod."), ("proj_out.", "final_layer.linear."))
+DIFFUSERS_BLOCK = {"norm1.linear": "mod_x", "norm1_context.linear": "mod_y", "norm1_context.linear_1": "mod_y",
+                   "attn1.norm_q": "attn.q_norm_x", "attn1.norm_k": "attn.k_norm_x", "attn1.norm_added_q":
+                   "attn.q_norm_y", "attn1.norm_added_k": "attn.k_norm_y", "attn1.to_out.0": "attn.proj_x",
+                   "attn1.to_add_out": "attn.proj_y", "ff.net.0.proj": "mlp_x.w1", "ff.net.2": "mlp_x.w2",
+                   "ff_context.net.0.proj": "mlp_y.w1", "ff_context.net.2": "mlp_y.w2"}
+DIFFUSERS_QKV = {"attn1.to_q": ("attn.qkv_x", 0), "attn1.to_k": ("attn.qkv_x", 1), "attn1.to_v": ("attn.qkv_x", 2),
+                 "attn1.add_q_proj": ("attn.qkv_y", 0), "attn1.add_k_proj": ("attn.qkv_y", 1),
+                 "attn1.add_v_proj": ("attn.qkv_y", 2)}
+
+
+def official_name(key):
+    """A diffusers key -> (official key, slot): slot 0/1/2 = the q/k/v third of a fused qkv, else None. Keys it does
+    not know pass through unchanged (check_keys then names them)."""
+    if key.startswith("transformer_blocks."):
+        _, i, rest = key.split(".", 2)
+        mod, leaf = rest.rsplit(".", 1)
+        if mod in DIFFUSERS_QKV:
+            name, slot = DIFFUSERS_QKV[mod]
+            return f"blocks.{i}.{name}.{leaf}", slot
+        return f"blocks.{i}.{DIFFUSERS_BLOCK.get(mod, mod)}.{leaf}", None
+    for a, b in DIFFUSERS_TOP:
+        if key.startswith(a):
+            return b + key[len(a):], None
+    return key, None
+
+
+def official_from_diffusers(sd):
+    """{diffusers key: tensor} -> {official key: tensor} (emptied as it goes: no second copy of the model)."""
+    out, qkv = {}, {}
+    for k in list(sd):
+        v = sd.pop(k)
+        name, slot = official_name(k)
+        if name.endswith((".mlp_x.w1.weight", ".mlp_y.w1.weight")) or name.startswith("final_layer.mod."):
+            v = torch.cat(v.chunk(2)[::-1])
+        if slot is None:
+            out[name] = v
+        else:
+            qkv.setdefault(name, {})[slot] = v
+    for name, parts in qkv.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise KeyError(f"{name}: the diffusers file lacks some of its to_q / to_k / to_v (add_*_proj) parts")
+        out[name] = torch.cat([parts[0], parts[1], parts[2]])
+    return out
+
+
+def diffusers_dit_folder(path):
+    """The diffusers MochiTransformer3DModel folder at `path` (transformer/ itself, or the pipeline folder holding
+    it), else None."""
+    for d in (path, os.path.join(path, "transformer")):
+        config = os.path.join(d, "config.json")
+        if os.path.isfile(config) and glob.glob(os.path.join(d, DIFFUSERS_WEIGHTS + "*.safetensors")):
+            with open(config) as f:
+                if json.load(f).get("_class_name") == "MochiTransformer3DModel":
+                    return d
+    return None
+
+
 def dit_file(path):
     path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, DIT_FILE)
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
-        raise FileNotFoundError(f"{path}: expected a folder with {DIT_FILE} or a .safetensors DiT file")
+        raise FileNotFoundError(f"{path}: expected a folder with {DIT_FILE} (or diffusers' transformer/ folder) or "
+                                "a .safetensors DiT file")
     return path
 
 
+def dit_source(path):
+    """-> ("diffusers", folder) for a diffusers transformer folder (a folder's dit.safetensors wins), else
+    ("official", the .safetensors file)."""
+    path = str(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, DIT_FILE)):
+        folder = diffusers_dit_folder(path)
+        if folder:
+            return "diffusers", folder
+    return "official", dit_file(path)
+
+
 def read_dit_config(path):
-    """The MochiConfig of the DiT at `path` from its header alone (our exports carry theirs: toy/tiny text_len)."""
-    meta, shapes = safetensors_header(dit_file(path))
+    """The MochiConfig of the DiT at `path` from its header alone (our exports carry theirs: toy/tiny text_len; a
+    diffusers folder's config.json gives its max_sequence_length)."""
+    kind, where = dit_source(path)
+    if kind == "diffusers":
+        shapes = {}
+        for file in safetensors_files(where, DIFFUSERS_WEIGHTS):
+            shapes.update({k: torch.empty(s, device="meta") for k, s in safetensors_header(file)[1].items()})
+        with open(os.path.join(where, "config.json")) as f:
+            text_len = json.load(f).get("max_sequence_length", 256)
+        cfg = dit_config_from({k: tuple(v.shape) for k, v in official_from_diffusers(shapes).items()})
+        return dataclasses.replace(cfg, text_len=text_len)
+    meta, shapes = safetensors_header(where)
     if "mochi_config" in meta:
         return MochiConfig(**json.loads(meta["mochi_config"]))
     return dit_config_from(official_dit_keys(shapes))
@@ -1062,7 +1188,17 @@ def read_dit_config(path):
 def read_dit_checkpoint(path, dtype=None):
     """-> (MochiConfig, official-key state dict on CPU): every tensor read straight into `dtype` (the release is fp32
     on disk: 40 GB, 20 GB in bf16), except keep_fp32's, which stay fp32."""
-    file = dit_file(path)
+    kind, file = dit_source(path)
+    if kind == "diffusers":
+        sd = {}
+        for fn in safetensors_files(file, DIFFUSERS_WEIGHTS):
+            with safe_open(fn, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.float() if keep_fp32(official_name(k)[0]) else t.to(dtype)
+                    sd[k] = t
+        return read_dit_config(path), official_from_diffusers(sd)
     sd = read_safetensors([file], dtype)
     if dtype not in (None, torch.float32):
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -1210,7 +1346,7 @@ class Args:
     mode: str = "train"  # train | cache (encode the dataset, stop) | sample (videos for --sample_prompts) | bench
     preset: str = "10B"  # toy | tiny | 10B (with --ckpt_dir or --dit_path the checkpoint's own config wins)
     ckpt_dir: str = ""  # the genmo/mochi-1-preview folder (dit, encoder, decoder, text_encoder/); empty = random init
-    dit_path: str = ""  # a DiT elsewhere than ckpt_dir: a ComfyUI file, a model.safetensors of ours
+    dit_path: str = ""  # a DiT elsewhere than ckpt_dir: ComfyUI's file, our model.safetensors, diffusers' transformer/
     encoders: str = "official"  # official (the VAE and T5 of --ckpt_dir) | toy (data/toy.py's pixel-space pair)
     data: str = ""  # a folder of videos/images + same-name .txt captions, or a .jsonl/.csv; several: clips/,stills/*3
     cache_dir: str = "cache"  # encoded latents and text embeddings (keyed by content and settings)
@@ -1228,7 +1364,7 @@ class Args:
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
-    lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, Genmo's fine-tuner's)
+    lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, Genmo's fine-tuner's, .pt too)
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
@@ -1610,6 +1746,7 @@ def main(argv=None):
         if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
+            os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
             torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
             os.replace(text_file + ".tmp", text_file)
         del encode_video, encode_text  # frees the VAE and T5 before the DiT is read
