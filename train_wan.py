@@ -1,10 +1,13 @@
 """
-Train Wan 2.1 text-to-video (1.3B / 14B) in one file: the DiT, the VAE, the umT5 text encoder, LoRA,
-flow matching, loading of the official weights by their own key names, FSDP2, and a flat main().
+Train Wan in one file: Wan 2.1 text-to-video (1.3B / 14B), image-to-video and first-last-frame (14B), Wan 2.2
+TI2V-5B (text- and image-to-video) and the two A14B experts. The DiT, both VAEs, the umT5 text encoder, the CLIP
+vision tower, LoRA, flow matching, loading of the official weights by their own key names, FSDP2, a flat main().
 
     python train_wan.py --preset toy                                   # tiny model from scratch, CPU ok
     python train_wan.py --preset 1.3B --ckpt_dir Wan2.1-T2V-1.3B --data my_clips/ --lora_rank 32
     torchrun --nproc_per_node=8 train_wan.py --preset 14B --ckpt_dir Wan2.1-T2V-14B --data my_clips/
+    python train_wan.py --ckpt_dir Wan2.2-TI2V-5B --task i2v --data my_clips/ --lora_rank 32 --height 704 --width 1280
+    torchrun --nproc_per_node=8 train_wan.py --ckpt_dir Wan2.2-T2V-A14B --expert both --data my_clips/ --lora_rank 32
 
 Reading order: DiT config and presets -> DiT -> VAE -> text encoder -> LoRA -> flow matching and samplers ->
 loading -> flags -> the pieces main() uses -> main. The model-agnostic helpers live in common/ (process group,
@@ -48,7 +51,7 @@ from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
 from data.loader import batches, split_val, val_batches, with_repeats
 from data.toy import make_toy_dataset
-from data.video import write_video
+from data.video import read_clip, write_video
 
 # -----------------------------------------------------------------------------------------------------
 # Configs and presets
@@ -417,6 +420,22 @@ def per_token_t(t, f, h, w, clean_first=False):
     if clean_first:
         tt[:, 0] = 0
     return tt.flatten(1)
+
+
+class Experts(nn.ModuleDict):
+    """Wan 2.2 A14B's two experts as one model, forward(x, t, ...) as WanModel's: the high-noise expert where
+    t >= boundary * 1000 (upstream's _prepare_model_for_timestep), the low-noise one below. A batch goes to one expert
+    (a sampler's t is one value; training draws each step's sigmas on one side and calls the expert itself)."""
+
+    def __init__(self, high, low, boundary):
+        super().__init__({"high": high, "low": low})
+        self.boundary = boundary
+
+    def forward(self, x, t, context, y=None, clip_fea=None):
+        high = t >= self.boundary * 1000
+        if bool(high.any()) != bool(high.all()):
+            raise ValueError(f"t {t.flatten().tolist()} straddles the experts' boundary {self.boundary * 1000}")
+        return self["high" if bool(high.all()) else "low"](x, t, context, y, clip_fea)
 
 
 def count_flops(cfg: WanConfig, f, h, w, text_len=None):
@@ -1512,12 +1531,28 @@ def sample_sigmas(n, method, shift=1.0, generator=None, device="cpu"):
     return shift_sigma(s, shift) if shift != 1.0 else s
 
 
-def flow_loss(model, x0, context, sigma, noise):
-    """MSE between the predicted and the true velocity; x0, noise (B,C,F,H,W); sigma (B,)."""
+def sigma_mass(method, shift, lo, hi):
+    """P(lo <= sigma < hi) for the training sigmas of sample_sigmas(method, shift): undo the shift, then the CDF of
+    U(0, 1) or of sigmoid(N(0, 1))."""
+    def cdf(s):
+        s = torch.tensor(s / (shift - (shift - 1) * s), dtype=torch.float64)  # shift_sigma's inverse
+        return float(torch.special.ndtr(torch.logit(s))) if method == "logit_normal" else float(s)
+    return cdf(hi) - cdf(lo)
+
+
+def flow_loss(model, x0, context, sigma, noise, y=None, clip_fea=None, clean_first=False):
+    """MSE between the predicted and the true velocity; x0, noise (B,C,F,H,W); sigma (B,). y, clip_fea: the image
+    conditioning of i2v/flf2v (WanModel.forward). clean_first (TI2V-5B image-to-video, upstream textimage2video.py):
+    latent frame 0 is given clean, its t is 0 (one t per latent frame, (B, F)) and it is left out of the loss."""
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    v = model(xt, sigma * 1000, context)
-    return F.mse_loss(v.float(), (noise - x0).float())
+    t = sigma * 1000
+    if clean_first:
+        xt = torch.cat([x0[:, :, :1], xt[:, :, 1:]], dim=2)
+        t = per_token_t(t, x0.shape[2], 1, 1, clean_first=True)  # (B, F): 0 on latent frame 0
+    v = model(xt, t, context, **{k: c for k, c in (("y", y), ("clip_fea", clip_fea)) if c is not None})
+    k = int(clean_first)
+    return F.mse_loss(v[:, :, k:].float(), (noise - x0)[:, :, k:].float())
 
 
 # The official negative prompt (wan/configs/shared_config.py), used for classifier-free guidance.
@@ -1531,6 +1566,22 @@ def sampling_sigmas(steps, shift):
     because the training table of the schedulers is 1 - linspace(1, 1/1000, 1000)). -> (steps+1,) float64."""
     s = torch.linspace(0.999, 0, steps + 1, dtype=torch.float64)[:-1]
     return torch.cat([shift_sigma(s, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+def conditioned(model, first=None, y=None, clip_fea=None):
+    """The DiT as the samplers call it, model(x, t, context), with a sample's image conditioning bound in: y and
+    clip_fea (i2v/flf2v, (1, ...), repeated over the batch of cond + uncond), or the clean first latent frame `first`
+    (1, C, 1, h, w) of TI2V-5B: put in place of frame 0 at every call with t = 0 there, and velocity 0 on it, so that
+    a sampler that starts from noise whose frame 0 is `first` keeps it exactly (upstream re-applies it every step)."""
+    def call(x, t, context):
+        n = x.shape[0]
+        if first is not None:
+            x = torch.cat([first.to(x).expand(n, -1, -1, -1, -1), x[:, :, 1:]], dim=2)
+            t = per_token_t(t, x.shape[2], 1, 1, clean_first=True)
+        v = model(x, t, context, None if y is None else y.expand(n, *y.shape[1:]),
+                  None if clip_fea is None else clip_fea.expand(n, *clip_fea.shape[1:]))
+        return v if first is None else torch.cat([torch.zeros_like(v[:, :, :1]), v[:, :, 1:]], dim=2)
+    return call
 
 
 def velocity(model, x, sigma, context, neg_context, guidance):
@@ -1799,15 +1850,22 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
 class Args:
     mode: str = "train"  # train | cache (encode the dataset, stop) | sample (videos for --sample_prompts) | bench
     preset: str = "1.3B"  # toy|tiny|1.3B|14B|i2v-14B|flf2v-14B|ti2v-5B|t2v-A14B|i2v-A14B (a checkpoint's config wins)
-    ckpt_dir: str = ""  # the official Wan2.1-T2V-* folder (DiT + VAE + umT5); empty = random init (toy/tiny only)
+    ckpt_dir: str = ""  # the official folder (DiT, VAE, umT5, CLIP): Wan2.1-*, Wan2.2-TI2V-5B, an A14B root; "" = init
     dit_path: str = ""  # a DiT elsewhere than ckpt_dir: a ComfyUI file, a diffusers folder, a model.safetensors of ours
     encoders: str = "official"  # official (the VAE and umT5 of --ckpt_dir) | toy (data/toy.py's pixel-space pair)
+    # t2v | i2v | flf2v; "" = the model's own (config.json's model_type; TI2V-5B: t2v). TI2V-5B does either from one
+    # checkpoint: i2v trains with the clip's first latent frame kept clean (t = 0, out of the loss)
+    task: str = ""  # t2v | i2v | flf2v; "" = the model's own (TI2V-5B: t2v; --task i2v keeps frame 0 clean)
+    # Wan 2.2 A14B (--ckpt_dir holding high_noise_model/ and low_noise_model/): which expert trains. high | low: one,
+    # on its sigma range; both ("" too): each step's sigmas fall on one side of the boundary and pick the expert
+    expert: str = ""  # A14B root: high | low (one expert, on its sigma range) | both ("" too: each step picks one)
+    boundary: float = 0.0  # A14B: the sigma where the high-noise expert hands over; 0 = official (t2v 0.875, i2v 0.9)
     data: str = ""  # a folder of videos/images + same-name .txt captions, or a .jsonl/.csv; several: clips/,stills/*3
     cache_dir: str = "cache"  # encoded latents and text embeddings (keyed by content and settings)
     out_dir: str = ""  # the run folder; default runs/wan-<preset> (runs/wan-<preset>-sample for --mode sample)
     # data
     height: int = 480  # the bucket area is height*width; buckets keep that area at other aspect ratios
-    width: int = 832  # (sides are multiples of 16: the VAE's 8 times the patch's 2)
+    width: int = 832  # (sides are multiples of 16: the Wan 2.1 VAE's 8 times the patch's 2; 32 with the 2.2 VAE)
     frames: int = 81  # the most frames of a clip (4k+1); shorter videos get the largest 4k+1 that fits
     min_frames: int = 1  # shorter clips are skipped
     fps: int = 16  # Wan's frame rate: videos are resampled to it
@@ -1849,6 +1907,8 @@ class Args:
     sample_shift: float = 5.0  # the sampling schedule's shift
     sample_solver: str = "unipc"  # unipc (the official sampler) | euler
     sample_frames: int = 0  # frames of the samples; 0 = --frames
+    sample_image: str = ""  # i2v/flf2v samples: the first frame (an image, or a video whose first frame is used)
+    sample_last_image: str = ""  # flf2v samples: the last frame (an image or a video's first frame)
     val_every: int = 0  # validation loss every N steps (needs --val_count)
     log_every: int = 10  # a log line (log.jsonl) every N steps
     tensorboard: bool = False  # also log to TensorBoard (<out_dir>/tb)
@@ -1869,9 +1929,54 @@ TOY_ARGS = dict(encoders="toy", data="toy_data", height=32, width=32, frames=5, 
                 log_every=50, caption_dropout=0.1, ema=0.99, ema_export=True, sample_prompts=TOY_PROMPTS,
                 sample_negative="", sample_steps=30, sample_guidance=3.0, sample_shift=1.0, val_count=4, val_every=100)
 
-# What a latent is per --encoders: the stride of the encoder in (frames, height, width). The Wan 2.1 VAE maps
-# 1 + 4k frames of H x W to 1 + k latent frames of H/8 x W/8; the toy's pixel space is the identity.
-LATENT_STRIDE = {"official": (4, 8, 8), "toy": (1, 1, 1)}
+# What a latent is: the stride of the encoder in (frames, height, width). The Wan 2.1 VAE maps 1 + 4k frames of H x W
+# to 1 + k latent frames of 16 channels at H/8 x W/8, the Wan 2.2 VAE (TI2V-5B's) to 48 channels at H/16 x W/16; the
+# toy's pixel space is the identity. The flags are checked before any VAE is read, so the stride comes from the DiT's
+# latent channels (its config, read off the checkpoint's header); build_encoders asserts that the VAE agrees.
+VAE_STRIDE = {16: (4, 8, 8), 48: (4, 16, 16)}  # DiT out_dim (= VAE z_dim) -> stride
+ENCODERS = ("official", "toy")
+
+
+A14B_EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}  # Wan 2.2 A14B: expert -> its folder
+
+
+def expert_folders(args):
+    """{expert: DiT folder} of what the run trains: {"high": .., "low": ..} (or one of them, --expert) when --ckpt_dir
+    is a Wan 2.2 A14B root; {"": the DiT's path} for every other model ("" for a fresh toy/tiny init)."""
+    root = args.ckpt_dir
+    if not args.dit_path and root and all(os.path.isdir(os.path.join(root, d)) for d in A14B_EXPERTS.values()):
+        return {e: os.path.join(root, A14B_EXPERTS[e]) for e in (("high", "low") if args.expert in ("", "both")
+                                                                  else (args.expert,))}
+    return {"": args.dit_path or args.ckpt_dir}
+
+
+def dit_config(args):
+    """The WanConfig of the run: the checkpoint's (header only, no weights read; the A14B experts share one), else
+    the preset's."""
+    path = next(iter(expert_folders(args).values()))
+    return read_dit_config(path) if path else DIT_PRESETS[args.preset]
+
+
+def boundary_of(args, cfg):
+    return args.boundary or (0.9 if cfg.model_type == "i2v" else 0.875)
+
+
+def sigma_range(expert, boundary):
+    """[lo, hi) of the training sigmas of an expert: the high-noise one at and above the boundary (upstream's
+    t >= boundary * 1000), the low-noise one below; every sigma for a model without experts."""
+    return {"": (0.0, 1.0), "high": (boundary, 1.0), "low": (0.0, boundary)}[expert]
+
+
+def latent_stride(args, cfg):
+    return (1, 1, 1) if args.encoders == "toy" else VAE_STRIDE[cfg.out_dim]
+
+
+TASKS = {"t2v": ("t2v",), "ti2v": ("t2v", "i2v"), "i2v": ("i2v",), "flf2v": ("flf2v",)}  # model_type -> tasks
+
+
+def task_of(args, cfg):
+    """t2v | i2v | flf2v: what the run trains and samples (--task, or the model's own)."""
+    return args.task or TASKS[cfg.model_type][0]
 
 
 def check_args(args):
@@ -1879,7 +1984,8 @@ def check_args(args):
     def need(ok, msg):
         if not ok:
             raise UserError(msg)
-    choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
+    choices = dict(mode=("train", "cache", "sample", "bench"), encoders=ENCODERS, task=("", "t2v", "i2v", "flf2v"),
+                   expert=("", "high", "low", "both"),
                    lr_schedule=("constant", "cosine"), sample_solver=("unipc", "euler"), dtype=("auto", "bf16", "fp32"),
                    timestep_sampling=("uniform", "logit_normal", "shift"))
     for k, allowed in choices.items():
@@ -1892,8 +1998,30 @@ def check_args(args):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
-    st, sh, sw = LATENT_STRIDE[args.encoders]
-    cfg = DIT_PRESETS[args.preset]
+    weights = args.dit_path or args.ckpt_dir
+    for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
+        need(not getattr(args, k) or os.path.exists(getattr(args, k)), f"--{k} {getattr(args, k)}: no such file or folder")
+    try:
+        cfg = dit_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"{weights}: {e}") from None
+    need(args.encoders == "toy" or cfg.out_dim in VAE_STRIDE, f"{weights or args.preset}: a DiT of {cfg.out_dim} "
+         "latent channels has no Wan VAE (16: Wan 2.1, 48: Wan 2.2); use --encoders toy")
+    a14b = "" not in expert_folders(args)
+    need(a14b or not args.expert, f"--expert {args.expert}: --ckpt_dir is not a Wan 2.2 A14B folder (with "
+         "high_noise_model/ and low_noise_model/)")
+    need(0 <= args.boundary < 1, f"--boundary {args.boundary}: a sigma in (0, 1), or 0 for the official one")
+    need(not (a14b and args.lora), "--lora in --mode sample: not for the A14B experts yet (sample their full weights)")
+    task = task_of(args, cfg)
+    need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
+         f"{' or '.join(TASKS[cfg.model_type])}")
+    need(not args.sample_image or cfg.model_type != "t2v", "--sample_image: a t2v model samples from text alone")
+    need(not args.sample_last_image or task == "flf2v", "--sample_last_image is the last frame of flf2v samples")
+    if args.mode in ("train", "sample") and prompts_from(args.sample_prompts):  # y needs the image(s)
+        need(args.sample_image or cfg.in_dim == cfg.out_dim, f"a {cfg.model_type} model samples from an image: "
+             "--sample_image PATH (an image, or a video's first frame)")
+        need(args.sample_last_image or task != "flf2v", "flf2v samples need --sample_last_image PATH too")
+    st, sh, sw = latent_stride(args, cfg)
     mh, mw = sh * cfg.patch_size[1], sw * cfg.patch_size[2]
     need(args.height % mh == 0 and args.width % mw == 0 and args.height > 0 and args.width > 0,
          f"--height {args.height} --width {args.width}: both must be positive multiples of {mh} "
@@ -1904,13 +2032,10 @@ def check_args(args):
              f"--{k} {n}: must be 1 + {st}k (the VAE compresses {st} frames into one latent after the first)")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
-    weights = args.dit_path or args.ckpt_dir
-    for k in ("ckpt_dir", "dit_path", "lora"):
-        need(not getattr(args, k) or os.path.exists(getattr(args, k)), f"--{k} {getattr(args, k)}: no such file or folder")
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
     if args.mode in ("train", "cache", "sample") and args.encoders == "official":
-        need(args.ckpt_dir, f"--mode {args.mode} needs --ckpt_dir: the official Wan2.1-T2V-* folder, for its VAE "
+        need(args.ckpt_dir, f"--mode {args.mode} needs --ckpt_dir: the official Wan folder, for its VAE "
              "and umT5 (or --encoders toy)")
     if args.mode == "train":
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
@@ -1931,21 +2056,61 @@ def encoder_settings(args, cfg, device):
     if args.encoders == "toy":
         from data.toy import toy_encoders
         return toy_encoders(cfg.text_dim, cfg.text_len)[3]
-    return dict(model="wan2.1", vae="Wan2.1_VAE", text="umt5-xxl", text_len=512, ckpt=os.path.abspath(args.ckpt_dir),
-                text_dtype="bf16" if device.type == "cuda" else "fp32")
+    s = dict(model="wan2.1" if cfg.out_dim == 16 else "wan2.2", vae="Wan2.1_VAE" if cfg.out_dim == 16 else "Wan2.2_VAE",
+             text="umt5-xxl", text_len=512, ckpt=os.path.abspath(args.ckpt_dir),
+             text_dtype="bf16" if device.type == "cuda" else "fp32")
+    if cfg.in_dim != cfg.out_dim:  # y's conditioning latents (and Wan 2.1's CLIP tokens) are cached with the clip
+        s["cond"] = "first+last" if task_of(args, cfg) == "flf2v" else "first"
+    if cfg.img_dim:
+        s.update(clip=CLIP_FILE, clip_dtype="fp32")
+    return s
+
+
+def cond_video(first, last, frames):
+    """The video that y's conditioning latents encode, as upstream's image2video.py / first_last_frame2video.py build
+    it: the first frame (B, 3, H, W), zeros (mid-gray in [-1, 1]) after it, and for flf2v the last frame at the end ->
+    (B, 3, frames, H, W). The zero frames do not encode to zero latents: only latent frame 0 equals the clip's own."""
+    v = torch.zeros(first.shape[0], 3, frames, *first.shape[2:], device=first.device)
+    v[:, :, 0] = first
+    if last is not None:
+        v[:, :, -1] = last
+    return v
 
 
 def build_encoders(args, cfg, device, video=True, text=True):
-    """-> (encode_video, decode_video, encode_text) as plain functions (None for the parts not asked for). Built only
-    while caching and sampling, so that neither the VAE nor the text encoder is in memory while the DiT trains."""
+    """-> (encode_video, decode_video, encode_text, encode_image) as plain functions (None for the parts not asked
+    for). Built only while caching and sampling, so that neither the VAE nor the text encoder is in memory while the
+    DiT trains. encode_image(first, last, frames), images (B, 3, H, W) in [-1, 1], is the image conditioning of a
+    sample: {"first": its latent frame} (TI2V-5B), or {"cond": y's latents, "clip": CLIP tokens} (i2v / flf2v);
+    encode_video caches the same beside the latents of a clip (its own first and last frame) for the models with y."""
     if args.encoders == "toy":
         from data.toy import toy_encoders
-        return toy_encoders(cfg.text_dim, cfg.text_len)[:3]
-    enc_v = dec_v = enc_t = None
+        return (*toy_encoders(cfg.text_dim, cfg.text_len)[:3], None)
+    enc_v = dec_v = enc_t = enc_i = None
     if video:
         vae = load_vae(args.ckpt_dir, dtype=torch.float32, device=device)  # the VAE runs in fp32, as upstream
-        enc_v = lambda v: vae.encode(v.to(device)).cpu()  # noqa: E731
+        if (vae.z_dim, tuple(vae.stride)) != (cfg.out_dim, latent_stride(args, cfg)):
+            raise UserError(f"{args.ckpt_dir}: its VAE makes {vae.z_dim}-channel latents at stride "
+                            f"{tuple(vae.stride)}; the DiT takes {cfg.out_dim}, stride {latent_stride(args, cfg)}")
+        clip = load_clip(args.ckpt_dir, device=device) if cfg.img_dim else None
         dec_v = lambda z: vae.decode(z.float().to(device))  # noqa: E731
+
+        def enc_i(first, last, frames):
+            first = first.to(device)
+            if cfg.in_dim == cfg.out_dim:  # TI2V-5B: the causal VAE encodes frame 0 alone, as latent frame 0
+                return {"first": vae.encode(first[:, :, None]).cpu()}
+            out = {"cond": vae.encode(cond_video(first, None if last is None else last.to(device), frames)).cpu()}
+            if clip is not None:  # flf2v: (B, 514, 1280), each sample's first-frame tokens, then its last-frame ones
+                imgs = first if last is None else torch.stack([first, last.to(device)], 1).flatten(0, 1)
+                out["clip"] = clip.encode_image(imgs).reshape(first.shape[0], -1, cfg.img_dim).cpu()
+            return out
+
+        def enc_v(v):  # (1, 3, F, H, W) -> latents, and for the models with y: + "cond" and "clip" from the clip itself
+            z = vae.encode(v.to(device)).cpu()
+            if cfg.in_dim == cfg.out_dim:
+                return z
+            last = v[:, :, -1] if task_of(args, cfg) == "flf2v" else None
+            return {None: z, **enc_i(v[:, :, 0], last, v.shape[2])}  # stored as latents, latents.cond, latents.clip
     if text:
         te = load_text_encoder(args.ckpt_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                device=device)
@@ -1953,15 +2118,15 @@ def build_encoders(args, cfg, device, video=True, text=True):
         def enc_t(prompts):  # trimmed to the true length: the DiT zero-pads to 512 again, so this is exact
             n = int(te.tokenizer([clean_prompt(p) for p in prompts], te.max_len)[1].sum(1).max())
             return te.encode(prompts)[:, :n].to(torch.bfloat16)  # stored in bf16, as upstream's encoder outputs
-    return enc_v, dec_v, enc_t
+    return enc_v, dec_v, enc_t, enc_i
 
 
-def read_dit_weights(args, cfg, rank, dtype):
+def read_dit_weights(args, cfg, rank, dtype, path=None):
     """The full state dict on rank 0 (None elsewhere): the checkpoint, read straight into `dtype`, or a fresh init
     (seeded) for the toy and tiny presets. Called after caching, so it is never in RAM beside the encoders."""
     if rank != 0:
         return None
-    path = args.dit_path or args.ckpt_dir
+    path = path or args.dit_path or args.ckpt_dir
     if path:
         return read_dit_checkpoint(path, dtype)[1]
     with torch.random.fork_rng():
@@ -2000,18 +2165,39 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
 
 
 def latent_shape(cfg, args, frames):
-    """(C, f, h, w) of the latents of a frames x height x width clip."""
-    st, sh, sw = LATENT_STRIDE[args.encoders]
-    return (cfg.in_dim, (frames - 1) // st + 1, args.height // sh, args.width // sw)
+    """(C, f, h, w) of the latents of a frames x height x width clip (C = out_dim: i2v's in_dim counts y too)."""
+    st, sh, sw = latent_stride(args, cfg)
+    return (cfg.out_dim, (frames - 1) // st + 1, args.height // sh, args.width // sw)
 
 
-def training_draws(args, step, index, n, device):
+def step_expert(args, step, experts, boundary):
+    """The expert that trains `step` ("" for a model without experts, the one of --expert high|low). With both: the
+    high-noise one with the probability that a training sigma falls at or above the boundary, drawn from (seed,
+    step) alone, so that every rank (FSDP2's collectives need all of them in the same expert) and a resumed run
+    agree. training_draws then draws all of the step's sigmas on that side: the steps of both experts together see
+    exactly the sigma distribution of --timestep_sampling / --shift. (Routing each sample instead would split every
+    micro-batch over two sharded models: both forward per step, twice the collectives, and micro-batches of 0.)"""
+    if len(experts) == 1:
+        return next(iter(experts))
+    u = torch.rand(1, generator=noise.generator(args.seed, step, "expert")).item()
+    return "high" if u < sigma_mass(args.timestep_sampling, args.shift, boundary, 1.0) else "low"
+
+
+def training_draws(args, step, index, n, device, lo=0.0, hi=1.0):
     """sigma (n,) on `device` and caption-dropout flags (n,) bool on CPU for the samples index, index+1, ... of the
-    global batch of `step`: a pure function of (seed, step, index), so 1 or N ranks and a resumed run agree."""
+    global batch of `step`: a pure function of (seed, step, index), so 1 or N ranks and a resumed run agree. Sigmas
+    in [lo, hi) (an A14B expert's range): the distribution restricted to it, by drawing again until one falls in."""
     sig, drop = [], []
     for j in range(n):
         g = noise.generator(args.seed, step, index + j)
-        sig.append(sample_sigmas(1, args.timestep_sampling, args.shift, generator=g))
+        for _ in range(100_000):
+            s = sample_sigmas(1, args.timestep_sampling, args.shift, generator=g)
+            if lo <= s.item() < hi:
+                break
+        else:
+            raise UserError(f"--timestep_sampling {args.timestep_sampling} --shift {args.shift} almost never draws a "
+                            f"sigma in [{lo}, {hi}): raise --shift for the high-noise expert")
+        sig.append(s)
         drop.append(torch.rand(1, generator=g) < args.caption_dropout)
     return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop)
 
@@ -2038,7 +2224,26 @@ def drop_captions(ctx, drop, empty):
     return torch.where(drop.to(ctx.device).view(-1, 1, 1), e[None], ctx)
 
 
-def val_loss(model, val_idx, val, device):
+def make_y(cond, task):
+    """y (B, 4 + C, f, h, w) of i2v/flf2v: the frame mask (i2v_mask), then the conditioning latents cond (B, C, ...)."""
+    B, _, f, h, w = cond.shape
+    mask = i2v_mask(1 + 4 * (f - 1), h, w, last=task == "flf2v", device=cond.device)
+    return torch.cat([mask[None].expand(B, -1, -1, -1, -1), cond.float()], dim=1)
+
+
+def conditioning(batch, cfg, task, device):
+    """flow_loss's image-conditioning keywords for a cached batch. TI2V-5B's i2v (clean_first) needs nothing cached:
+    the VAE is causal (frame 0 is encoded alone), so latent frame 0 of the clip is exactly the latent of its first
+    frame as an image, which is what upstream conditions on. i2v/flf2v: y from the cached conditioning latents (the
+    clip's own first / last frame, zeros between) and, for Wan 2.1, the cached CLIP tokens."""
+    if cfg.in_dim == cfg.out_dim:
+        return dict(clean_first=task == "i2v")
+    y = make_y(batch["latents.cond"].to(device, non_blocking=True), task)
+    clip = batch["latents.clip"].to(device, non_blocking=True).float() if cfg.img_dim else None
+    return dict(y=y, clip_fea=clip)
+
+
+def val_loss(model, val_idx, val, device, cfg, task):
     """Mean flow loss over the held-out clips at fixed sigmas with fixed noise: the same numbers at every
     evaluation, so the curve is comparable across steps and runs. Collective."""
     sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -2047,9 +2252,10 @@ def val_loss(model, val_idx, val, device):
         for idx in val_idx:
             b = load_batch([val[i]["file"] for i in idx])
             x0, ctx = b["latents"].to(device).float(), b["text"].to(device).float()
+            cond = conditioning(b, cfg, task, device)
             for j, s in enumerate(sigmas):
                 eps = torch.stack([noise.randn(x0.shape[1:], "val", val[i]["key"], j, device=device) for i in idx])
-                loss = flow_loss(model, x0, ctx, torch.full((len(idx),), s, device=device), eps)
+                loss = flow_loss(model, x0, ctx, torch.full((len(idx),), s, device=device), eps, **cond)
                 total += torch.stack([loss.double() * len(idx), torch.tensor(float(len(idx)), device=device).double()])
     torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -2060,18 +2266,30 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     guidance against `negative`. Collective (the sharded DiT runs on every rank); rank 0 decodes (loading the VAE
     for the occasion: it is not kept in memory while training) and writes samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
-    decode = build_encoders(args, cfg, device, video=True, text=False)[1] if rank == 0 else None
+    decode = enc_i = None
+    if rank == 0 or args.sample_image:  # every rank gives the sharded DiT the same image conditioning
+        _, decode, _, enc_i = build_encoders(args, cfg, device, video=True, text=False)
+    frames = args.sample_frames or args.frames
+    cond = {}
+    if args.sample_image:  # --sample_image (and --sample_last_image): i2v / flf2v samples; without: t2v
+        first, last = (read_clip(f, 0, 1, args.fps, (args.height, args.width))[:, 0][None] if f else None
+                       for f in (args.sample_image, args.sample_last_image))  # (1, 3, H, W), cover + centre crop
+        cond = {k: v.to(device) for k, v in enc_i(first, last, frames).items()}
+    del enc_i
+    net = conditioned(model, cond.get("first"), make_y(cond["cond"], task_of(args, cfg)) if "cond" in cond else None,
+                      cond.get("clip"))
     solver = sample_unipc if args.sample_solver == "unipc" else sample_euler
     was_training = model.training
     model.eval()
     paths = []
     for i, p in enumerate(prompts_from(args.sample_prompts)):
-        shape = latent_shape(cfg, args, args.sample_frames or args.frames)
-        x = noise.randn(shape, args.seed, "sample", i)[None].to(device)  # CPU noise: the same on every device
+        x = noise.randn(latent_shape(cfg, args, frames), args.seed, "sample", i)[None].to(device)  # CPU noise
+        if "first" in cond:
+            x[:, :, :1] = cond["first"]  # TI2V-5B i2v: frame 0 starts (and stays) the image's latent
         ctx, neg = text_ctx[p][None].to(device).float(), text_ctx[negative][None].to(device).float()
         L = max(ctx.shape[1], neg.shape[1])
         ctx, neg = (F.pad(c, (0, 0, 0, L - c.shape[1])) for c in (ctx, neg))
-        z = solver(model, x, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance, shift=args.sample_shift)
+        z = solver(net, x, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance, shift=args.sample_shift)
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
@@ -2083,14 +2301,18 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random full-length
     context; prints step time, tokens/s, peak memory and MFU. No data, VAE or text encoder; the weights are the
     checkpoint's if given, else random."""
+    path = next(iter(expert_folders(args).values()))  # A14B: the first expert (both have the same shapes)
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
-                          compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
+                          compute_dtype, path) if path else "random"
     model = build_dit(args, cfg, sd, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     shape = (micro, *latent_shape(cfg, args, args.frames))
     x0 = torch.randn(shape, device=device)
     ctx = torch.randn(micro, cfg.text_len, cfg.text_dim, device=device)
+    cond = dict(y=torch.randn(micro, cfg.in_dim - cfg.out_dim, *shape[2:], device=device) if cfg.in_dim != cfg.out_dim
+                else None, clip_fea=torch.randn(micro, clip_tokens(cfg), cfg.img_dim, device=device) if cfg.img_dim
+                else None, clean_first=task_of(args, cfg) == "i2v" and cfg.in_dim == cfg.out_dim)
     f, h, w = shape[2:]
     tokens = micro * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     flops = micro * 3 * count_flops(cfg, f, h, w)
@@ -2098,7 +2320,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
-            loss = flow_loss(model, x0, ctx, torch.rand(micro, device=device), torch.randn_like(x0))
+            loss = flow_loss(model, x0, ctx, torch.rand(micro, device=device), torch.randn_like(x0), **cond)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -2142,9 +2364,10 @@ def main(argv=None):
                         f"{args.micro_batch or '(auto)'} x {world}")
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
-    cfg = read_dit_config(args.dit_path or args.ckpt_dir) if args.dit_path or args.ckpt_dir else DIT_PRESETS[args.preset]
-    print0(f"wan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
-           f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
+    cfg = dit_config(args)
+    task = task_of(args, cfg)
+    print0(f"wan: {args.mode} {cfg.model_type} model, task {task}, preset={args.preset} world={world} device={device} "
+           f"compute={compute_dtype} batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
     if args.mode == "bench":
         bench(args, cfg, device, compute_dtype, world, micro)
         return cdist.cleanup()
@@ -2161,10 +2384,12 @@ def main(argv=None):
     if args.mode in ("train", "cache"):
         if args.encoders == "toy" and args.data == TOY_ARGS["data"]:
             make_toy_dataset(args.data)  # a no-op when it is already there
-        st, sh, _ = LATENT_STRIDE[args.encoders]
+        st, sh, _ = latent_stride(args, cfg)
+        # image-to-video conditions on frame 0 (and flf2v on the last): a clip needs a latent frame after it
+        min_frames = args.min_frames if task == "t2v" else max(args.min_frames, st + 1)
         try:
             records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
-                                   multiple=sh * cfg.patch_size[1], frame_step=st, min_frames=args.min_frames,
+                                   multiple=sh * cfg.patch_size[1], frame_step=st, min_frames=min_frames,
                                    clips_per_video=args.clips_per_video, log=print0, cache_dir=args.cache_dir)
         except (ValueError, FileNotFoundError) as e:  # no usable samples, no such folder: the user's to fix
             raise UserError(str(e)) from None
@@ -2172,7 +2397,7 @@ def main(argv=None):
     need = torch.tensor(float(todo > 0 or (bool(texts) and not os.path.exists(text_file))))
     torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # every rank takes the same branch
     if need.item():
-        encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
+        encode_video, _, encode_text, _ = build_encoders(args, cfg, device, video=todo > 0)
         if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
@@ -2195,14 +2420,22 @@ def main(argv=None):
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-    sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
-    if lsd is not None and rank == 0:
-        sd.update(lsd)
-        with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
-            probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-        sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
-    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
-    del sd
+    # Wan 2.2 A14B: one DiT per expert, each with its own LoRA and its own FSDP2 sharding, read one after the other
+    experts, boundary = expert_folders(args), boundary_of(args, cfg)
+    built = {}
+    for name, path in experts.items():
+        sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)
+        if lsd is not None and rank == 0:
+            sd.update(lsd)
+            with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+                probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
+            sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
+        built[name] = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+        del sd
+    model = Experts(built["high"], built["low"], boundary) if len(built) == 2 else built[next(iter(built))]
+    for e in experts if len(experts) == 1 and "" not in experts else []:
+        print0(f"A14B: the {e}-noise expert alone, sigma in [{sigma_range(e, boundary)[0]}, "
+               f"{sigma_range(e, boundary)[1]}) (its samples use it for every sigma: a preview)")
     if args.mode == "sample":
         for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, 0, device):
             print0(f"sample -> {path}")
@@ -2222,6 +2455,8 @@ def main(argv=None):
                        f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
                        caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders)
+    if task != "t2v" or "" not in experts:  # only where they exist: a t2v run folder of before still resumes
+        fingerprint.update(task=task, experts=",".join(experts), boundary=boundary)
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -2260,12 +2495,16 @@ def main(argv=None):
     empty = text_ctx.get("")
     bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
 
-    # 4. The training loop
+    # 4. The training loop. A14B with both experts: the step's expert (step_expert) takes all its micro-batches; the
+    # other's gradients stay None, so AdamW leaves its weights and its state (per parameter) untouched: one optimizer
+    # over both is each expert's own optimizer, in one checkpoint.
     model.train()
     step, saved, stopped = start, start, None
     while step < args.max_steps:
         t0 = time.perf_counter()
         micro_batches, state_after = next(it)
+        route = step_expert(args, step, experts, boundary)
+        dit, (lo, hi) = model[route] if isinstance(model, Experts) else model, sigma_range(route, boundary)
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -2278,12 +2517,12 @@ def main(argv=None):
             x0 = b["latents"].to(device, non_blocking=True).float()
             ctx = b["text"].to(device, non_blocking=True).float()
             first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
-            sigma, drop = training_draws(args, step, first, len(x0), device)
+            sigma, drop = training_draws(args, step, first, len(x0), device, lo, hi)
             if args.caption_dropout:
                 ctx = drop_captions(ctx, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
-            model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
-            loss = flow_loss(model, x0, ctx, sigma, eps)
+            dit.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
+            loss = flow_loss(dit, x0, ctx, sigma, eps, **conditioning(b, cfg, task, device))
             (loss / accum).backward()
             loss_sum += loss.detach()
             f, h, w = x0.shape[2:]
@@ -2306,13 +2545,15 @@ def main(argv=None):
             rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
                 grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
                 samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
+            if route:
+                rec["expert"] = route
             if peak:
                 rec["mfu"] = flops / dt / peak
             rec["mem_gb"] = peak_memory_gb(device)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             log.log(rec, echo=bar.write)
         if val_idx and args.val_every and step % args.val_every == 0:
-            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, device)), echo=bar.write)
+            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, device, cfg, task)), echo=bar.write)
         if prompts and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
             if ema:
                 ema.swap()
@@ -2335,9 +2576,11 @@ def main(argv=None):
     if step >= args.max_steps:
         if ema and args.ema_export:
             ema.swap()
-        name = "lora.safetensors" if args.lora_rank else "model.safetensors"
-        export_weights(model, args, cfg, os.path.join(out_dir, name))
-        print0(f"exported{' (EMA)' if ema and args.ema_export else ''} -> {os.path.join(out_dir, name)}")
+        # one file per A14B expert, named for the model it goes on: lora_high_noise.safetensors, lora_low_noise...
+        for e, m in (model.items() if isinstance(model, Experts) else [(next(iter(experts)), model)]):
+            name = ("lora" if args.lora_rank else "model") + (f"_{e}_noise" if e else "") + ".safetensors"
+            export_weights(m, args, cfg, os.path.join(out_dir, name))
+            print0(f"exported{' (EMA)' if ema and args.ema_export else ''} -> {os.path.join(out_dir, name)}")
         if ema and not args.ema_export:
             ema.swap()
         for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device) if prompts else []:
