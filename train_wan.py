@@ -1876,7 +1876,7 @@ class Args:
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1, as diffusion-pipe)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
-    lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's)
+    lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's); A14B: HIGH,LOW or a run folder
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
@@ -1950,6 +1950,22 @@ def expert_folders(args):
     return {"": args.dit_path or args.ckpt_dir}
 
 
+def sample_loras(args, experts):
+    """{expert: LoRA file} of --mode sample --lora. One file for a single model; for the A14B experts either a run
+    folder holding our exports (lora_high_noise.safetensors, lora_low_noise.safetensors) or two files "HIGH,LOW"
+    (the high-noise expert's first, as ComfyUI users pair them)."""
+    if "" in experts or len(experts) == 1 and "," not in args.lora and not os.path.isdir(args.lora):
+        return {e: args.lora for e in experts}
+    if os.path.isdir(args.lora):
+        found = {e: os.path.join(args.lora, f"lora_{e}_noise.safetensors") for e in ("high", "low")}
+    else:
+        parts = [p.strip() for p in args.lora.split(",")]
+        if len(parts) != 2:
+            raise UserError(f"--lora {args.lora}: the A14B experts take two files, HIGH,LOW (or a run folder)")
+        found = dict(zip(("high", "low"), parts))
+    return {e: found[e] for e in experts}
+
+
 def dit_config(args):
     """The WanConfig of the run: the checkpoint's (header only, no weights read; the A14B experts share one), else
     the preset's."""
@@ -2000,7 +2016,8 @@ def check_args(args):
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
     weights = args.dit_path or args.ckpt_dir
     for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
-        need(not getattr(args, k) or os.path.exists(getattr(args, k)), f"--{k} {getattr(args, k)}: no such file or folder")
+        for path in getattr(args, k).split(",") if k == "lora" else [getattr(args, k)]:  # A14B: --lora HIGH,LOW
+            need(not path or os.path.exists(path), f"--{k} {path}: no such file or folder")
     try:
         cfg = dit_config(args)
     except (ValueError, FileNotFoundError) as e:
@@ -2011,7 +2028,10 @@ def check_args(args):
     need(a14b or not args.expert, f"--expert {args.expert}: --ckpt_dir is not a Wan 2.2 A14B folder (with "
          "high_noise_model/ and low_noise_model/)")
     need(0 <= args.boundary < 1, f"--boundary {args.boundary}: a sigma in (0, 1), or 0 for the official one")
-    need(not (a14b and args.lora), "--lora in --mode sample: not for the A14B experts yet (sample their full weights)")
+    if a14b and args.lora:
+        for e, path in sample_loras(args, expert_folders(args)).items():
+            need(os.path.isfile(path), f"--lora: no {e}-noise LoRA file {path} (give a run folder holding "
+                 "lora_high_noise.safetensors and lora_low_noise.safetensors, or HIGH.safetensors,LOW.safetensors)")
     task = task_of(args, cfg)
     need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
          f"{' or '.join(TASKS[cfg.model_type])}")
@@ -2413,17 +2433,18 @@ def main(argv=None):
 
     # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
     # straight into the compute dtype.
-    lora_alpha, lsd = None, None
-    if args.mode == "sample" and args.lora:
-        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
-        outside = [k for k in lsd if not k.startswith("blocks.")]
-        if outside:
-            raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
-        args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
     # Wan 2.2 A14B: one DiT per expert, each with its own LoRA and its own FSDP2 sharding, read one after the other
     experts, boundary = expert_folders(args), boundary_of(args, cfg)
+    loras = sample_loras(args, experts) if args.mode == "sample" and args.lora else {}
     built = {}
     for name, path in experts.items():
+        lora_alpha, lsd = None, None
+        if name in loras:  # --mode sample --lora: the file's rank, alpha and targets (each expert its own)
+            lsd, args.lora_rank, lora_alpha = read_lora(loras[name])
+            outside = [k for k in lsd if not k.startswith("blocks.")]
+            if outside:
+                raise UserError(f"{loras[name]}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+            args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
         sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)
         if lsd is not None and rank == 0:
             sd.update(lsd)

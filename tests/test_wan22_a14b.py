@@ -12,6 +12,7 @@ import torch
 
 import train_wan as W
 from common.log import read_log
+from data.video import read_clip
 from tests import checks
 from tests.helpers import make_official_folder
 from tests.procs import script_runner
@@ -113,6 +114,16 @@ def test_both_experts_each_step_changes_only_its_expert(folder, tmp_path):
         assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
     assert not os.path.exists(out / "lora.safetensors")
     assert os.path.exists(out / "samples" / "step_00000006_0.mp4")
+    # --mode sample --lora: the run folder puts each file on its expert; the two files swapped, or none, differ
+    videos = {}
+    for name, lora in (("folder", [str(out)]), ("swapped", [f"{out}/lora_low_noise.safetensors,"
+                                                            f"{out}/lora_high_noise.safetensors"]), ("none", [])):
+        s_out = tmp_path / f"s_{name}"
+        wan("--mode", "sample", "--ckpt_dir", folder["ckpt"], "--cache_dir", folder["cache"], *CLIP[:8],
+            "--dtype", "bf16", "--sample_prompts", "a red circle moving left", "--sample_steps", "3", "--out_dir",
+            str(s_out), *(["--lora", *lora] if lora else []))
+        videos[name] = read_clip(str(s_out / "samples" / "step_00000000_0.mp4"), 0, 5, 16, (32, 32)).float()
+    assert not torch.equal(videos["folder"], videos["none"]) and not torch.equal(videos["folder"], videos["swapped"])
     # resumed to 8: both experts and the optimizer come back from the checkpoint, the routing goes on
     wan(*common, "--out_dir", str(out), "--max_steps", "8", "--ckpt_every", "1", "--keep", "0", "--lora_rank", "4",
         "--lr", "5e-2", "--resume", "1")
