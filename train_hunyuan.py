@@ -471,10 +471,11 @@ def count_flops(cfg: HunyuanConfig, t, h, w, text_len=256):
 # first frame is encoded on its own and images are 1-frame videos. Not strictly causal overall: the GroupNorms take
 # their statistics over all frames. Inference only, frozen; same keys as the official pytorch_model.pt (248 tensors,
 # 246,478,803 params). By default the whole video goes through at once: exact, and memory-hungry at full size
-# (HunyuanVAE.tiling trades exactness for memory, as upstream's inference does).
+# (HunyuanVAE.tiling and .temporal_tiling trade exactness for memory, as upstream's inference does).
 
 VAE_SCALE = 0.476986  # latents for the DiT = posterior mean * this (no shift)
 VAE_TILING = (256, 192)  # upstream's spatial tiles: 256 px, overlapping by 1/4 (tile_overlap_factor 0.25)
+VAE_TEMPORAL_TILING = (64, 48)  # upstream's temporal tiles: 64 frames (16 latent), every 48 (overlap 1/4)
 
 
 @dataclass
@@ -675,6 +676,21 @@ def _tiled(fn, x, size, stride, scale):
     return torch.cat(out_rows, dim=-2)[..., :int(H * scale), :int(W * scale)]
 
 
+def _tiled_time(fn, x, size, stride, scale):
+    """Run fn over overlapping temporal tiles of x (B, C, T, H, W): tiles of size + 1 frames starting every stride
+    frames; fn maps 1 + n frames to 1 + n*scale (causal: the extra frame is the tile's own first frame). A tile after
+    the first drops its first output frame (it stands for the last frame of the stride before it), is blended into
+    the tile before over (size - stride) * scale frames and cropped to stride * scale; the first tile keeps one frame
+    more. Upstream's temporal_tiled_encode / _decode: for memory, not exact."""
+    tiles = [fn(x[:, :, i:i + size + 1]) for i in range(0, x.shape[2], stride)]
+    tiles = [t if i == 0 else t[:, :, 1:] for i, t in enumerate(tiles)]
+    keep, blend = int(stride * scale), int((size - stride) * scale)
+    out = [tiles[0][:, :, :keep + 1]]
+    for i in range(1, len(tiles)):
+        out.append(_blend(tiles[i - 1], tiles[i], blend, 2)[:, :, :keep])
+    return torch.cat(out, dim=2)
+
+
 class HunyuanVAE(nn.Module):
     def __init__(self, cfg: VAEConfig = VAEConfig()):
         super().__init__()
@@ -688,6 +704,9 @@ class HunyuanVAE(nn.Module):
         # 256 px overlapping by 1/4. For memory only: at 544x960x129 the fp32 activations of a whole frame stack run
         # to tens of GB; tiles bound them, at the price of seams blended away (the output differs from untiled).
         self.tiling = None
+        # temporal tiling, off by default too: (tile, stride) in video frames, upstream's (64, 48). Clips longer than
+        # the tile go through in overlapping chunks of 1 + 64 frames (the GroupNorms then see one chunk at a time)
+        self.temporal_tiling = None
 
     def posterior(self, video):
         """(B, 3, T, H, W) in [-1, 1] -> mean, std (B, 16, 1 + (T-1)/4, H/8, W/8), unscaled, fp32."""
@@ -695,9 +714,12 @@ class HunyuanVAE(nn.Module):
         assert C == 3 and T % 4 == 1 and H % 8 == 0 and W % 8 == 0, \
             f"video must be (B, 3, 1+4k, 8m, 8n), got {tuple(video.shape)}"
         video = video.to(self.quant_conv.weight.dtype)
-        enc = lambda v: self.quant_conv(self.encoder(v))  # noqa: E731
+        plain = lambda v: self.quant_conv(self.encoder(v))  # noqa: E731
         size, stride = self.tiling or (0, 0)
-        moments = (_tiled(enc, video, size, stride, 1 / 8) if self.tiling and max(H, W) > size else enc(video)).float()
+        enc = (lambda v: _tiled(plain, v, size, stride, 1 / 8)) if self.tiling and max(H, W) > size else plain
+        ts, tstride = self.temporal_tiling or (0, 0)
+        moments = _tiled_time(enc, video, ts, tstride, 1 / 4) if self.temporal_tiling and T > ts else enc(video)
+        moments = moments.float()
         mean, logvar = moments.chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
@@ -711,10 +733,13 @@ class HunyuanVAE(nn.Module):
     def decode(self, latents):
         """DiT latents (B, 16, t, h, w) -> video (B, 3, 1 + 4(t-1), 8h, 8w) in [-1, 1], fp32."""
         z = (latents.float() / self.cfg.scaling_factor).to(self.post_quant_conv.weight.dtype)
-        dec = lambda z: self.decoder(self.post_quant_conv(z))  # noqa: E731
+        plain = lambda z: self.decoder(self.post_quant_conv(z))  # noqa: E731
         size, stride = self.tiling or (0, 0)
         tiled = self.tiling and max(z.shape[-2:]) > size // 8
-        out = _tiled(dec, z, size // 8, stride // 8, 8) if tiled else dec(z)
+        dec = (lambda z: _tiled(plain, z, size // 8, stride // 8, 8)) if tiled else plain
+        ts, tstride = self.temporal_tiling or (0, 0)
+        tiled = self.temporal_tiling and z.shape[2] > ts // 4
+        out = _tiled_time(dec, z, ts // 4, tstride // 4, 4) if tiled else dec(z)
         return out.float().clamp(-1, 1)
 
 
@@ -1348,7 +1373,7 @@ class Args:
     clips_per_video: int = 1  # consecutive clips from one long video (0 = as many as fit)
     val_count: int = 0  # source files held out for the validation loss
     caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (upstream's I2V LoRA: 0.1)
-    vae_tiling: bool = False  # VAE in 256-px spatial tiles (upstream's inference default): less memory, not exact
+    vae_tiling: bool = False  # VAE in 256-px tiles and 64-frame chunks (upstream's inference): less memory, inexact
     # LoRA (rank 0 = full fine-tune)
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
@@ -1483,7 +1508,8 @@ def encoder_settings(args, cfg, device):
         from data.toy import toy_encoders
         return dict(toy_encoders(cfg.text_states_dim, TOY_TEXT_LEN)[3], pooled="mean")
     return dict(model="hunyuan-video", vae="884-16c-hy", text="llava-llama-3-8b+clip-l", text_len=TEXT_LEN,
-                template="video", ckpt=os.path.abspath(args.ckpt_dir), vae_tiling=args.vae_tiling,
+                template="video", ckpt=os.path.abspath(args.ckpt_dir),
+                vae_tiling=(VAE_TILING, VAE_TEMPORAL_TILING) if args.vae_tiling else False,
                 dtype="fp16" if device.type == "cuda" else "fp32")
 
 
@@ -1505,6 +1531,7 @@ def build_encoders(args, cfg, device, video=True, text=True):
     if video:
         vae = load_vae(paths["vae"], dtype=torch.float32, device=device)  # fp32, untiled: the exact path
         vae.tiling = VAE_TILING if args.vae_tiling else None
+        vae.temporal_tiling = VAE_TEMPORAL_TILING if args.vae_tiling else None  # upstream's enable_tiling: both
         enc_v = lambda v: vae.encode(v.to(device)).cpu()  # noqa: E731
         dec_v = lambda z: vae.decode(z.float().to(device))  # noqa: E731
     if text:
