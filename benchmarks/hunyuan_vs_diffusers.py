@@ -10,7 +10,6 @@ linear1 split); the script first checks that both models give the same output (m
 
 diffusers is a test-only dependency (requirements-test.txt); this script is not part of the runtime."""
 import argparse
-import copy
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_hunyuan as H  # noqa: E402
-from benchmarks.wan_vs_diffusers import interleaved  # noqa: E402  (the generic turn-taking median timer)
+from benchmarks.wan_vs_diffusers import race  # noqa: E402  (the shared side-by-side timer)
 from tests.test_hunyuan_dit import diffusers_twin, tiny_dit  # noqa: E402  (the parity test's weights and mapping)
 
 
@@ -66,15 +65,7 @@ def main():
         want = call_ref(ref).float()
         diff = (call_ours(ours).float() - want).abs().max().item()
     print(f"same weights, same output: max |ours - diffusers| = {diff:.2e} (max |output| {want.abs().max():.2f})")
-    models = {"diffusers": (ref, call_ref, x), "ours": (ours, call_ours, x)}
-    if a.compile:
-        compiled = copy.deepcopy(ours)
-        for blk in list(compiled.double_blocks) + list(compiled.single_blocks):
-            blk.compile()  # per block, in place, as train_hunyuan.py --compile does
-        models["ours + compile"] = (compiled, call_ours, x)
-    res = interleaved(models, a.steps)
-    for k, v in res.items():
-        print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
+    race(ref, ours, call_ref, call_ours, x, lambda m: [*m.double_blocks, *m.single_blocks], a.steps, a.compile)
 
 
 if __name__ == "__main__":

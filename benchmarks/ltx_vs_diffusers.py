@@ -8,7 +8,6 @@ The two outputs are compared first (max abs difference printed), so the timing i
 diffusers is a test-only dependency (requirements-test.txt); this script is not part of the runtime. The timing
 (interleaved medians) is wan_vs_diffusers.py's."""
 import argparse
-import copy
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ltx as L  # noqa: E402
-from wan_vs_diffusers import interleaved  # noqa: E402
+from wan_vs_diffusers import race  # noqa: E402
 
 
 def main():
@@ -72,13 +71,7 @@ def main():
           f"{'GPU' if dev.type == 'cuda' else 'CPU threads: ' + str(torch.get_num_threads())}), {dtype}, "
           f"width {cfg.dim} x {cfg.num_layers} layers, {f * h * w} video tokens + {a.text_len} text tokens; "
           f"outputs differ by {diff:.1e}")
-    compiled = copy.deepcopy(ours)
-    for blk in compiled.transformer_blocks:
-        blk.compile()  # per block, in place, as train_ltx.py --compile does
-    res = interleaved({"diffusers": (ref, call_ref, x), "ours": (ours, call_ours, x),
-                       "ours + compile": (compiled, call_ours, x)}, a.steps)
-    for k, v in res.items():
-        print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
+    race(ref, ours, call_ref, call_ours, x, lambda m: m.transformer_blocks, a.steps)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ first checks that both models give the same output (max |diff| printed).
 
 diffusers is a test-only dependency (requirements-test.txt); this script is not part of the runtime."""
 import argparse
-import copy
 import dataclasses
 import os
 import sys
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_mochi as M  # noqa: E402
-from benchmarks.wan_vs_diffusers import interleaved  # noqa: E402  (the generic turn-taking median timer)
+from benchmarks.wan_vs_diffusers import race  # noqa: E402  (the shared side-by-side timer)
 
 
 def main():
@@ -67,15 +66,7 @@ def main():
     with torch.no_grad():
         diff = (call_ours(ours).float() - call_ref(ref).float()).abs().max().item()
     print(f"same weights, same output: max |ours - diffusers| = {diff:.2e}")
-    models = {"diffusers": (ref, call_ref, x), "ours": (ours, call_ours, x)}
-    if a.compile:
-        compiled = copy.deepcopy(ours)
-        for blk in compiled.blocks:
-            blk.compile()  # per block, in place, as train_mochi.py --compile does
-        models["ours + compile"] = (compiled, call_ours, x)
-    res = interleaved(models, a.steps)
-    for k, v in res.items():
-        print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
+    race(ref, ours, call_ref, call_ours, x, lambda m: m.blocks, a.steps, a.compile)
 
 
 if __name__ == "__main__":

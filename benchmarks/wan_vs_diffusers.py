@@ -39,6 +39,22 @@ def interleaved(models, steps):
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def race(ref, ours, call_ref, call_ours, x, blocks, steps, compile=True):
+    """Time diffusers' model, ours and (compile) ours with each of its `blocks(model)` compiled in place as the
+    scripts' --compile does, interleaved; print ms/step and the ratio to diffusers."""
+    import copy
+    models = {"diffusers": (ref, call_ref, x), "ours": (ours, call_ours, x)}
+    if compile:
+        compiled = copy.deepcopy(ours)
+        for blk in blocks(compiled):
+            blk.compile()
+        models["ours + compile"] = (compiled, call_ours, x)
+    res = interleaved(models, steps)
+    for k, v in res.items():
+        print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
+    return res
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="")
@@ -71,16 +87,8 @@ def main():
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else os.cpu_count()} "
           f"{'GPU' if dev.type == 'cuda' else 'CPU threads: ' + str(torch.get_num_threads())}), {dtype}, "
           f"dim {cfg.dim} x {cfg.num_layers} layers, {L} video tokens + {cfg.text_len} text tokens")
-    import copy
-    compiled = copy.deepcopy(ours)
-    for blk in compiled.blocks:
-        blk.compile()  # per block, in place, as train_wan.py --compile does
-    res = interleaved({"diffusers": (ref, lambda m: m(x, t, ctx, return_dict=False)[0], x),
-                       "ours": (ours, lambda m: m(x, t, ctx), x),
-                       "ours + compile": (compiled, lambda m: m(x, t, ctx), x)}, a.steps)
-    for k, v in res.items():
-        print(f"{k:16s} {v * 1000:8.1f} ms/step   {res['diffusers'] / v:5.2f}x diffusers")
-
+    race(ref, ours, lambda m: m(x, t, ctx, return_dict=False)[0], lambda m: m(x, t, ctx), x, lambda m: m.blocks,
+         a.steps)
 
 if __name__ == "__main__":
     main()
