@@ -1774,6 +1774,7 @@ def main(argv=None):
         if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
+            os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
             torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
             os.replace(text_file + ".tmp", text_file)
         del encode_video, encode_text  # frees the VAE and T5 before the DiT is read

@@ -1488,7 +1488,21 @@ def read_lora(path):
     return lora_file.read_lora(path, kohya_name=kohya_module_name)
 
 
-def export_weights(model, args, cfg, path):
+# The released model each preset is, for the exports' header (what a LoRA was trained on)
+RELEASES = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B", "i2v-14B": "Wan2.1-I2V-14B",
+            "flf2v-14B": "Wan2.1-FLF2V-14B", "ti2v-5B": "Wan2.2-TI2V-5B", "t2v-A14B": "Wan2.2-T2V-A14B",
+            "i2v-A14B": "Wan2.2-I2V-A14B"}
+
+
+def release_name(cfg, expert=""):
+    """'Wan2.2-T2V-A14B-high-noise', 'Wan2.1-T2V-1.3B', ... from the architecture (an A14B expert has the 14B's
+    shapes: `expert` tells them apart); 'Wan-<model_type>-custom' for shapes no release has (toy, tiny)."""
+    names = [RELEASES[p] for p, c in DIT_PRESETS.items()
+             if p in RELEASES and c == cfg and p.endswith("A14B") == bool(expert)]
+    return (names[0] if names else f"Wan-{cfg.model_type}-custom") + (f"-{expert}-noise" if expert else "")
+
+
+def export_weights(model, args, cfg, path, expert=""):
     """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
     ComfyUI and diffusers load without conversion; a full fine-tune as the official-key DiT in bf16, its config in
     the header. Collective (every rank gathers); rank 0 writes. A LoRA export gathers only the adapters."""
@@ -1496,7 +1510,7 @@ def export_weights(model, args, cfg, path):
     sd = gather_params(model, only=(lambda k: ".lora_" in k) if lora else None)
     if torch.distributed.get_rank() != 0:
         return
-    meta = {"format": "pt", "base_model": "Wan2.1-T2V-" + (args.preset if args.preset in ("1.3B", "14B") else "custom"),
+    meta = {"format": "pt", "base_model": release_name(cfg, expert),
             "wan_config": json.dumps(dataclasses.asdict(cfg)), "args": json.dumps(dataclasses.asdict(args))}
     if lora:
         alpha = args.lora_alpha or args.lora_rank
@@ -2421,6 +2435,7 @@ def main(argv=None):
         if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
+            os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
             torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
             os.replace(text_file + ".tmp", text_file)
         del encode_video, encode_text  # frees the VAE and the text encoder before the DiT is read
@@ -2600,7 +2615,7 @@ def main(argv=None):
         # one file per A14B expert, named for the model it goes on: lora_high_noise.safetensors, lora_low_noise...
         for e, m in (model.items() if isinstance(model, Experts) else [(next(iter(experts)), model)]):
             name = ("lora" if args.lora_rank else "model") + (f"_{e}_noise" if e else "") + ".safetensors"
-            export_weights(m, args, cfg, os.path.join(out_dir, name))
+            export_weights(m, args, cfg, os.path.join(out_dir, name), e)
             print0(f"exported{' (EMA)' if ema and args.ema_export else ''} -> {os.path.join(out_dir, name)}")
         if ema and not args.ema_export:
             ema.swap()

@@ -167,14 +167,15 @@ def check_validation_loss_is_fixed(run, toy, tmp_path, runs=1):
 
 def check_sample_mode_with_lora(run, toy, tmp_path, *sample_flags, base_flags=()):
     """A 2-step base run (+ base_flags), a rank-2 LoRA on its export, then --mode sample of one prompt in 3 steps
-    with that LoRA (+ sample_flags): an mp4 of 5 frames of 16x16. Returns the sample run's process."""
+    with that LoRA (+ sample_flags), into a cache folder that does not exist yet (a first run may be a sample run):
+    an mp4 of 5 frames of 16x16. Returns the sample run's process."""
     import av
     run(toy, tmp_path / "base", "--max_steps", "2", *base_flags)
     run(toy, tmp_path / "lora", "--max_steps", "2", "--lora_rank", "2",
         "--dit_path", str(tmp_path / "base" / "model.safetensors"))
     p = run(toy, tmp_path / "s", "--mode", "sample", "--dit_path", str(tmp_path / "base" / "model.safetensors"),
             "--lora", str(tmp_path / "lora" / "lora.safetensors"), "--sample_prompts", "a red circle moving left",
-            "--sample_steps", "3", *sample_flags)
+            "--sample_steps", "3", "--cache_dir", str(tmp_path / "new_cache"), *sample_flags)
     with av.open(str(tmp_path / "s" / "samples" / "step_00000000_0.mp4")) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (16, 16, 3)

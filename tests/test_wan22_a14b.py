@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import train_wan as W
 from common.log import read_log
@@ -112,6 +113,8 @@ def test_both_experts_each_step_changes_only_its_expert(folder, tmp_path):
     for e in ("high", "low"):
         lsd, rank, _ = W.read_lora(str(out / f"lora_{e}_noise.safetensors"))
         assert rank == 4 and max(v.abs().max().item() for k, v in lsd.items() if ".lora_B." in k) > 0
+        with safe_open(str(out / f"lora_{e}_noise.safetensors"), "pt") as f:
+            assert f.metadata()["base_model"] == f"Wan-t2v-custom-{e}-noise"  # which model the file goes on
     assert not os.path.exists(out / "lora.safetensors")
     assert os.path.exists(out / "samples" / "step_00000006_0.mp4")
     # --mode sample --lora: the run folder puts each file on its expert; the two files swapped, or none, differ
@@ -162,3 +165,12 @@ def test_one_and_two_processes_route_alike(folder, tmp_path):
     a, b = ([r for r in read_log(tmp_path / d) if "loss" in r] for d in ("p1", "p2"))
     assert [r["expert"] for r in a] == [r["expert"] for r in b] and len({r["expert"] for r in a}) == 2
     assert all(close(x["loss"], y["loss"]) and close(x["grad_norm"], y["grad_norm"], 1e-3) for x, y in zip(a, b))
+
+
+def test_exports_name_the_release_they_were_trained_on():
+    # the header's base_model: each release by its shapes; the A14B experts (the 14B's shapes) by the expert
+    want = {("1.3B", ""): "Wan2.1-T2V-1.3B", ("14B", ""): "Wan2.1-T2V-14B", ("i2v-14B", ""): "Wan2.1-I2V-14B",
+            ("flf2v-14B", ""): "Wan2.1-FLF2V-14B", ("ti2v-5B", ""): "Wan2.2-TI2V-5B",
+            ("t2v-A14B", "high"): "Wan2.2-T2V-A14B-high-noise", ("t2v-A14B", "low"): "Wan2.2-T2V-A14B-low-noise",
+            ("i2v-A14B", "low"): "Wan2.2-I2V-A14B-low-noise", ("tiny", ""): "Wan-t2v-custom"}
+    assert {k: W.release_name(W.DIT_PRESETS[k[0]], k[1]) for k in want} == want

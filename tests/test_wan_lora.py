@@ -218,7 +218,7 @@ def test_export_metadata(exported):
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt"
-    assert meta["base_model"] == "Wan2.1-T2V-custom"  # the tiny preset; 1.3B / 14B name the release
+    assert meta["base_model"] == "Wan-t2v-custom"  # the tiny preset; a release's shapes name it (release_name)
     assert int(meta["lora_rank"]) == RANK and float(meta["lora_alpha"]) == ALPHA
     assert meta["lora_targets"] == W.LORA_TARGETS
     a = json.loads(meta["args"])
