@@ -1381,7 +1381,7 @@ class Args:
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
     # speed
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    ac: bool = False  # activation checkpointing per block
+    ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
@@ -1428,6 +1428,8 @@ def check_args(args):
                    timestep_sampling=("uniform", "logit_normal", "shift"))
     for k, allowed in choices.items():
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
+    need(args.ac in (0, 1, 2), f"--ac {args.ac}: expected 0, 1 (checkpoint every block) or 2 (and keep what it "
+         "saves in CPU memory)")
     need(args.preset in DIT_PRESETS, f"--preset {args.preset!r}: expected one of {', '.join(DIT_PRESETS)}")
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):

@@ -7,9 +7,35 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
-def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=False):
+def park_hidden_states(wrapper, block, host="cpu"):
+    """--ac 2: activation checkpointing whose saved block inputs live in CPU memory. A checkpointed block keeps its
+    inputs from forward to backward, and those are what the device fills up with once every block is
+    checkpointed: per block the hidden states (B, L, D), fp32 (HunyuanVideo at 544x960x129: 67k tokens x 3072 x 4
+    bytes = 0.83 GB, 50 GB over its 60 blocks). Here the first input of the checkpoint `wrapper`, the hidden
+    states, goes to `host` before the checkpoint keeps it (from CUDA a non-blocking copy to CPU allocates pinned
+    memory), and `block`, inside the checkpoint, copies it back to its device and dtype first thing, so the copy
+    back is part of what backward recomputes. Both copies are autograd ops (the gradient takes the way back); the
+    CUDA stream orders them, so nothing waits on the host. The other inputs (text, time modulation, RoPE) are
+    shared by all blocks and stay. On CPU, host "cpu" makes both copies no-ops: bitwise the plain checkpoint. (The
+    tests park in float64 instead, to see the device tensors freed.)"""
+    where = {}
+
+    def to_host(module, args):
+        where["like"] = (args[0].device, args[0].dtype)
+        return (args[0].to(host, non_blocking=True), *args[1:])
+
+    def to_device(module, args):
+        device, dtype = where["like"]
+        return (args[0].to(device, dtype, non_blocking=True), *args[1:])
+
+    wrapper.register_forward_pre_hook(to_host)
+    block.register_forward_pre_hook(to_device)
+
+
+def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False):
     """Wrap each block of `blocks` (an nn.ModuleList inside `model`, or a list of them, e.g. HunyuanVideo's
-    [double_blocks, single_blocks]) with activation checkpointing (optional),
+    [double_blocks, single_blocks]) with activation checkpointing (ac 1; ac 2: with the saved block inputs in CPU
+    memory, park_hidden_states),
     compile it in place (optional; in place means no `_orig_mod.` in any key) and shard it; then shard the root.
     Blocks compute in `compute_dtype`; the root (embeddings, time MLP, head) computes in fp32, which keeps the
     models' fp32 islands exact. Gradients are reduced in fp32. Inputs are not cast on the way in
@@ -27,7 +53,9 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=False, compile=F
     for blist in lists:
         for i, block in enumerate(list(blist)):
             if ac:
-                block = checkpoint_wrapper(block, preserve_rng_state=False)
+                inner, block = block, checkpoint_wrapper(block, preserve_rng_state=False)
+                if ac == 2:
+                    park_hidden_states(block, inner)
             if compile:
                 block.compile(dynamic=False)
             blist.register_module(str(i), block)

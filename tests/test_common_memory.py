@@ -2,6 +2,8 @@
 write it: the frozen base in `.weight`, trainable lora_A / lora_B), model-agnostic, on CPU:
 - offload: outputs AND gradients bitwise equal to the plain module, with and without activation checkpointing,
   through FSDP2 with one process, and the streaming order (ahead, up in the forward, down in the AC backward);
+- --ac 2 (common/fsdp.py park_hidden_states): between forward and backward the checkpoint holds the parked copies,
+  not the hidden states; outputs and gradients bitwise those of --ac 1;
 - float8: each weight within e4m3's half step (2^-4 relative), the upcast exact, the outputs within a measured
   bound, the trainable tensors untouched, the stored base 1/4 of fp32 and 1/2 of bf16; an FSDP2 LoRA step trains."""
 import os
@@ -144,6 +146,57 @@ def test_offload_through_fsdp2_with_ac_is_bitwise(pg):
     parallelize(m, m.blocks, torch.float32, ac=True)  # FSDP2 now shards only the adapters (and the root)
     y1, g1 = fwd_bwd(m, X)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k].full_tensor(), g1[k].full_tensor()) for k in g0)
+
+
+# ------------------------------------------------------------------- activation checkpointing, inputs parked (--ac 2)
+
+def parked_stack(host, park=True):
+    """stack() with each block wrapped as parallelize(ac=2) wraps it (park=False: as ac=1), parking in `host`; and
+    per block the input the wrapper was called with and the one the checkpoint keeps, as weak references."""
+    import weakref
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from common.fsdp import park_hidden_states
+    m, seen = stack(), {"given": [], "kept": []}
+    for i, inner in enumerate(list(m.blocks)):
+        w = checkpoint_wrapper(inner, preserve_rng_state=False)
+        w.register_forward_pre_hook(lambda mod, a: seen["given"].append(weakref.ref(a[0])), prepend=True)
+        if park:
+            park_hidden_states(w, inner, host)
+        w.register_forward_pre_hook(lambda mod, a: seen["kept"].append(weakref.ref(a[0])))
+        m.blocks[i] = w
+    return m, seen
+
+
+def test_parked_inputs_free_the_hidden_states_and_keep_the_math():
+    import gc
+    y0, g0 = fwd_bwd(stack(ac=True), X)
+    # parked in float64 (fp32 -> fp64 -> fp32 is exact) so that, on CPU, the kept copy is another tensor
+    for park in (False, True):
+        m, seen = parked_stack(torch.float64, park)
+        y = m(X)
+        gc.collect()
+        given = [r() is not None for r in seen["given"]]
+        kept = [r() for r in seen["kept"]]
+        if park:  # between forward and backward only the parked copies are held, not the hidden states
+            assert given == [False] * 4 and all(k is not None and k.dtype == torch.float64 for k in kept)
+        else:  # the control: a plain checkpoint keeps the hidden states themselves
+            assert given == [True] * 4
+        del kept
+        y.square().mean().backward()
+        g = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in m.named_parameters() if p.requires_grad}
+        assert torch.equal(y0, y.detach()) and g.keys() == g0.keys() and all(torch.equal(g0[k], g[k]) for k in g0)
+
+
+def test_ac_2_through_fsdp2_is_bitwise_ac_1(pg):
+    from common.fsdp import parallelize
+    out = []
+    for ac in (1, 2):
+        m = stack()
+        parallelize(m, m.blocks, torch.float32, ac=ac)
+        out.append(fwd_bwd(m, X))
+    (y0, g0), (y1, g1) = out
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k].full_tensor(), g1[k].full_tensor()) for k in g0)
+    assert all(g.full_tensor().abs().sum() > 0 for g in g1.values())
 
 
 # ---------------------------------------------------------------------------------------------- float8

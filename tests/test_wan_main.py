@@ -63,6 +63,7 @@ def test_bench_in_bf16(folder):
 @pytest.mark.parametrize("flags, says", [
     (["--height", "30"], "--height 30 --width 32: both must be positive multiples of 16"),
     (["--lora_rank", "-1"], "--lora_rank -1 must be >= 0"),
+    (["--ac", "3"], "--ac 3: expected 0, 1 (checkpoint every block) or 2"),
     (["--preset", "7B"], "--preset '7B': expected one of 1.3B, 14B, tiny, toy"),
     (["--preset", "1.3B", "--ckpt_dir", ""], "--mode train needs --ckpt_dir"),
     (["--frames", "6"], "--frames 6: must be 1 + 4k"),
