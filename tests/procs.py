@@ -59,6 +59,7 @@ def script_runner(script):
     """run(*flags, check=True): `script` with these flags, one process, to the end (run_script)."""
     def run(*flags, check=True):
         return run_script(script, flags, check=check)
+    run.script = script  # for a check that runs main() in this process (tests/checks.py check_user_error)
     return run
 
 
