@@ -46,7 +46,7 @@ from common.weights import (check_keys, check_shapes, read_safetensors, read_wei
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
 from data.loader import batches, split_val, val_batches, with_repeats
-from data.toy import make_toy_dataset
+from data.toy import DEMO_PROMPTS, make_toy_dataset
 from data.video import write_video
 
 # -----------------------------------------------------------------------------------------------------
@@ -1406,8 +1406,7 @@ class Args:
 
 # The toy preset: a tiny DiT trained from scratch on data/toy.py's synthetic dataset, on CPU, in minutes, in pixel
 # space (no VAE; 4x4-pixel patches) with the toy's fixed word embedding as the text encoder (--encoders toy).
-TOY_PROMPTS = ("a red circle moving right on a gray background|a blue square moving down on a gray background|"
-               "a green triangle moving left on a black background|a yellow circle moving up on a white background")
+TOY_PROMPTS = "|".join(DEMO_PROMPTS)  # data/toy.py: one per direction, the dataset's first clips
 TOY_ARGS = dict(encoders="toy", data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=0,
                 lr=3e-3, warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="logit_normal",
                 log_every=50, caption_dropout=0.1, ema=0.99, ema_export=True, sample_prompts=TOY_PROMPTS,

@@ -4,13 +4,17 @@ frame), then the shape, then the direction: a quick check that text conditioning
 
     root = make_toy_dataset("toy_data")          # then: python train_wan.py --data toy_data ...
 
-Defaults, and why: 64 clips (the 6 colours take turns, so each has 10 or 11 clips; no colour x shape x
-direction combination repeats until n > 72), 64x64 pixels (8x8 latents for an 8x VAE, i.e. 4x4 tokens per latent frame
-with a 2x2 patch: small enough for a CPU), 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so Wan/Hunyuan and LTX use
-every frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame width over the clip.
-Generation takes about a second. Frames are drawn with numpy (4x4 supersampled edges) from a seeded generator
-and written as h264 mp4 + .txt captions, so the same seed gives the same files. A marker file (.toy_complete,
-holding the parameters) makes a second call a no-op; a call with other parameters rewrites the dataset.
+Defaults, and why: 64 clips. The first four are DEMO_PROMPTS, one per direction: the prompts the toy presets
+sample, so that a few minutes of training on a CPU can show them (a model this small, from scratch, reproduces
+the clips it trained on long before it composes a colour, shape, direction and background it never saw
+together). After them the 6 colours take turns (10 clips each at n = 64), and among those no colour x shape x
+direction combination repeats until n > 76. 64x64 pixels, 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so Wan/Hunyuan and LTX use every
+frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame side over the clip, through the middle
+of the frame: a caption gives one clip (only the gradient's axis is drawn at random), so what the model must
+learn from a caption is the clip itself, not a spread of places. Generation takes about a second. Frames are
+drawn with numpy (4x4 supersampled edges) from a seeded generator and written as h264 mp4 + .txt captions, so the
+same seed gives the same files. A marker file (.toy_complete, holding the parameters) makes a second call a
+no-op; a call with other parameters rewrites the dataset.
 """
 import glob
 import hashlib
@@ -30,6 +34,9 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 BACKGROUNDS = ("gray", "black", "white", "gradient")  # gray levels only, so no shape colour blends into them
 SS = 4  # supersampling factor for anti-aliased edges
+# The prompts the toy presets sample (--sample_prompts), one per direction; also the dataset's first four clips.
+DEMO_PROMPTS = ("a red circle moving right on a gray background", "a blue square moving down on a gray background",
+                "a green triangle moving left on a black background", "a yellow circle moving up on a white background")
 
 
 def _background(name, size, rng):
@@ -55,10 +62,11 @@ def _alpha(shape, cx, cy, r, size):
 
 
 def toy_clip(color, shape, direction, background, size, frames, rng):
-    """uint8 (3, F, S, S) of one clip. The centre moves from 1/4 to 3/4 of the frame along the direction."""
+    """uint8 (3, F, S, S) of one clip. The centre moves from 1/4 to 3/4 of the frame along the direction, on the
+    frame's middle line; `rng` draws the gradient background's axis."""
     dx, dy = DIRECTIONS[direction]
     r = size * 0.17
-    across = rng.uniform(0.35, 0.65) * size  # position on the other axis
+    across = 0.5 * size  # position on the other axis
     along = np.linspace(0.25, 0.75, frames) * size
     along = along if dx + dy > 0 else size - along
     bg = _background(background, size, rng)
@@ -72,7 +80,7 @@ def toy_clip(color, shape, direction, background, size, frames, rng):
 
 def make_toy_dataset(root, n=64, size=64, frames=17, fps=16, seed=0):
     """Write toy_000.mp4 + toy_000.txt, ... into `root` (skipped if already complete). Returns root."""
-    params = dict(n=n, size=size, frames=frames, fps=fps, seed=seed, version=2)
+    params = dict(n=n, size=size, frames=frames, fps=fps, seed=seed, version=3)
     marker = os.path.join(root, ".toy_complete")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0 and not _complete(marker, params):
@@ -83,9 +91,14 @@ def make_toy_dataset(root, n=64, size=64, frames=17, fps=16, seed=0):
         colors, pairs = list(COLORS), [(s, d) for s in SHAPES for d in DIRECTIONS]
         perms = [rng.permutation(len(pairs)) for _ in colors]  # per colour, its 12 (shape, direction) in a random order
         for i in range(n):
-            c = i % len(colors)  # colours take turns: each gets n/6 clips, +-1
-            color, (shape, direction) = colors[c], pairs[perms[c][i // len(colors) % len(pairs)]]
-            background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+            if i < len(DEMO_PROMPTS):
+                w = toy_words(DEMO_PROMPTS[i])  # a {color} {shape} moving {direction} on a {background} background
+                color, shape, direction, background = w[1], w[2], w[4], w[7]
+            else:
+                j = i - len(DEMO_PROMPTS)
+                c = j % len(colors)  # colours take turns: each gets (n - 4)/6 clips, +-1
+                color, (shape, direction) = colors[c], pairs[perms[c][j // len(colors) % len(pairs)]]
+                background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
             clip = toy_clip(color, shape, direction, background, size, frames, rng)
             name = os.path.join(root, f"toy_{i:03d}")
             write_video(name + ".mp4", clip, fps, crf=12)

@@ -182,11 +182,12 @@ def check_sample_mode_with_lora(run, toy, tmp_path, *sample_flags, base_flags=()
     return p
 
 
-def check_bench(run, toy, out):
-    """--mode bench for 1 step with AC prints its figures as a JSON line: 4 x 80 tokens, positive times. Returns it."""
+def check_bench(run, toy, out, tokens_per_frame=4 * 4):
+    """--mode bench for 1 step with AC prints its figures as a JSON line: 4 clips x 5 frames x the toy DiT's tokens
+    per 16x16 frame (4x4 patches: 16; Wan's 8x8: 4), positive times. Returns it."""
     p = run(toy, out, "--mode", "bench", "--bench_steps", "1", "--ac", "1")
     res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
-    assert res["tokens"] == 4 * 5 * 4 * 4 and res["step_s"] > 0 and res["tokens_s"] > 0, res
+    assert res["tokens"] == 4 * 5 * tokens_per_frame and res["step_s"] > 0 and res["tokens_s"] > 0, res
     return res
 
 

@@ -27,7 +27,7 @@ from common.prefetch import prefetch
 from data.cache import cache_entries, encode_dataset, load_batch, load_entry
 from data.dataset import load_dataset, make_buckets, nearest_bucket
 from data.loader import batches, epoch_plan, split_val, val_batches, with_repeats
-from data.toy import COLORS, DIRECTIONS, make_toy_dataset
+from data.toy import COLORS, DEMO_PROMPTS, DIRECTIONS, make_toy_dataset
 from data.video import probe, read_clip, write_video
 
 SMALL = dict(area=64 * 64, fps=16, max_frames=17, multiple=16, frame_step=4, min_frames=5)
@@ -696,9 +696,11 @@ def test_toy_dataset(tmp_path):
     mtime = os.stat(a / "toy_000.mp4").st_mtime_ns
     make_toy_dataset(a, n=8, size=32, frames=17)  # complete: nothing rewritten
     assert os.stat(a / "toy_000.mp4").st_mtime_ns == mtime
-    assert (make_toy_dataset(tmp_path / "c", n=8, size=32, frames=17, seed=1) / "toy_000.txt").read_text() \
-        != (a / "toy_000.txt").read_text() or (tmp_path / "c" / "toy_000.mp4").read_bytes() != \
-        (a / "toy_000.mp4").read_bytes()
+    # another seed, other clips; the first four are DEMO_PROMPTS whatever the seed
+    c = make_toy_dataset(tmp_path / "c", n=8, size=32, frames=17, seed=1)
+    assert (c / "toy_005.txt").read_text() != (a / "toy_005.txt").read_text() or \
+        (c / "toy_005.mp4").read_bytes() != (a / "toy_005.mp4").read_bytes()
+    assert [(a / f"toy_{i:03d}.txt").read_text().strip() for i in range(4)] == list(DEMO_PROMPTS)
     recs = load_dataset(a, area=32 * 32, fps=16, max_frames=17, log=lambda s: None)
     assert len(recs) == 8 and all(r["bucket"] == [32, 32, 17] for r in recs)
     for r in recs:

@@ -62,7 +62,7 @@ def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     """--mode sample applies an exported LoRA and writes an mp4 that decodes to the right size and frame count;
     --mode bench prints its figures."""
     checks.check_sample_mode_with_lora(run, toy, tmp_path, "--sample_solver", "unipc")
-    checks.check_bench(run, toy, tmp_path / "b")
+    checks.check_bench(run, toy, tmp_path / "b", tokens_per_frame=2 * 2)  # the toy DiT's 8x8 patches
 
 
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
