@@ -8,9 +8,9 @@ Defaults, and why: 64 clips. The first four are DEMO_PROMPTS, one per direction:
 sample, so that a few minutes of training on a CPU can show them (a model this small, from scratch, reproduces
 the clips it trained on long before it composes a colour, shape, direction and background it never saw
 together). After them the 6 colours take turns (10 clips each at n = 64), and among those no colour x shape x
-direction combination repeats until n > 76. 64x64 pixels, 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so Wan/Hunyuan and LTX use every
-frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame side over the clip, through the middle
-of the frame: a caption gives one clip (only the gradient's axis is drawn at random), so what the model must
+direction combination repeats until n > 76. 64x64 pixels, 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so
+Wan/Hunyuan and LTX use every frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame side over
+the clip, through the middle of the frame: a caption gives one clip (only the gradient's axis is drawn at random), so what the model must
 learn from a caption is the clip itself, not a spread of places. Generation takes about a second. Frames are
 drawn with numpy (4x4 supersampled edges) from a seeded generator and written as h264 mp4 + .txt captions, so the
 same seed gives the same files. A marker file (.toy_complete, holding the parameters) makes a second call a

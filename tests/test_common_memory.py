@@ -187,12 +187,17 @@ def test_parked_inputs_free_the_hidden_states_and_keep_the_math():
         assert torch.equal(y0, y.detach()) and g.keys() == g0.keys() and all(torch.equal(g0[k], g[k]) for k in g0)
 
 
-def test_ac_2_through_fsdp2_is_bitwise_ac_1(pg):
-    from common.fsdp import parallelize
+def test_ac_2_through_fsdp2_is_bitwise_ac_1(pg, monkeypatch):
+    import common.fsdp as cfsdp
+    parked, real = [], cfsdp.park_hidden_states
+    monkeypatch.setattr(cfsdp, "park_hidden_states", lambda w, b, *a: (parked.append(b), real(w, b, *a)))
     out = []
     for ac in (1, 2):
         m = stack()
-        parallelize(m, m.blocks, torch.float32, ac=ac)
+        blocks = list(m.blocks)
+        cfsdp.parallelize(m, m.blocks, torch.float32, ac=ac)
+        # ac 2 parks the input of every block (the inner module of each checkpoint wrapper), ac 1 of none
+        assert parked == (blocks if ac == 2 else [])
         out.append(fwd_bwd(m, X))
     (y0, g0), (y1, g1) = out
     assert torch.equal(y0, y1) and all(torch.equal(g0[k].full_tensor(), g1[k].full_tensor()) for k in g0)
