@@ -1752,7 +1752,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     model = build_dit(args, cfg, sd, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
     x0 = torch.randn(shape, device=device)
     text = (torch.randn(micro, TEXT_LEN, cfg.text_states_dim, device=device),
@@ -1908,8 +1908,9 @@ def main(argv=None):
     n_train = sum(p.numel() for p in params)
     print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, training {n_train / 1e6:.2f}M"
            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else " (full fine-tune)"))
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    # fused on CPU too: one kernel over all tensors; the for-loop default costs a DTensor dispatch per op per tensor,
+    # more than the arithmetic on a small model (the Wan toy's bench step, 2 CPU threads: 0.15 -> 0.11 s; BENCHMARKS.md)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=True)
     ema = EMA(named, args.ema) if args.ema else None
     extra_state = {"ema": ema} if ema else None
     state, start = {"epoch": 0, "pos": 0}, 0

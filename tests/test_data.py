@@ -212,7 +212,7 @@ def test_write_video_same_bytes(tmp_path):
             y, x = np.mgrid[:S, :S] + 0.5
             frames = []
             for t in range(17):
-                a = np.clip(S * 0.17 + 0.5 - np.hypot(x - S * (0.25 + t / 32), y - S / 2), 0, 1)  # coverage
+                a = np.clip(S * 0.25 + 0.5 - np.hypot(x - S * (0.25 + t / 32), y - S / 2), 0, 1)  # coverage
                 frames.append(np.stack([128 + 100 * a, 128 - 98 * a, 128 - 98 * a]))
             video = torch.from_numpy(np.stack(frames, 1).round().astype(np.uint8))  # (3, F, S, S)
             write_video(f"{sys.argv[2]}_{S}.mp4", video, fps=16, crf=12)"""

@@ -1,8 +1,8 @@
 """The README's first command end to end: `python train_wan.py --preset toy` (the data, the cache, the training and
 the final samples, all with the toy defaults) writes one sample per sample prompt, and every one shows its prompt:
 the caption's colour, a shape visible in every frame, moving the caption's way (data.toy.check_clip).
-The whole demo runs, nothing is shortened: about 18 minutes of a 2-core CPU each, so marked slow (left out of the
-default run; `python -m pytest -q tests/ -m slow`). Twice: with the default seed (the README command as written)
+The whole demo runs, nothing is shortened: about 9 minutes of a 2-core CPU each (12.5 with one core each, two side
+by side), so marked slow (left out of the default run; `python -m pytest -q tests/ -m slow`). Twice: with the default seed (the README command as written)
 and with --seed 1 (another init, data order and sample noise), so that a recipe that passes by luck fails."""
 import json
 import os
