@@ -1750,6 +1750,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     256-token text; prints step time, tokens/s, peak memory and MFU."""
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
+    torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
     model = build_dit(args, cfg, sd, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)

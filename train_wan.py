@@ -2346,6 +2346,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     path = next(iter(expert_folders(args).values()))  # A14B: the first expert (both have the same shapes)
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype, path) if path else "random"
+    torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
     model = build_dit(args, cfg, sd, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)

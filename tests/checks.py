@@ -184,10 +184,14 @@ def check_sample_mode_with_lora(run, toy, tmp_path, *sample_flags, base_flags=()
 
 def check_bench(run, toy, out, tokens_per_frame=4 * 4):
     """--mode bench for 1 step with AC prints its figures as a JSON line: 4 clips x 5 frames x the toy DiT's tokens
-    per 16x16 frame (4x4 patches: 16; Wan's 8x8: 4), positive times. Returns it."""
-    p = run(toy, out, "--mode", "bench", "--bench_steps", "1", "--ac", "1")
-    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    per 16x16 frame (4x4 patches: 16; Wan's 8x8: 4), positive times; and a second run gives the same loss (seeded
+    weights and inputs: what lets a GPU session compare an eager bench with a --compile one). Returns it."""
+    def bench():
+        p = run(toy, out, "--mode", "bench", "--bench_steps", "1", "--ac", "1")
+        return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    res, again = bench(), bench()
     assert res["tokens"] == 4 * 5 * tokens_per_frame and res["step_s"] > 0 and res["tokens_s"] > 0, res
+    assert again["loss"] == res["loss"], (res["loss"], again["loss"])
     return res
 
 
