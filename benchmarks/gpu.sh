@@ -23,7 +23,8 @@ BUDGET=${BUDGET:-540}  # seconds for all checks; a check whose limit does not fi
 DRY=${GPU_DRY:-0}
 export PYTHONUNBUFFERED=1
 if ! $PY -c "import av" 2>/dev/null && ls .whl/av-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-deps --target /tmp/pyav .whl/av-*.whl && export PYTHONPATH=/tmp/pyav${PYTHONPATH:+:$PYTHONPATH}
+  $PY -m pip install -q --no-deps --target /tmp/pyav .whl/av-*.whl &&
+    export PYTHONPATH=/tmp/pyav${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 GROUPS_WANTED=" ${*:-wan mochi hunyuan} "
@@ -62,16 +63,16 @@ check() {  # check NAME LIMIT_S SCRIPT ARGS...  (NAME's first word, before '-', 
 }
 
 { date -u; nvidia-smi -L 2>&1 | head -n 2
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  $PY -c "import torch as t; print('torch', t.__version__, t.cuda.is_available() and t.cuda.get_device_name())"
   git log --oneline -1 2>/dev/null; } >> "$LOG"
 
 B="--mode bench --bench_steps 3"
 # Wan 2.1 1.3B full fine-tune (issue 7's MFU target >= 40%), eager then compiled: the two losses must agree
 # (the bench seeds its weights and inputs) to bf16 tolerance: the compile correctness check on CUDA (SDPA flash)
-check wan-1.3B-full 120 train_wan.py $B --preset 1.3B --ac 1 --height 480 --width 832 --frames 81 --global_batch 1 \
-  --micro_batch 1
-check wan-1.3B-full-compile 180 train_wan.py $B --preset 1.3B --ac 1 --height 480 --width 832 --frames 81 --global_batch 1 \
-  --micro_batch 1 --compile 1
+check wan-1.3B-full 120 train_wan.py $B --preset 1.3B --ac 1 --height 480 --width 832 --frames 81 \
+  --global_batch 1 --micro_batch 1
+check wan-1.3B-full-compile 180 train_wan.py $B --preset 1.3B --ac 1 --height 480 --width 832 --frames 81 \
+  --global_batch 1 --micro_batch 1 --compile 1
 # Mochi 10B LoRA r16 at Genmo's table's shape (issue 10's goal: under 1.67 s a step and 50 GB on an H100)
 check mochi-10B-lora 150 train_mochi.py $B --preset 10B --lora_rank 16 --ac 1 --height 480 --width 848 --frames 37 \
   --global_batch 1 --micro_batch 1

@@ -9,12 +9,12 @@ sample, so that a few minutes of training on a CPU can show them (a model this s
 the clips it trained on long before it composes a colour, shape, direction and background it never saw
 together). After them the 6 colours take turns (10 clips each at n = 64), and among those no colour x shape x
 direction combination repeats until n > 76. 64x64 pixels, 17 frames at 16 fps (17 = 4*4+1 = 8*2+1, so
-Wan/Hunyuan and LTX use every frame; Mochi's 6k+1 takes the first 13). The shape travels half the frame side over
-the clip, through the middle of the frame: a caption gives one clip (only the gradient's axis is drawn at random), so what the model must
-learn from a caption is the clip itself, not a spread of places. Generation takes about a second. Frames are
-drawn with numpy (4x4 supersampled edges) from a seeded generator and written as h264 mp4 + .txt captions, so the
-same seed gives the same files. A marker file (.toy_complete, holding the parameters) makes a second call a
-no-op; a call with other parameters rewrites the dataset.
+Wan/Hunyuan and LTX use every frame; Mochi's 6k+1 takes the first 13). The shape (RADIUS) travels half the frame
+side over the clip, through the middle of the frame: a caption gives one clip (only the gradient's axis is drawn at
+random), so what the model must learn from a caption is the clip itself, not a spread of places. Generation takes
+about a second. Frames are drawn with numpy (4x4 supersampled edges) from a seeded generator and written as h264
+mp4 + .txt captions, so the same seed gives the same files. A marker file (.toy_complete, holding the parameters)
+makes a second call a no-op; a call with other parameters rewrites the dataset.
 """
 import glob
 import hashlib
@@ -61,10 +61,10 @@ def _alpha(shape, cx, cy, r, size):
     return m.reshape(size, SS, size, SS).mean(axis=(1, 3))
 
 
-# The shape's 'radius', a fraction of the frame side. Large on purpose: a from-scratch model learns where the shape is in
-# each frame (the motion) from the pixels it covers, and at 0.25 (version 4) the Wan toy moved every demo sample its
-# caption's way after 3,000 steps where at 0.17 it took 6,000 (measured in a stripped-down loop, 8 samples a prompt).
-# At 0.25 the shape at 1/4 of the frame touches the edge, so it is as large as the path allows.
+# The shape's 'radius', a fraction of the frame side. Large on purpose: a from-scratch model learns where the shape
+# is in each frame (the motion) from the pixels it covers; at 0.25 (version 4) the Wan toy moved 31 of 32 demo samples
+# their caption's way at step 3,000, where at 0.17 it took 6,000 (a stripped-down loop, 8 samples a prompt). At 0.25
+# the shape centred at 1/4 of the frame touches the edge: as large as the path allows.
 RADIUS = 0.25
 
 
