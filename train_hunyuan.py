@@ -977,7 +977,8 @@ class HFTokenizer:
 class TextEncoders:
     """prompts -> (text_states (B, 256, 4096), text_mask (B, 256), text_states_2 (B, 768)), as upstream's pipeline
     makes them. crop_start is the template prefix's token count (+ BOS), 95 for the video template with the
-    Llama-3 tokenizer (upstream hard-codes that number)."""
+    Llama-3 tokenizer (upstream hard-codes that number; checked once with Meta's released Llama-3 vocabulary:
+    95 and 36, through tiktoken and through this class on the same vocabulary as a tokenizer.json)."""
 
     def __init__(self, llm, llm_tok, clip, clip_tok, template=PROMPT_TEMPLATE_VIDEO):
         self.llm, self.llm_tok, self.clip, self.clip_tok, self.template = llm, llm_tok, clip, clip_tok, template
