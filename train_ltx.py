@@ -620,12 +620,14 @@ class CausalVideoAutoencoder(nn.Module):
     def decode(self, latents, timestep=0.05, noise_scale=0.0, generator=None, clamp=True):
         """normalised latents (B, 128, f, h, w) -> video (B, 3, 1 + 8(f-1), 32h, 32w) fp32, clamped to [-1, 1].
         timestep: the decoder's conditioning (the official configs decode at 0.05). noise_scale: the pipeline's
-        decode noise, z <- (1 - s) z + s eps on the un-normalised latents (its configs use 0.025); 0 = none."""
-        mean, std = self._stats()
-        z = latents.float() * std + mean
+        decode noise, z <- (1 - s) z + s eps on the NORMALISED latents, before the statistics are undone (its configs
+        use 0.025); 0 = none. (diffusers' LTXPipeline adds it after denormalising: noise x std-of-means.)"""
+        z = latents.float()  # (B, 128, f, h, w), the DiT's space
         if noise_scale:
             eps = torch.randn(z.shape, generator=generator, device="cpu").to(z.device)
             z = (1 - noise_scale) * z + noise_scale * eps
+        mean, std = self._stats()
+        z = z * std + mean
         dt = self.decoder.conv_in.conv.weight.dtype
         t = torch.full((z.shape[0],), float(timestep), device=z.device, dtype=dt)
         x = self.decoder(z.to(dt), t).float()
@@ -1589,12 +1591,20 @@ def val_loss(model, val_idx, val, device, fps):
 
 def sample_schedule(args):
     """(sampler, shifting, terminal) of --sample_schedule; 'checkpoint' reads the header's scheduler section (the
-    official configs' sampler: from_checkpoint), LinearQuadratic when there is none."""
+    official configs' sampler: from_checkpoint) with the official scheduler's defaults for what it leaves out
+    (RectifiedFlowScheduler: sampler "Uniform", no shifting); LinearQuadratic when the file has no section."""
     if args.sample_schedule != "checkpoint":  # LinearQuadratic, Uniform, distilled: no shift
         return args.sample_schedule, "", None
     base = ckpt_file(args) if args.ckpt_dir else ""
-    sch = header_config(base).get("scheduler", {}) if os.path.isfile(base) else {}  # a diffusers folder: none
-    return sch.get("sampler", "LinearQuadratic"), sch.get("shifting") or "", sch.get("target_shift_terminal")
+    cfg = header_config(base) if os.path.isfile(base) else {}  # a diffusers folder: none
+    if "scheduler" not in cfg:
+        return "LinearQuadratic", "", None
+    sch = cfg["scheduler"]
+    shifting = sch.get("shifting") or ""
+    if shifting not in ("", "SD3"):  # upstream also has "SimpleDiffusion", not implemented here
+        raise ValueError(f"{base}: scheduler shifting={shifting!r}; train_ltx.py implements SD3 only: pass "
+                         "--sample_schedule LinearQuadratic, Uniform or distilled")
+    return sch.get("sampler", "Uniform"), shifting, sch.get("target_shift_terminal")
 
 
 def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):

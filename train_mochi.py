@@ -885,7 +885,8 @@ def lora_init_state(model, seed):
 # (r, in) and `.lora_B` (out, r) with no `.weight`, stored in the model dtype (bf16), and the header's "kwargs" = the
 # JSON of {qkv_proj_lora_rank, _alpha, _dropout, out_proj_lora_rank, _alpha, _dropout}: one rank and one alpha for
 # the qkv group (qkv_x, qkv_y) and one for the out group (proj_x, proj_y). The `.pt` variant (its pipelines.py
-# `DitModelFactory` reads both) is a pickle {"state_dict": those tensors, "kwargs": that dict}. Upstream applies
+# `DitModelFactory` reads both) is a pickle {"state_dict": those tensors, "kwargs": that dict}, or, as train.py
+# writes it (save_safetensors: false), the bare tensor dict with no kwargs (read with scale 1). Upstream applies
 #   y = F.linear(x, W, b) + (dropout(x) @ A.T @ B.T) * (alpha / r)   (LoraLinear.forward; eval() merges
 #   W += B @ A * alpha / r, the same map), so each group's adapter is W + (alpha_g / r_g) * B @ A. Our LoRALinear has
 # one rank and one scale per model: a smaller rank is zero-padded to the larger (zero rows of A, zero columns of B:
@@ -901,7 +902,9 @@ def read_genmo_lora(path):
             raw, kw = {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("kwargs", "{}"))
     else:  # plain dicts, tensors and numbers only: weights_only loads it without running pickled code
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        raw, kw = obj["state_dict"], obj.get("kwargs", {})
+        # pipelines.py reads {"state_dict", "kwargs"}; the fine-tuner itself (train.py, save_safetensors: false)
+        # writes torch.save(model_sd): the bare tensor dict, no kwargs (then scale 1, as for a bare .safetensors)
+        raw, kw = (obj["state_dict"], obj.get("kwargs", {})) if "state_dict" in obj else (obj, {})
         kw = json.loads(kw) if isinstance(kw, str) else kw
     sd = {k + ".weight": v.float() for k, v in raw.items() if k.endswith((".lora_A", ".lora_B"))}
     if not sd:
@@ -1309,9 +1312,18 @@ def load_text_encoder(path, dtype=torch.float32, device="cpu", tokenizer_path=No
     if os.path.isdir(os.path.join(path, "text_encoder")):
         tok = tok or os.path.join(path, "tokenizer")
         path = os.path.join(path, "text_encoder")
+    elif os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (DIT_FILE, ENCODER_FILE)):
+        # the folder upstream's scripts/download_weights.py makes holds the DiT and the VAE only (upstream's T5 comes
+        # from google/t5-v1_1-xxl): name what is missing before anything is read (dit.safetensors is 40 GB)
+        raise FileNotFoundError(f"{path}: no text_encoder/ and tokenizer/ (T5-v1.1-XXL) in this Mochi folder: "
+                                "download both folders from genmo/mochi-1-preview into it")
     if os.path.isdir(path):
         tok = tok or path
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or sorted(glob.glob(os.path.join(path, "*.bin")))
+        if any(os.path.isfile(os.path.join(path, "model" + e)) for e in (".safetensors", ".safetensors.index.json")):
+            files = safetensors_files(path, "model")  # what from_pretrained reads; a bf16 variant beside it is not
+        else:
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or sorted(
+                glob.glob(os.path.join(path, "*.bin")))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin T5 weights in it")
     else:

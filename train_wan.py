@@ -1479,7 +1479,9 @@ def lora_init_state(model, seed):
 def kohya_module_name(flat):
     """musubi/kohya LoRA files flatten the module path with underscores: blocks_0_self_attn_q -> blocks.0.self_attn.q."""
     mod = flat.replace("_", ".")
-    for a, b in (("self.attn", "self_attn"), ("cross.attn", "cross_attn"), ("norm.q", "norm_q"), ("norm.k", "norm_k")):
+    # k.img/v.img: Wan 2.1 i2v/flf2v's image projections, which musubi adapts too (every Linear of a block)
+    for a, b in (("self.attn", "self_attn"), ("cross.attn", "cross_attn"), ("norm.q", "norm_q"), ("norm.k", "norm_k"),
+                 ("k.img", "k_img"), ("v.img", "v_img")):
         mod = mod.replace(a, b)
     return mod
 
@@ -1575,6 +1577,16 @@ def flow_loss(model, x0, context, sigma, noise, y=None, clip_fea=None, clean_fir
 NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
                    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
                    "三条腿，背景人很多，倒着走")
+
+
+def official_negative(cfg):
+    """The negative prompt upstream samples this model with by default: Wan 2.1's image models prefix the shared one,
+    I2V-14B with "镜头晃动，" (camera shake; wan/configs/wan_i2v_14B.py) and FLF2V-14B, whose config is a copy of the
+    i2v one, with "镜头切换，" (shot change) in front of that (wan/configs/__init__.py). Wan 2.2 (I2V-A14B, TI2V-5B)
+    and every t2v model use the shared one as it is."""
+    if cfg.img_dim and cfg.model_type == "flf2v":
+        return "镜头切换，镜头晃动，" + NEGATIVE_PROMPT
+    return "镜头晃动，" + NEGATIVE_PROMPT if cfg.img_dim and cfg.model_type == "i2v" else NEGATIVE_PROMPT
 
 
 def sampling_sigmas(steps, shift):
@@ -2418,7 +2430,7 @@ def main(argv=None):
     # 1. Data -> cache. The VAE and the text encoder exist only inside this block, and only if something is not
     # cached yet. The texts: the sample prompts, the guidance's negative prompt, the empty prompt of caption dropout.
     prompts = prompts_from(args.sample_prompts)
-    negative = NEGATIVE_PROMPT if args.sample_negative == "official" else args.sample_negative
+    negative = official_negative(cfg) if args.sample_negative == "official" else args.sample_negative
     texts = list(dict.fromkeys(prompts + [negative] * bool(prompts) + [""] * (args.caption_dropout > 0)))
     settings = encoder_settings(args, cfg, device)
     key = hashlib.sha1(json.dumps([texts, settings]).encode()).hexdigest()[:16]

@@ -109,3 +109,22 @@ def test_sampler_guidance_stg_and_image_condition():
         model.transformer_blocks[1].attn1.stg_skip = 0
         q = model(noise, torch.full((1,), 500.0), *ctx)
     assert not torch.allclose(p, q)
+
+
+def test_header_scheduler_defaults_are_the_official_ones(tmp_path):
+    # --sample_schedule checkpoint builds the official RectifiedFlowScheduler from the header's "scheduler" section
+    # (rf.py: from_config, whose sampler default is "Uniform"); LinearQuadratic only when the file has no section.
+    # A shifting the sampler does not implement (rf.py also knows "SimpleDiffusion") must not be dropped silently.
+    import json
+    from safetensors.torch import save_file
+
+    def schedule(scheduler):
+        path = str(tmp_path / "ltxv.safetensors")
+        cfg = {} if scheduler is None else {"scheduler": scheduler}
+        save_file({"x": torch.zeros(1)}, path, metadata={"config": json.dumps(cfg)})
+        return L.sample_schedule(L.Args(ckpt_dir=path, sample_schedule="checkpoint"))
+    assert schedule({"shifting": "SD3", "target_shift_terminal": 0.1}) == ("Uniform", "SD3", 0.1)
+    assert schedule({"sampler": "LinearQuadratic", "shifting": None}) == ("LinearQuadratic", "", None)
+    assert schedule(None) == ("LinearQuadratic", "", None)
+    with pytest.raises(ValueError, match="SimpleDiffusion"):
+        schedule({"sampler": "Uniform", "shifting": "SimpleDiffusion"})

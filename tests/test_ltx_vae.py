@@ -122,6 +122,20 @@ def test_decode_noise_flag():
     assert torch.equal(b, c) and not torch.equal(a, b)
 
 
+def test_decode_noise_is_added_to_the_normalised_latents():
+    # LTX-Video's pipeline mixes the decode noise into the DiT's (normalised) latents and only then undoes the
+    # per-channel statistics (pipeline_ltx_video.py, then vae_decode -> un_normalize_latents); diffusers' LTXPipeline
+    # denormalises first, which scales the noise by std-of-means and shrinks the means too. tiny_vae has std != 1.
+    vae = tiny_vae()
+    z = torch.randn(1, 8, 2, 1, 2, generator=torch.Generator().manual_seed(1))
+    s = 0.3
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = vae.decode(z, noise_scale=s, generator=torch.Generator().manual_seed(7), clamp=False)
+        want = vae.decode((1 - s) * z + s * eps, clamp=False)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_full_size_keys_shapes_and_count():
     with torch.device("meta"):
         m = L.CausalVideoAutoencoder(L.VAEConfig())

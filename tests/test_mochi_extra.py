@@ -226,3 +226,15 @@ def test_sample_from_a_diffusers_transformer_folder(folder, tmp_path):  # noqa: 
                                    "--out_dir", str(tmp_path / name)))
         clips.append(read_clip(str(tmp_path / name / "samples" / "step_00000000_0.mp4"), 0, 7, 30, (32, 32)))
     assert torch.equal(*clips)
+
+
+def test_genmo_plain_pt_as_the_fine_tuner_writes_it(tmp_path):
+    """demos/fine_tuner/train.py with save_safetensors: false does torch.save(model_sd, model_N.lora.pt): the bare
+    {module.lora_A/B: tensor} dict, no "state_dict"/"kwargs" wrapper (that wrapper is what pipelines.py reads)."""
+    kw = dict(KW, qkv_proj_lora_alpha=4, out_proj_lora_alpha=2)  # alpha = rank: what scale 1 (no kwargs) means
+    adapters = genmo_adapters(tiny_dit(), kw)
+    path = str(tmp_path / "model_200.lora.pt")
+    torch.save({m + s: t.bfloat16() for m, (a, b, _) in adapters.items() for s, t in ((".lora_A", a), (".lora_B", b))},
+               path)
+    err = (run(with_lora_file(path)) - run(merged_by_hand(adapters))).abs().max().item()
+    assert err <= 1e-5, err

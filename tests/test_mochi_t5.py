@@ -140,3 +140,34 @@ def test_loader_layouts(hf_model, model, tok_dir, tmp_path, layout):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         assert torch.equal(te.model(ids, mask), model(ids, mask))
+
+
+def test_official_weights_folder_without_t5_is_named_before_reading(tmp_path):
+    """genmoai/mochi scripts/download_weights.py fills a folder with dit/encoder/decoder.safetensors only (upstream
+    takes T5 from google/t5-v1_1-xxl): say so, instead of reading the 40 GB DiT as T5 weights."""
+    save_file({"pos_frequencies": torch.zeros(3, 2, 4)}, str(tmp_path / "dit.safetensors"))
+    save_file({"layers.0.weight": torch.zeros(4, 15)}, str(tmp_path / "encoder.safetensors"))
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        M.load_text_encoder(tmp_path)
+
+
+def test_sharded_folder_reads_its_index_not_every_file(hf_model, model, tok_dir, tmp_path):
+    """A transformers-saved folder lists its shards in model.safetensors.index.json (what from_pretrained reads); other
+    .safetensors beside them, e.g. a bf16 variant (model.bf16-0000x-of-0000n.safetensors), are not part of it."""
+    import shutil
+    sd = {k: v.clone() for k, v in hf_model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    te_dir = tmp_path / "text_encoder"
+    te_dir.mkdir()
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(te_dir / name))
+    (te_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    save_file({k: (v * 0.5).bfloat16() for k, v in sd.items()}, str(te_dir / "model.bf16-00001-of-00001.safetensors"))
+    shutil.copytree(tok_dir, tmp_path / "tokenizer")
+    te = M.load_text_encoder(tmp_path)
+    ids = torch.randint(3, CFG.vocab, (1, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(te.model(ids, mask), model(ids, mask))

@@ -101,6 +101,10 @@ def test_flf2v_caches_first_and_last_and_trains_and_samples(flf2v, tmp_path):
     wan(*common, "--out_dir", str(out), "--max_steps", "2", "--sample_prompts", "a red circle moving left",
         "--sample_steps", "2", "--sample_image", first, "--sample_last_image", last)
     assert os.path.exists(out / "model.safetensors") and os.path.exists(out / "samples" / "step_00000002_0.mp4")
+    # the samples' guidance contrasted against FLF2V's own negative prompt (upstream's config prefixes the shared one)
+    texts = [torch.load(os.path.join(flf2v["cache"], f)) for f in os.listdir(flf2v["cache"]) if f.startswith("texts-")]
+    assert any("镜头切换，镜头晃动，" + W.NEGATIVE_PROMPT in t for t in texts)
+    assert not any(W.NEGATIVE_PROMPT in t for t in texts)
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -76,6 +76,22 @@ def run_ref(ref, x, t, ctx, y, clip):
         return ref(full, t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]
 
 
+def test_official_negative_prompt_per_model():
+    """--sample_negative official = what upstream samples each model with: Wan 2.1 I2V-14B's config prefixes the shared
+    negative prompt with "镜头晃动，" (wan/configs/wan_i2v_14B.py:11), FLF2V-14B (a deepcopy of that config) adds
+    "镜头切换，" in front (wan/configs/__init__.py:16-18); the Wan 2.2 configs and every t2v model keep the shared one."""
+    shared = W.NEGATIVE_PROMPT
+    assert shared.startswith("色调艳丽，过曝，静态，") and shared.endswith("背景人很多，倒着走")
+    assert W.official_negative(TINY_CFGS["i2v"]) == "镜头晃动，" + shared
+    assert W.official_negative(TINY_CFGS["flf2v"]) == "镜头切换，镜头晃动，" + shared
+    for kind in ("ti2v", "i2v-A14B"):  # Wan 2.2: wan_ti2v_5B.py / wan_i2v_A14B.py leave it as it is
+        assert W.official_negative(TINY_CFGS[kind]) == shared
+    for preset in ("1.3B", "14B", "t2v-A14B", "ti2v-5B", "i2v-A14B"):
+        assert W.official_negative(W.DIT_PRESETS[preset]) == shared
+    assert W.official_negative(W.DIT_PRESETS["i2v-14B"]) == "镜头晃动，" + shared
+    assert W.official_negative(W.DIT_PRESETS["flf2v-14B"]) == "镜头切换，镜头晃动，" + shared
+
+
 @pytest.mark.parametrize("kind", ["i2v", "flf2v", "i2v-A14B"])
 def test_image_to_video_matches_diffusers(kind):
     model = tiny(kind)

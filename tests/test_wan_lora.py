@@ -213,6 +213,24 @@ def test_read_lora_round_trip(exported, tmp_path):
                                rtol=0, atol=0)
 
 
+def test_kohya_names_map_back_for_every_block_linear():
+    """musubi (kohya) writes lora_unet_<module path with . -> _>, for every Linear of a block (networks/lora_wan.py:
+    all of WanAttentionBlock but norm/head/embedding names), which on Wan 2.1 i2v/flf2v includes cross_attn.k_img and
+    .v_img. kohya_module_name must give each its own module name back."""
+    import dataclasses
+    cfg = dataclasses.replace(W.DIT_PRESETS["tiny"], in_dim=36, model_type="i2v", img_dim=24)
+    with torch.device("meta"):
+        m = W.WanModel(cfg)
+    names = [n for n, mod in m.blocks.named_modules(prefix="blocks") if isinstance(mod, torch.nn.Linear)]
+    assert {"blocks.0.cross_attn.k_img", "blocks.1.cross_attn.v_img", "blocks.1.ffn.2"} <= set(names)
+    for n in names:
+        assert W.kohya_module_name(n.replace(".", "_")) == n
+    # and the names a musubi i2v LoRA brings become targets add_lora can put adapters on
+    targets = sorted({n.split(".", 2)[2] for n in names})
+    with torch.device("meta"):
+        W.add_lora(W.WanModel(cfg), 2, 2.0, ",".join(targets))
+
+
 def test_export_metadata(exported):
     path, args, cfg, _ = exported
     with safe_open(path, "pt") as f:
