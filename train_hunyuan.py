@@ -764,6 +764,7 @@ PROMPT_TEMPLATE_IMAGE = (  # "dit-llm-encode" (crop_start 36): official inferenc
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, size, texture, "
     "quantity, text, spatial relationships of the objects and background:<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>")
+PROMPT_TEMPLATES = {"video": PROMPT_TEMPLATE_VIDEO, "image": PROMPT_TEMPLATE_IMAGE}  # upstream's data_type names
 TEXT_LEN = 256  # Llama tokens after the crop
 CLIP_LEN = 77
 
@@ -978,20 +979,26 @@ class TextEncoders:
     """prompts -> (text_states (B, 256, 4096), text_mask (B, 256), text_states_2 (B, 768)), as upstream's pipeline
     makes them. crop_start is the template prefix's token count (+ BOS), 95 for the video template with the
     Llama-3 tokenizer (upstream hard-codes that number; checked once with Meta's released Llama-3 vocabulary:
-    95 and 36, through tiktoken and through this class on the same vocabulary as a tokenizer.json)."""
+    95 and 36, through tiktoken and through this class on the same vocabulary as a tokenizer.json).
+    encode(prompts, template) takes another template (the image one) for one call; CLIP never sees a template."""
 
     def __init__(self, llm, llm_tok, clip, clip_tok, template=PROMPT_TEMPLATE_VIDEO):
         self.llm, self.llm_tok, self.clip, self.clip_tok, self.template = llm, llm_tok, clip, clip_tok, template
+        self.crop_start = self.crop(template)
+
+    def crop(self, template):
         prefix = template.split("{}")[0]
-        self.crop_start = 1 + len(llm_tok.tok.encode(prefix, add_special_tokens=False).ids)
+        return 1 + len(self.llm_tok.tok.encode(prefix, add_special_tokens=False).ids)
 
     @torch.no_grad()
-    def encode(self, prompts):
+    def encode(self, prompts, template=None):
+        template = template or self.template
+        crop = self.crop_start if template == self.template else self.crop(template)
         prompts = [p.strip() for p in prompts]
-        ids, mask = self.llm_tok([self.template.format(p) for p in prompts], TEXT_LEN + self.crop_start)
+        ids, mask = self.llm_tok([template.format(p) for p in prompts], TEXT_LEN + crop)
         dev = self.llm.embed_tokens.weight.device
         h = self.llm(ids.to(dev), mask.to(dev))
-        text_states, text_mask = h[:, self.crop_start:], mask[:, self.crop_start:].to(dev)
+        text_states, text_mask = h[:, crop:], mask[:, crop:].to(dev)
         cids, cmask = self.clip_tok(prompts, CLIP_LEN)
         dev2 = self.clip.text_model.final_layer_norm.weight.device
         text_states_2 = self.clip(cids.to(dev2), cmask.to(dev2), self.clip_tok.eos_id)
@@ -1412,7 +1419,8 @@ class Args:
     sample_steps: int = 50  # sampler steps
     sample_guidance: float = 1.0  # true classifier-free guidance scale; 1 = off, as upstream's default
     sample_embedded_guidance: float = 6.0  # the distilled guidance fed to guidance_in (upstream's default 6.0)
-    sample_shift: float = 7.0  # the sampling schedule's shift (upstream: 7 for 50 steps, 17 below 20)
+    sample_shift: float = 7.0  # the sampling schedule's shift: upstream's --flow-shift default (hyvideo/config.py)
+    # and its only value in the T2V code; 17 for under 20 steps is the paper's / musubi-tuner docs' advice
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     val_every: int = 0  # validation loss every N steps (needs --val_count)
     log_every: int = 10  # a log line (log.jsonl) every N steps
@@ -1515,15 +1523,37 @@ def encoder_settings(args, cfg, device):
                 dtype="fp16" if device.type == "cuda" else "fp32")
 
 
+def text_caches(args, settings, prompts, negative):
+    """-> {template: (cache file, its texts)} for the templates that have texts. The samples' texts (the prompts, the
+    negative prompt of true CFG) get the template that official inference picks by the samples' length: the image one
+    for 1 frame, the video one otherwise (hyvideo/inference.py:662, data_type; the negative prompt too,
+    pipeline_hunyuan_video.py:398). The empty prompt of caption dropout is training's: always the video template, as
+    for the captions and in the official I2V trainer. A file's key is its texts and settings (+ the template when it is
+    not the video one), so with video samples the file is the one it has always been."""
+    samples = prompts + [negative] * (bool(prompts) and args.sample_guidance > 1)
+    train = [""] * (args.caption_dropout > 0)
+    image = (args.sample_frames or args.frames) == 1
+    groups = {"video": list(dict.fromkeys(train if image else samples + train)),
+              "image": list(dict.fromkeys(samples if image else []))}
+    out = {}
+    for template, texts in groups.items():
+        if texts:
+            s = settings if template == "video" else dict(settings, template=template)
+            key = hashlib.sha1(json.dumps([texts, s]).encode()).hexdigest()[:16]
+            out[template] = (os.path.join(args.cache_dir, f"texts-{key}.pt"), texts)
+    return out
+
+
 def build_encoders(args, cfg, device, video=True, text=True):
     """-> (encode_video, decode_video, encode_text) as plain functions (None for the parts not asked for). Built only
     while caching and sampling, so that neither the VAE nor the text encoders are in memory while the DiT trains.
-    encode_text([prompt]) -> {"states": (1, n, D), "pooled": (1, D2)}: the n valid tokens (n = the longest prompt)."""
+    encode_text([prompt], template="video") -> {"states": (1, n, D), "pooled": (1, D2)}: the n valid tokens (n = the
+    longest prompt); template "image" for 1-frame samples (text_caches)."""
     if args.encoders == "toy":
         from data.toy import toy_encoders
         enc_v, dec_v, enc = toy_encoders(cfg.text_states_dim, TOY_TEXT_LEN)[:3]
 
-        def enc_t(prompts):  # the toy's rows are zero past the end token
+        def enc_t(prompts, template="video"):  # the toy's rows are zero past the end token; it has no template
             x = enc(prompts)
             n = int((x.abs().sum(-1) > 0).sum(1).max())
             return {"states": x[:, :n], "pooled": x[:, :n].mean(1)}
@@ -1540,8 +1570,8 @@ def build_encoders(args, cfg, device, video=True, text=True):
         te = load_text_encoders(paths["text"], dtype=torch.float16 if device.type == "cuda" else torch.float32,
                                 device=device)  # upstream runs both encoders in fp16
 
-        def enc_t(prompts):
-            states, mask, pooled = te.encode(prompts)
+        def enc_t(prompts, template="video"):
+            states, mask, pooled = te.encode(prompts, PROMPT_TEMPLATES[template])
             n = int(mask.sum(1).max())
             return {"states": states[:, :n].float().cpu(), "pooled": pooled.float().cpu()}
     return enc_v, dec_v, enc_t
@@ -1829,14 +1859,12 @@ def main(argv=None):
         return cdist.cleanup()
 
     # 1. Data -> cache. The VAE and the text encoders exist only inside this block, and only if something is not
-    # cached yet. The texts: the sample prompts, the negative prompt of true CFG, the empty prompt of caption dropout.
+    # cached yet. The texts: the sample prompts, the negative prompt of true CFG, the empty prompt of caption dropout;
+    # one file per prompt template (text_caches).
     prompts = prompts_from(args.sample_prompts)
     negative = NEGATIVE_PROMPT if args.sample_negative == "official" else args.sample_negative
-    texts = list(dict.fromkeys(prompts + [negative] * (bool(prompts) and args.sample_guidance > 1)
-                               + [""] * (args.caption_dropout > 0)))
     settings = encoder_settings(args, cfg, device)
-    key = hashlib.sha1(json.dumps([texts, settings]).encode()).hexdigest()[:16]
-    text_file = os.path.join(args.cache_dir, f"texts-{key}.pt")
+    text_files = text_caches(args, settings, prompts, negative)
     records, entries, todo = [], [], 0
     if args.mode in ("train", "cache"):
         if args.encoders == "toy" and args.data == TOY_ARGS["data"]:
@@ -1849,15 +1877,15 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:  # no usable samples, no such folder: the user's to fix
             raise UserError(str(e)) from None
         entries, todo = cache_entries(records, args.cache_dir, settings, log=print0)
-    need = torch.tensor(float(todo > 0 or (bool(texts) and not os.path.exists(text_file))))
+    need = torch.tensor(float(todo > 0 or any(not os.path.exists(f) for f, _ in text_files.values())))
     torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)  # every rank takes the same branch
     if need.item():
         encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
         if todo:
             entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
-        if texts and rank == 0:
+        for template, (text_file, texts) in text_files.items() if rank == 0 else ():
             os.makedirs(args.cache_dir, exist_ok=True)
-            torch.save({p: {k: v[0] for k, v in encode_text([p]).items()} for p in texts}, text_file + ".tmp")
+            torch.save({p: {k: v[0] for k, v in encode_text([p], template).items()} for p in texts}, text_file + ".tmp")
             os.replace(text_file + ".tmp", text_file)
         del encode_video, encode_text  # frees the VAE and the text encoders before the DiT is read
         torch.distributed.barrier()
@@ -1865,7 +1893,8 @@ def main(argv=None):
         return cdist.cleanup()
     if args.mode == "train" and not entries:
         raise UserError(f"no sample of {args.data} could be encoded (see the skip lines above)")
-    text_ctx = torch.load(text_file) if texts else {}
+    text_ctx = torch.load(text_files["video"][0]) if "video" in text_files else {}
+    sample_ctx = torch.load(text_files["image"][0]) if "image" in text_files else text_ctx  # 1-frame samples
 
     # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
     # straight into the compute dtype.
@@ -1885,7 +1914,7 @@ def main(argv=None):
     model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
     del sd
     if args.mode == "sample":
-        for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, 0, device):
+        for path in write_samples(model, args, cfg, sample_ctx, negative, out_dir, 0, device):
             print0(f"sample -> {path}")
         return cdist.cleanup()
 
@@ -1998,7 +2027,7 @@ def main(argv=None):
         if prompts and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
             if ema:
                 ema.swap()
-            write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device)
+            write_samples(model, args, cfg, sample_ctx, negative, out_dir, step, device)
             if ema:
                 ema.swap()
         if args.ckpt_every and step % args.ckpt_every == 0:
@@ -2022,7 +2051,7 @@ def main(argv=None):
         print0(f"exported{' (EMA)' if ema and args.ema_export else ''} -> {os.path.join(out_dir, name)}")
         if ema and not args.ema_export:
             ema.swap()
-        for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device) if prompts else []:
+        for path in write_samples(model, args, cfg, sample_ctx, negative, out_dir, step, device) if prompts else []:
             print0(f"sample -> {path}")
     log.close()
     cdist.cleanup()

@@ -807,7 +807,12 @@ DIFFUSERS_DIT_RENAMES = [("proj_in.", "patchify_proj."), ("time_embed.", "adaln_
 
 def read_prefixed(files, prefix, dtype=None):
     """{key without prefix: tensor} for the keys under `prefix` (all when prefix is ""), each floating tensor cast to
-    `dtype` as it is read (bf16-stored files come up in fp32 when asked), on CPU."""
+    `dtype` as it is read (bf16-stored files come up in fp32 when asked), on CPU.
+    The fp8 releases (ltxv-*-fp8.safetensors) need nothing more: upstream loads them strictly into the plain model
+    (transformer3d.py load_state_dict / from_pretrained: the same keys, no scale tensors), and its Q8 kernels use
+    the stored float8_e4m3fn weights as they are, unscaled and unrotated (they Hadamard-rotate weights and
+    activations alike at load / run time, which cancels). So the upcast gives those exact weights (e4m3 fits in
+    bf16 and fp32); it is not bitwise upstream's fp8 inference, which also rounds the activations to fp8."""
     from safetensors import safe_open
     sd = {}
     for fn in files:
@@ -1186,9 +1191,9 @@ def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
 
 def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None):
     """One guided velocity, as the official pipeline combines them. context = (ctx (B,L,D), mask (B,L)); neg likewise
-    or None. CFG: u + g (c - u). stg = (scale, skip blocks, rescale) or None: spatio-temporal guidance adds
-    scale * (c - p), p the conditional prediction with those blocks' self-attention replaced by its values, and then
-    matches the result's std to the conditional's by a factor r std(c)/std(v) + (1 - r) per sample.
+    or None. CFG (only when g > 1): u + g (c - u). stg = (scale, skip blocks, rescale) or None: spatio-temporal
+    guidance adds scale * (c - p), p the conditional prediction with those blocks' self-attention replaced by its
+    values, and then matches the result's std to the conditional's by a factor r std(c)/std(v) + (1 - r) per sample.
     cond_latent (B,C,1,H,W): image conditioning; its tokens are the clean latent with timestep 0."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
@@ -1196,7 +1201,9 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
         x = torch.cat([cond_latent.to(x), x[:, :, 1:]], dim=2)
         t[:, : h * w] = 0.0
     ctx, cmask = context
-    cfg = guidance != 1.0 and neg is not None
+    # CFG only above 1, as the official pipeline (guidance_scale > 1): a scale <= 1 means no negative pass at all,
+    # not an extrapolation towards the negative prompt
+    cfg = guidance > 1.0 and neg is not None
     # one batch: [uncond] + cond + [cond with the STG blocks perturbed]
     xs, ts, cs, ms = [x], [t], [ctx], [cmask]
     if cfg:
@@ -1307,7 +1314,7 @@ class Args:
     sample_negative: str = "official"  # negative prompt for guidance: official (LTX-Video's own) or any text
     sample_image: str = ""  # image-to-video samples: an image (or video: its first frame) as the first frame
     sample_steps: int = 40  # sampler steps
-    sample_guidance: float = 3.0  # classifier-free guidance scale (1 = none)
+    sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
     sample_stg_blocks: str = "19"  # the blocks STG perturbs (comma-separated)
     sample_rescale: float = 0.7  # the guidance rescaling of the official configs (with STG)

@@ -88,3 +88,51 @@ def test_bench_in_bf16(folder):
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
     checks.check_user_error(hy, [*base, *flags], says, tmp_path / "o")
+
+
+def test_one_frame_samples_use_the_image_template(folder, tmp_path):
+    """Official inference encodes the prompt and the negative prompt of a 1-frame video with the image template
+    (hyvideo/inference.py:662, data_type "image"), of a longer one with the video template. The empty prompt of
+    caption dropout is training's and stays on the video template; with video samples the text cache is the file
+    it has always been (the key over [texts, settings])."""
+    import hashlib
+    prompt = "a blue square moving up"
+    te = H.load_text_encoders(folder["ckpt"])
+
+    def want(text, template):
+        states, mask, pooled = H.TextEncoders(te.llm, te.llm_tok, te.clip, te.clip_tok, template).encode([text])
+        return states[0, :int(mask.sum())], pooled[0]
+
+    def sample(frames):
+        cache = tmp_path / f"cache{frames}"
+        hy("--mode", "sample", "--ckpt_dir", folder["ckpt"], "--sample_prompts", prompt, "--sample_steps", "1",
+           "--sample_guidance", "2", "--caption_dropout", "0.5", "--height", "32", "--width", "32", "--frames",
+           str(frames), "--dtype", "bf16", "--cache_dir", str(cache), "--out_dir", str(tmp_path / f"s{frames}"))
+        assert (tmp_path / f"s{frames}" / "samples" / "step_00000000_0.mp4").exists()
+        return {f.name: torch.load(f) for f in cache.glob("texts-*.pt")}
+
+    def check(cached, text, template):
+        states, pooled = want(text, template)
+        assert cached[text]["states"].shape == states.shape
+        assert torch.allclose(cached[text]["states"], states, atol=1e-5)
+        assert torch.allclose(cached[text]["pooled"], pooled, atol=1e-5)
+
+    # 5 frames: one file, everything on the video template, under the key it always had
+    settings = H.encoder_settings(H.Args(ckpt_dir=folder["ckpt"]), None, torch.device("cpu"))
+    key = hashlib.sha1(json.dumps([[prompt, H.NEGATIVE_PROMPT, ""], settings]).encode()).hexdigest()[:16]
+    files = sample(5)
+    assert list(files) == [f"texts-{key}.pt"]
+    for text in (prompt, H.NEGATIVE_PROMPT, ""):
+        check(files[f"texts-{key}.pt"], text, H.PROMPT_TEMPLATE_VIDEO)
+
+    # 1 frame: the sample texts on the image template in their own file; the empty prompt still on the video one
+    files = sample(1)
+    assert len(files) == 2, list(files)
+    image = next(f for f in files.values() if prompt in f)
+    video = next(f for f in files.values() if prompt not in f)
+    assert sorted(image) == sorted([prompt, H.NEGATIVE_PROMPT]) and list(video) == [""]
+    check(image, prompt, H.PROMPT_TEMPLATE_IMAGE)
+    check(image, H.NEGATIVE_PROMPT, H.PROMPT_TEMPLATE_IMAGE)
+    check(video, "", H.PROMPT_TEMPLATE_VIDEO)
+    states_v, _ = want(prompt, H.PROMPT_TEMPLATE_VIDEO)  # the templates differ in what the prompt's tokens see
+    assert not torch.allclose(image[prompt]["states"], states_v, atol=1e-3)

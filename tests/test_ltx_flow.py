@@ -111,6 +111,25 @@ def test_sampler_guidance_stg_and_image_condition():
     assert not torch.allclose(p, q)
 
 
+def test_guidance_at_most_one_is_no_cfg():
+    # pipeline_ltx_video.py: do_classifier_free_guidance = guidance_scale > 1. A scale below 1 must not run the
+    # negative pass nor mix it in (u + g (c - u) with g < 1 would pull towards the negative prompt).
+    batches = []
+
+    class CtxMean(torch.nn.Module):  # a velocity that depends on the prompt, so cond and uncond differ
+        def forward(self, x, t, ctx, mask, fps):
+            batches.append(x.shape[0])
+            return x * 0 + ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    x = torch.randn(1, 4, 2, 2, 2)
+    ctx, neg = (torch.full((1, 2, 3), 2.0), torch.ones(1, 2)), (torch.full((1, 2, 3), -1.0), torch.ones(1, 2))
+    for g in (0.5, 1.0):
+        batches.clear()
+        v = L.velocity(CtxMean(), x, 0.5, ctx, neg, g, None, 25.0)
+        assert batches == [1] and torch.equal(v, torch.full_like(x, 2.0)), g
+    v = L.velocity(CtxMean(), x, 0.5, ctx, neg, 3.0, None, 25.0)  # above 1: -1 + 3 (2 - -1) = 8
+    assert torch.allclose(v, torch.full_like(x, 8.0))
+
+
 def test_header_scheduler_defaults_are_the_official_ones(tmp_path):
     # --sample_schedule checkpoint builds the official RectifiedFlowScheduler from the header's "scheduler" section
     # (rf.py: from_config, whose sampler default is "Uniform"); LinearQuadratic only when the file has no section.

@@ -66,6 +66,28 @@ def test_single_file_dit(tmp_path):
     assert L.load_dit(path, dtype=torch.bfloat16).proj_out.weight.dtype == torch.bfloat16
 
 
+def test_fp8_release_file_upcasts_exactly(tmp_path):
+    # ltxv-*-fp8.safetensors: the 2-D attn / ff weights of the blocks stored as plain float8_e4m3fn (same keys, no
+    # scales: upstream loads them strictly into the bf16 model), the rest bf16. The upcast must give exactly them.
+    path = str(tmp_path / "ltxv-tiny-fp8.safetensors")
+    make_single_file(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    sd = load_file(path)
+    fp8 = [k for k in sd if k.startswith(L.DIT_PREFIX + "transformer_blocks.") and ("attn" in k or ".ff." in k)
+           and k.endswith("weight") and sd[k].ndim == 2]
+    assert fp8
+    sd.update({k: sd[k].to(torch.float8_e4m3fn) for k in fp8})
+    save_file(sd, path, metadata=meta)
+    assert all(torch.equal(sd[k].to(torch.bfloat16).float(), sd[k].float()) for k in fp8)  # e4m3 fits in bf16
+    for dt in (torch.float32, torch.bfloat16):
+        got = L.load_dit(path, dtype=dt).state_dict()
+        for k in fp8:
+            assert got[k[len(L.DIT_PREFIX):]].dtype == dt and torch.equal(got[k[len(L.DIT_PREFIX):]], sd[k].to(dt))
+
+
 def test_single_file_vae(tmp_path):
     path = str(tmp_path / "ltxv-tiny.safetensors")
     _, vae = make_single_file(path)
