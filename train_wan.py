@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from common import ckpt, lora_file, noise
+from common import ckpt, lora_file, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
@@ -175,7 +175,8 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps)
 
     def forward(self, x, rope):
-        # x (B, L, C) in the compute dtype; rope = (cos, sin), each (L, head_dim/2)
+        # x (B, L, C) in the compute dtype; rope = (cos, sin), each (L, head_dim/2); under --sp, (cos, sin, group,
+        # L_all): x and the tables hold this rank's tokens and the attention goes over the group's (common/sp.py)
         B, L, C = x.shape
         n = self.num_heads
         q = self.norm_q(self.q(x)).view(B, L, n, -1)
@@ -183,7 +184,10 @@ class WanSelfAttention(nn.Module):
         v = self.v(x).view(B, L, n, -1)
         # RoPE is computed in fp32 (upstream: float64), then q/k go back to the compute dtype for attention.
         # Every sample of a batch has the same shape (bucketing), so no padding and no mask: plain SDPA.
-        q, k = rope_apply(q, *rope).type_as(v), rope_apply(k, *rope).type_as(v)
+        cos, sin, *group = rope
+        q, k = rope_apply(q, cos, sin).type_as(v), rope_apply(k, cos, sin).type_as(v)
+        if group:
+            return self.o(sp.attention(q, k, v, *group).reshape(B, L, C))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o(y.transpose(1, 2).reshape(B, L, C))
 
@@ -313,6 +317,7 @@ class WanModel(nn.Module):
         if cfg.img_dim:  # Wan 2.1 i2v/flf2v (not the Wan 2.2 I2V expert, which conditions through y alone)
             self.img_emb = MLPProj(cfg.img_dim, dim, flf=cfg.model_type == "flf2v")
         self.rope_cache = {}  # (f, h, w, device) -> (cos, sin): a plain dict, not a buffer (not a checkpoint key)
+        self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by main
 
     def rope(self, f, h, w, device):
         """The RoPE tables of a token grid, computed once per grid shape (in float64, as upstream) and kept in fp32:
@@ -371,9 +376,18 @@ class WanModel(nn.Module):
         if n_img:  # the image tokens lead the context; each block's cross-attention splits them off again
             context = torch.cat([self.img_emb(clip_fea).to(context.dtype), context], dim=1)
         rope = self.rope(f, h, w, x.device)
+        L = x.shape[1]
+        if self.sp is not None:  # --sp N: from here to the head each rank holds ceil(L/N) of the tokens
+            if e.shape[1] > 1:  # per-frame or per-token t: one modulation row per token, then this rank's rows
+                group_of = torch.arange(L, device=x.device) * e.shape[1] // L  # token -> its group of L/G tokens
+                e, e0 = sp.shard(e[:, group_of], self.sp), sp.shard(e0[:, group_of], self.sp)
+            x = sp.shard(x, self.sp)
+            rope = (*(sp.shard(r, self.sp, dim=0) for r in rope), self.sp, L)
         for block in self.blocks:
             x = block(x, e0, context, rope)
         x = self.head(x, e).float()  # (B, L, pt*ph*pw*C), features laid out (p, q, r, c), c fastest
+        if self.sp is not None:
+            x = sp.gather(x, self.sp, L)  # every rank of the group gets the whole output (the loss is computed whole)
         # unpatchify: (B, f, h, w, pt, ph, pw, C) -> (B, C, f*pt, h*ph, w*pw)
         x = x.view(B, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, cfg.out_dim, f * pt, h * ph, w * pw)
@@ -1906,8 +1920,8 @@ class Args:
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's); A14B: HIGH,LOW or a run folder
     # optimisation
-    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
-    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
+    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
+    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
     lr: float = 1e-4  # peak learning rate (AdamW)
     warmup_steps: int = 50  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine (after warmup, to 0 at max_steps)
@@ -1923,6 +1937,7 @@ class Args:
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
+    sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
     keep: int = 3  # keep the newest K checkpoints (0 = all)
@@ -2044,7 +2059,7 @@ def check_args(args):
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
         need(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
-    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps"):
+    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
@@ -2190,13 +2205,15 @@ def read_dit_weights(args, cfg, rank, dtype, path=None):
     return m.state_dict()
 
 
-def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
+def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=None):
     """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
     `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights
-    (every shard filled with N(0, 0.02) where it lives: a 14B model never passes through host RAM)."""
+    (every shard filled with N(0, 0.02) where it lives: a 14B model never passes through host RAM).
+    sp_group: --sp's group of this rank (None: every rank holds its samples whole)."""
     rank = torch.distributed.get_rank()
     with torch.device("meta"):
         model = WanModel(cfg)
+    model.sp = sp_group
     if args.lora_rank:
         model.blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype: half the memory in bf16
         add_lora(model, args.lora_rank, lora_alpha or args.lora_alpha or args.lora_rank, args.lora_targets)
@@ -2351,7 +2368,7 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     return paths
 
 
-def bench(args, cfg, device, compute_dtype, world, micro):
+def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random full-length
     context; prints step time, tokens/s, peak memory and MFU. No data, VAE or text encoder; the weights are the
     checkpoint's if given, else random."""
@@ -2359,7 +2376,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype, path) if path else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
-    model = build_dit(args, cfg, sd, device, compute_dtype)
+    model = build_dit(args, cfg, sd, device, compute_dtype, sp_group=sp_group)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
@@ -2370,13 +2387,13 @@ def bench(args, cfg, device, compute_dtype, world, micro):
                 else None, clean_first=task_of(args, cfg) == "i2v" and cfg.in_dim == cfg.out_dim)
     f, h, w = shape[2:]
     tokens = micro * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    flops = micro * 3 * count_flops(cfg, f, h, w)
+    flops = micro * 3 * count_flops(cfg, f, h, w) / args.sp  # --sp: this rank's share of the samples' work
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
             loss = flow_loss(model, x0, ctx, torch.rand(micro, device=device), torch.randn_like(x0), **cond)
-            loss.backward()
+            (loss * args.sp).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= 2:
@@ -2385,7 +2402,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
-               device=device_name(device), world=world)
+               device=device_name(device), world=world, sp=args.sp)
     cdist.print0(json.dumps(res))
     return res
 
@@ -2412,19 +2429,28 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
-    micro = args.micro_batch or args.global_batch // world
-    accum = args.global_batch // (micro * world)
-    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
+    cfg = dit_config(args)
+    # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
+    # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
+    if world % args.sp or cfg.num_heads % args.sp:
+        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's "
+                        f"{cfg.num_heads} attention heads")
+    sp_group = sp.new_groups(args.sp)
+    dp_rank, dp_world = rank // args.sp, world // args.sp
+    micro = args.micro_batch or args.global_batch // dp_world
+    accum = args.global_batch // (micro * dp_world)
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
         raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
-                        f"{args.micro_batch or '(auto)'} x {world}")
+                        f"{args.micro_batch or '(auto)'} x {dp_world}" + (f" (processes / --sp {args.sp})" if
+                                                                          args.sp > 1 else ""))
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
-    cfg = dit_config(args)
     task = task_of(args, cfg)
     print0(f"wan: {args.mode} {cfg.model_type} model, task {task}, preset={args.preset} world={world} device={device} "
-           f"compute={compute_dtype} batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
+           f"compute={compute_dtype} batch={args.global_batch} (micro {micro} x {dp_world} ranks x {accum} "
+           "accumulation)" + (f", sequence parallel: {args.sp} ranks a sample" if args.sp > 1 else ""))
     if args.mode == "bench":
-        bench(args, cfg, device, compute_dtype, world, micro)
+        bench(args, cfg, device, compute_dtype, world, micro, sp_group)
         return cdist.cleanup()
 
     # 1. Data -> cache. The VAE and the text encoder exist only inside this block, and only if something is not
@@ -2487,7 +2513,7 @@ def main(argv=None):
             with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
                 probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
             sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
-        built[name] = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+        built[name] = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
         del sd
     model = Experts(built["high"], built["low"], boundary) if len(built) == 2 else built[next(iter(built))]
     for e in experts if len(experts) == 1 and "" not in experts else []:
@@ -2538,14 +2564,16 @@ def main(argv=None):
     if rank == 0:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
+                       "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, rank, world, args.seed, state)
+    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+                    state)
     pin = device.type == "cuda"
     it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, rank, world) if val else []
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)
@@ -2574,18 +2602,20 @@ def main(argv=None):
                 break
             x0 = b["latents"].to(device, non_blocking=True).float()
             ctx = b["text"].to(device, non_blocking=True).float()
-            first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
+            first = (m * dp_world + dp_rank) * micro  # this micro-batch's first sample, as an index in the global batch
             sigma, drop = training_draws(args, step, first, len(x0), device, lo, hi)
             if args.caption_dropout:
                 ctx = drop_captions(ctx, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             dit.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             loss = flow_loss(dit, x0, ctx, sigma, eps, **conditioning(b, cfg, task, device))
-            (loss / accum).backward()
+            # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
+            # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
+            (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             f, h, w = x0.shape[2:]
             tokens += len(x0) * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-            flops += len(x0) * 3 * count_flops(cfg, f, h, w)
+            flops += len(x0) * 3 * count_flops(cfg, f, h, w) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
             break
@@ -2602,7 +2632,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
                 grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
-                samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
+                samples_s=args.global_batch / dt, tokens_s=tokens * dp_world / dt)
             if route:
                 rec["expert"] = route
             if peak:

@@ -69,6 +69,19 @@ def check_one_and_two_processes_agree(run, toy, tmp_path, *flags, falls=0.9):
     assert sum(a[s]["loss"] for s in (7, 8)) < sum(a[s]["loss"] for s in (1, 2)) * falls, a
 
 
+def check_sequence_parallel_agrees(run, toy, tmp_path, *flags):
+    """6 steps on 1 process and on 2 processes with --sp 2 (both ranks train the same samples, each half of their
+    tokens): the losses AND the gradient norms agree per step, so the tokens' split, the attention across the
+    ranks and the gradient scale are right."""
+    run(toy, tmp_path / "p1", "--max_steps", "6", *flags)
+    run(toy, tmp_path / "sp2", "--max_steps", "6", "--sp", "2", *flags, nproc=2)
+    a, b = records(tmp_path / "p1"), records(tmp_path / "sp2")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in range(1, 7):
+        assert close(a[s]["loss"], b[s]["loss"]), (s, a[s], b[s])
+        assert close(a[s]["grad_norm"], b[s]["grad_norm"], 1e-3), (s, a[s], b[s])
+
+
 def check_lora_trains_only_the_adapters(run, toy, tmp_path, *base_flags):
     """A 3-step base run (+ base_flags), then rank-4 LoRA on its export for 4 steps in bf16 with --keep 2: two
     checkpoints kept, the file holds only lora_A / lora_B / .alpha tensors, B left zero, the DCP checkpoint only

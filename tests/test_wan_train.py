@@ -69,3 +69,10 @@ def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tm
     """--compile 1 --ac 1 give the same losses as the plain run, and the exported keys carry no wrapper names."""
     keys = checks.check_compile_and_ac_keep_the_math(run, toy, tmp_path)
     assert "blocks.0.self_attn.q.weight" in keys
+
+
+def test_sequence_parallel_equals_one_process(toy, tmp_path):
+    """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 24 x 24 pixels: 45 tokens a clip,
+    odd, so the split pads a token and masks it in attention."""
+    checks.check_sequence_parallel_agrees(run, toy, tmp_path, "--timestep_sampling", "uniform", "--height", "24",
+                                          "--width", "24")
