@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import ckpt, lora_file, noise
+from common import ckpt, lora_file, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
@@ -304,19 +304,27 @@ class MMDoubleStreamBlock(nn.Module):
         return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
 
     def forward(self, img, txt, vec, rope, mask):
-        # img (B, N, C), txt (B, L, C) fp32; vec (B, C) fp32; rope = (cos, sin) (N, D); mask (B, 1, 1, N+L) bool
+        # img (B, N, C), txt (B, L, C) fp32; vec (B, C) fp32; rope = (cos, sin) (N, D); mask (B, 1, 1, N+L) bool.
+        # Under --sp, rope = (cos, sin, group, N_all): img and the tables hold this rank's ceil(N_all/sp) video
+        # tokens, txt is whole on every rank, mask is still the whole (B, 1, 1, N_all+L) (common/sp.py)
         dt = self.img_attn_qkv.weight.dtype
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
         iq, ik, iv = self._qkv("img", img, img_mod[0], img_mod[1])
         tq, tk, tv = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
-        iq, ik = rope_apply(iq, *rope), rope_apply(ik, *rope)  # RoPE on the video tokens only
-        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), mask)
+        cos, sin, *group = rope
+        iq, ik = rope_apply(iq, cos, sin), rope_apply(ik, cos, sin)  # RoPE on the video tokens only
         N = img.shape[1]
-        img = img + self.img_attn_proj(a[:, :N]).float() * img_mod[2][:, None]
+        if group:  # the video over the group's all N_all tokens, the text's valid keys: mask's text part (B, L)
+            a_img, a_txt = sp.joint_attention(iq, ik, iv, *group, tq, tk, tv, mask[:, 0, 0, group[1]:])
+            a_img, a_txt = a_img.flatten(2), a_txt.flatten(2)
+        else:
+            a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), mask)
+            a_img, a_txt = a[:, :N], a[:, N:]
+        img = img + self.img_attn_proj(a_img).float() * img_mod[2][:, None]
         y = self.img_mlp(modulate(self.img_norm2(img), img_mod[3], img_mod[4]).to(dt))
         img = img + y.float() * img_mod[5][:, None]
-        txt = txt + self.txt_attn_proj(a[:, N:]).float() * txt_mod[2][:, None]
+        txt = txt + self.txt_attn_proj(a_txt).float() * txt_mod[2][:, None]
         y = self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod[3], txt_mod[4]).to(dt))
         txt = txt + y.float() * txt_mod[5][:, None]
         return img, txt
@@ -339,16 +347,23 @@ class MMSingleStreamBlock(nn.Module):
         self.modulation = ModulateDiT(C, 3)
 
     def forward(self, x, vec, rope, mask, N):
-        # x (B, N+L, C) fp32, the first N tokens video; rope (N, D)
+        # x (B, N+L, C) fp32, the first N tokens video; rope (N, D). Under --sp (rope = (cos, sin, group, N_all), as
+        # the double block's): the first N are this rank's video shard, the L text tokens after it are whole
         dt = self.linear1.weight.dtype
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale).to(dt)).split(
             [3 * x.shape[-1], self.mlp_dim], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
-        q = torch.cat([rope_apply(q[:, :N], *rope), q[:, N:]], 1)
-        k = torch.cat([rope_apply(k[:, :N], *rope), k[:, N:]], 1)
-        y = self.linear2(torch.cat([attention(q, k, v, mask), self.mlp_act(mlp)], dim=-1))
+        cos, sin, *group = rope
+        q = torch.cat([rope_apply(q[:, :N], cos, sin), q[:, N:]], 1)
+        k = torch.cat([rope_apply(k[:, :N], cos, sin), k[:, N:]], 1)
+        if group:  # split at the shard: video over the group, text replicated, its valid keys from mask (B, L)
+            a = torch.cat(sp.joint_attention(q[:, :N], k[:, :N], v[:, :N], *group, q[:, N:], k[:, N:], v[:, N:],
+                                             mask[:, 0, 0, group[1]:]), 1).flatten(2)
+        else:
+            a = attention(q, k, v, mask)
+        y = self.linear2(torch.cat([a, self.mlp_act(mlp)], dim=-1))
         return x + y.float() * gate[:, None]
 
 
@@ -392,6 +407,7 @@ class HunyuanVideoDiT(nn.Module):
         self.single_blocks = nn.ModuleList(MMSingleStreamBlock(cfg) for _ in range(cfg.mm_single_blocks_depth))
         self.final_layer = FinalLayer(C, math.prod(cfg.patch_size) * cfg.out_channels, cfg.eps)
         self.rope_cache = {}  # (t, h, w, device) -> (cos, sin): a plain dict, not a buffer (not a checkpoint key)
+        self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by build_dit
 
     def rope(self, t, h, w, device):
         key = (t, h, w, str(device))
@@ -416,12 +432,19 @@ class HunyuanVideoDiT(nn.Module):
         # video tokens, which are all that reach the output.
         mask = torch.cat([torch.ones(B, N, dtype=torch.bool, device=x.device), text_mask.bool()], 1)[:, None, None]
         rope = self.rope(T, H, W, x.device)
+        if self.sp is not None:  # --sp N: from here to the final layer each rank holds ceil(N/sp) of the video tokens;
+            # the text, vec and the mask stay whole (the refiner and the embeddings ran whole on every rank)
+            img = sp.shard(img, self.sp)
+            rope = (*(sp.shard(r, self.sp, dim=0) for r in rope), self.sp, N)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, rope, mask)
-        x = torch.cat([img, txt], 1)
+        Ns = img.shape[1]  # this rank's video tokens (N without --sp)
+        x = torch.cat([img, txt], 1)  # (B, Ns+L, C): under --sp the rank's video shard, then the whole text
         for block in self.single_blocks:
-            x = block(x, vec, rope, mask, N)
-        x = self.final_layer(x[:, :N], vec)  # (B, N, C_out * pt * ph * pw), features ordered (c, pt, ph, pw)
+            x = block(x, vec, rope, mask, Ns)
+        x = self.final_layer(x[:, :Ns], vec)  # (B, Ns, C_out * pt * ph * pw), features ordered (c, pt, ph, pw)
+        if self.sp is not None:
+            x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
         x = x.view(B, T, H, W, cfg.out_channels, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(B, cfg.out_channels, T * pt, H * ph, W * pw)
 
@@ -1388,8 +1411,8 @@ class Args:
     lora_targets: str = LORA_TARGETS  # the Linears (inside each double/single block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's)
     # optimisation
-    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
-    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
+    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
+    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
     lr: float = 1e-4  # peak learning rate (AdamW)
     warmup_steps: int = 50  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine (after warmup, to 0 at max_steps)
@@ -1406,6 +1429,7 @@ class Args:
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
+    sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
     # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "HunyuanVideo on one GPU")
     base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
     offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
@@ -1460,7 +1484,7 @@ def check_args(args):
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
         need(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
-    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps"):
+    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
@@ -1622,12 +1646,14 @@ def read_dit_weights(args, cfg, rank, dtype):
     return m.state_dict()
 
 
-def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
+def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=None):
     """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
-    `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights."""
+    `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights.
+    sp_group: --sp's group of this rank (None: every rank holds its samples whole)."""
     rank = torch.distributed.get_rank()
     with torch.device("meta"):
         model = HunyuanVideoDiT(cfg)
+    model.sp = sp_group
     if args.lora_rank:
         model.double_blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype
         model.single_blocks.to(compute_dtype)
@@ -1776,13 +1802,13 @@ def export_weights(model, args, cfg, path):
         os.replace(path + ".tmp", path)
 
 
-def bench(args, cfg, device, compute_dtype, world, micro):
+def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random
     256-token text; prints step time, tokens/s, peak memory and MFU."""
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
-    model = build_dit(args, cfg, sd, device, compute_dtype)
+    model = build_dit(args, cfg, sd, device, compute_dtype, sp_group=sp_group)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
@@ -1792,14 +1818,14 @@ def bench(args, cfg, device, compute_dtype, world, micro):
             torch.randn(micro, cfg.text_states_dim_2, device=device))
     f, h, w = shape[2:]
     tokens = micro * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    flops = micro * 3 * count_flops(cfg, f, h, w)
+    flops = micro * 3 * count_flops(cfg, f, h, w) / args.sp  # --sp: this rank's share of the samples' work
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
             loss = flow_loss(model, x0, text, torch.rand(micro, device=device), torch.randn_like(x0),
                              train_guidance(model, args, micro, device))
-            loss.backward()
+            (loss * args.sp).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= 2:
@@ -1809,7 +1835,7 @@ def bench(args, cfg, device, compute_dtype, world, micro):
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
-               device=device_name(device), world=world)
+               device=device_name(device), world=world, sp=args.sp)
     cdist.print0(json.dumps(res))
     return res
 
@@ -1839,23 +1865,32 @@ def main(argv=None):
     if (args.base_dtype == "float8" or args.offload) and world > 1:
         raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
                         f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
-    micro = args.micro_batch or args.global_batch // world
-    accum = args.global_batch // (micro * world)
-    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
-        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
-                        f"{args.micro_batch or '(auto)'} x {world}")
-    compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
-        else torch.bfloat16
     try:
         weights = args.dit_path or (official_paths(args.ckpt_dir)["dit"] if args.ckpt_dir else "")
     except FileNotFoundError as e:  # a --ckpt_dir without the DiT: the user's to fix
         raise UserError(str(e)) from None
     args.dit_path = weights  # one path from here on: read_dit_weights and the fingerprint use it
-    cfg = read_dit_config(weights) if weights else DIT_PRESETS[args.preset]
+    cfg = read_dit_config(weights) if weights else DIT_PRESETS[args.preset]  # the shapes only: no weights read
+    # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
+    # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
+    if world % args.sp or cfg.heads_num % args.sp:
+        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's "
+                        f"{cfg.heads_num} attention heads")
+    sp_group = sp.new_groups(args.sp)
+    dp_rank, dp_world = rank // args.sp, world // args.sp
+    micro = args.micro_batch or args.global_batch // dp_world
+    accum = args.global_batch // (micro * dp_world)
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
+        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
+                        f"{args.micro_batch or '(auto)'} x {dp_world}" + (f" (processes / --sp {args.sp})" if
+                                                                          args.sp > 1 else ""))
+    compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
+        else torch.bfloat16
     print0(f"hunyuan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
-           f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
+           f"batch={args.global_batch} (micro {micro} x {dp_world} ranks x {accum} accumulation)"
+           + (f", sequence parallel: {args.sp} ranks a sample" if args.sp > 1 else ""))
     if args.mode == "bench":
-        bench(args, cfg, device, compute_dtype, world, micro)
+        bench(args, cfg, device, compute_dtype, world, micro, sp_group)
         return cdist.cleanup()
 
     # 1. Data -> cache. The VAE and the text encoders exist only inside this block, and only if something is not
@@ -1911,7 +1946,7 @@ def main(argv=None):
         with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
             probe = add_lora(HunyuanVideoDiT(cfg), args.lora_rank, lora_alpha, args.lora_targets)
         sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
-    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
         for path in write_samples(model, args, cfg, sample_ctx, negative, out_dir, 0, device):
@@ -1957,13 +1992,15 @@ def main(argv=None):
     if rank == 0:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
+                       "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, rank, world, args.seed, state)
+    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+                    state)
     pin = device.type == "cuda"
     it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, rank, world) if val else []
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)
@@ -1988,18 +2025,20 @@ def main(argv=None):
                 break
             x0 = b["latents"].to(device, non_blocking=True).float()
             text = batch_text(b, device)
-            first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
+            first = (m * dp_world + dp_rank) * micro  # this micro-batch's first sample, as an index in the global batch
             sigma, drop = training_draws(args, step, first, len(x0), device)
             if args.caption_dropout:
                 text = drop_captions(text, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             loss = flow_loss(model, x0, text, sigma, eps, train_guidance(model, args, len(x0), device))
-            (loss / accum).backward()
+            # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
+            # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
+            (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             f, h, w = x0.shape[2:]
             tokens += len(x0) * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-            flops += len(x0) * 3 * count_flops(cfg, f, h, w, text[0].shape[1])
+            flops += len(x0) * 3 * count_flops(cfg, f, h, w, text[0].shape[1]) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
             break
@@ -2016,7 +2055,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
                 grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
-                samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
+                samples_s=args.global_batch / dt, tokens_s=tokens * dp_world / dt)
             if peak:
                 rec["mfu"] = flops / dt / peak
             rec["mem_gb"] = peak_memory_gb(device)

@@ -31,12 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import ckpt, lora_file, noise
+from common import ckpt, lora_file, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
+from common.float8 import quantize_frozen_linears
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
+from common.offload import offload_blocks
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
@@ -174,16 +176,23 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, rope=None, bias=None):
         # x (B, N, D) compute dtype; context (B, L, D) or None (self-attention); rope = (cos, sin) (.., N, D) fp32;
-        # bias (B, 1, 1, L) additive (0 or -10000) for the text padding
+        # bias (B, 1, 1, L) additive (0 or -10000) for the text padding. Under --sp, rope = (cos, sin, group,
+        # N_all): x and the tables hold this rank's tokens and the self-attention goes over the group's
+        # (common/sp.py); the cross-attention (rope None) needs nothing: local queries, the whole text as keys
         B, N, D = x.shape
         ctx = x if context is None else context
         q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(ctx)), self.to_v(ctx)
+        group = ()
         if rope is not None:
-            q, k = rope_apply(q, *rope), rope_apply(k, *rope)
+            cos, sin, *group = rope
+            q, k = rope_apply(q, cos, sin), rope_apply(k, cos, sin)
         vv = v
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, *, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-        y = y.transpose(1, 2).reshape(B, N, D)
+        if group:  # (B, N/sp, heads, hd) by tokens in and out; the all-to-alls swap tokens for heads in between
+            y = sp.attention(*(t.unflatten(-1, (self.heads, -1)) for t in (q, k, v)), *group).reshape(B, N, D)
+        else:
+            q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, *, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+            y = y.transpose(1, 2).reshape(B, N, D)
         if self.stg_skip:  # spatio-temporal guidance ("attention_values"): the last stg_skip samples of the batch
             y = torch.cat([y[: B - self.stg_skip], vv[B - self.stg_skip:]])  # get v itself, not the attention
         return self.to_out[0](y)
@@ -274,6 +283,7 @@ class Transformer3DModel(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, cfg.out_channels)
         self.rope_cache = {}  # (f, h, w, fps, device) -> (cos, sin): a plain dict, not a checkpoint key
+        self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by build_dit
 
     def rope(self, f, h, w, frame_rate, device):
         """(cos, sin), each (1 or B, N, D) fp32, for a latent grid; frame_rate a number or one per sample."""
@@ -300,9 +310,15 @@ class Transformer3DModel(nn.Module):
         wdt = self.patchify_proj.weight.dtype
         x = self.patchify_proj(x.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, N, D), tokens in (f, h, w) order
         rope = self.rope(f, h, w, frame_rate, x.device)
+        N = x.shape[1]
+        if self.sp is not None:  # --sp N: from here to proj_out each rank holds ceil(N/sp) of the tokens
+            x = sp.shard(x, self.sp)
+            rope = (*(sp.shard(r, self.sp, dim=1) for r in rope), self.sp, N)  # tables (1 or B, N, D): by token
+            if t.numel() > B:  # per-token t (B, N) (first-frame conditioning: 0 on frame 0): this rank's tokens'
+                t = sp.shard(t.reshape(B, N), self.sp)
         # time: t (B,) -> one modulation per sample, (B, N) -> one per token
         tmod, e = self.adaln_single(t.reshape(-1).float())
-        tmod, e = tmod.view(B, -1, 6, cfg.dim), e.view(B, -1, cfg.dim)  # (B, T', 6, D), (B, T', D)
+        tmod, e = tmod.view(B, -1, 6, cfg.dim), e.view(B, -1, cfg.dim)  # (B, T', 6, D), (B, T', D); --sp: T' local
         # text: projected to D; padding keys get -10000 added to their logits (upstream's constant)
         context = self.caption_projection(context.to(wdt))
         bias = None
@@ -313,6 +329,8 @@ class Transformer3DModel(nn.Module):
         shift, scale = (self.scale_shift_table.float()[None, None] + e[:, :, None]).unbind(2)  # (B, T', D)
         x = F.layer_norm(x, (cfg.dim,), eps=1e-6) * (1 + scale) + shift
         x = self.proj_out(x.to(self.proj_out.weight.dtype)).float()  # (B, N, C)
+        if self.sp is not None:
+            x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
         return x.transpose(1, 2).reshape(B, cfg.out_channels, f, h, w).contiguous()  # not a view (FSDP2 hooks)
 
     @torch.no_grad()
@@ -1288,8 +1306,8 @@ class Args:
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter; + ff.net.0.proj,ff.net.2
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, ComfyUI's)
     # optimisation
-    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
-    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
+    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
+    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
     lr: float = 1e-4  # peak learning rate (AdamW)
     warmup_steps: int = 50  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine (after warmup, to 0 at max_steps)
@@ -1305,6 +1323,10 @@ class Args:
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
+    sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README, LTX-Video: "memory options")
+    base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
+    offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
     keep: int = 3  # keep the newest K checkpoints (0 = all)
@@ -1352,7 +1374,7 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
-                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"),
+                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"), base_dtype=("auto", "float8"),
                    timestep_sampling=("shifted_logit_normal", "logit_normal", "uniform"),
                    sample_schedule=("checkpoint", "LinearQuadratic", "Uniform", "distilled"))
     for k, allowed in choices.items():
@@ -1363,7 +1385,7 @@ def check_args(args):
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
         need(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
-    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps"):
+    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     for k in ("caption_dropout", "ema", "first_frame_p", "decode_noise"):
@@ -1397,6 +1419,16 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    if args.base_dtype == "float8" or args.offload:
+        what = "--base_dtype float8" if args.base_dtype == "float8" else "--offload 1"
+        need(args.mode in ("train", "bench"), f"{what} is for LoRA training (--mode train or bench); --mode "
+             f"{args.mode} runs without it")
+        need(args.lora_rank > 0, f"{what} converts the frozen base of a LoRA run: add --lora_rank (a full "
+             "fine-tune has no frozen base; across GPUs FSDP2 shards it instead)")
+        need(args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
+             "upcast/streamed weights for the backward, and the memory it saves is spent again")
+        need(not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy "
+             "blocks between CUDA streams, outside any compiled graph)")
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/ltx-toy/model.safetensors) or "
              "--ckpt_dir")
@@ -1488,12 +1520,14 @@ def read_dit_weights(args, cfg, rank, dtype):
     return m.state_dict()
 
 
-def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
+def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=None):
     """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
-    `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights."""
+    `sd`: the full state dict on rank 0 (None on the others), or "random" for --mode bench without weights.
+    sp_group: --sp's group of this rank (None: every rank holds its samples whole)."""
     rank = torch.distributed.get_rank()
     with torch.device("meta"):
         model = Transformer3DModel(cfg)
+    model.sp = sp_group
     if args.lora_rank:
         model.transformer_blocks.to(compute_dtype)  # the frozen base in the compute dtype: half the memory in bf16
         add_lora(model, args.lora_rank, lora_alpha or args.lora_alpha or args.lora_rank, args.lora_targets)
@@ -1503,6 +1537,8 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
     if rank == 0 and sd != "random":
         check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
         check_shapes(model.state_dict(), sd, where)
+    if args.base_dtype == "float8" or args.offload:
+        return build_dit_one_process(args, model, sd, device, compute_dtype)
     parallelize(model, model.transformer_blocks, compute_dtype, ac=args.ac, compile=args.compile)
     model.to_empty(device=device)
     if sd == "random":
@@ -1512,6 +1548,34 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
     else:
         load_full_state_dict(model, sd if rank == 0 else {})
+    return model
+
+
+def build_dit_one_process(args, model, sd, device, compute_dtype):
+    """--base_dtype float8 / --offload 1 (one process, LoRA: main and check_args made sure). The weights go into the
+    meta-built model on the CPU first (by assignment: no copy when the dtypes agree); the blocks' frozen base is
+    converted there, to float8 buffers and/or out of the model into CPU memory; then FSDP2 wraps what is still
+    registered (the adapters, the root, the float8 base) and moves it to the device. So the device never holds the
+    whole base in bf16 (13B: 24.0 GiB of it)."""
+    if sd == "random":  # --mode bench without weights
+        model.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02, generator=g)
+    else:
+        ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
+        model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)
+    if args.base_dtype == "float8":
+        n, before, after = quantize_frozen_linears(model.transformer_blocks, compute_dtype)
+        cdist.print0(f"float8 base: {n} frozen Linear weights of the blocks, {before / 2**30:.3g} GiB -> "
+                     f"{after / 2**30:.3g} GiB")
+    if args.offload:
+        off = offload_blocks(list(model.transformer_blocks), device, prefetch=1)  # called in order, 0 ... N-1
+        model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
+        cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
+                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
+    parallelize(model, model.transformer_blocks, compute_dtype, ac=args.ac, compile=args.compile)
     return model
 
 
@@ -1691,13 +1755,13 @@ def export_weights(model, args, cfg, path):
     os.replace(path + ".tmp", path)
 
 
-def bench(args, cfg, device, compute_dtype, world, micro):
+def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random 256-token
     context; prints step time, tokens/s, peak memory and MFU."""
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
-    model = build_dit(args, cfg, sd, device, compute_dtype)
+    model = build_dit(args, cfg, sd, device, compute_dtype, sp_group=sp_group)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
@@ -1705,22 +1769,23 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     ctx = torch.randn(micro, TEXT_LEN, cfg.caption_channels, device=device)
     mask = torch.ones(micro, TEXT_LEN, device=device)
     tokens = micro * math.prod(shape[2:])
-    flops = micro * 3 * count_flops(cfg, math.prod(shape[2:]))
+    flops = micro * 3 * count_flops(cfg, math.prod(shape[2:])) / args.sp  # --sp: this rank's share of the samples' work
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
             loss = flow_loss(model, x0, ctx, mask, torch.rand(micro, device=device), torch.randn_like(x0), args.fps)
-            loss.backward()
+            (loss * args.sp).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
+               base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
-               device=device_name(device), world=world)
+               device=device_name(device), world=world, sp=args.sp)
     cdist.print0(json.dumps(res))
     return res
 
@@ -1749,21 +1814,33 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
-    micro = args.micro_batch or args.global_batch // world
-    accum = args.global_batch // (micro * world)
-    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
+    if (args.base_dtype == "float8" or args.offload) and world > 1:
+        raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
+                        f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
+    cfg = dit_config(args)
+    # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
+    # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
+    if world % args.sp or cfg.num_attention_heads % args.sp:
+        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's "
+                        f"{cfg.num_attention_heads} attention heads")
+    sp_group = sp.new_groups(args.sp)
+    dp_rank, dp_world = rank // args.sp, world // args.sp
+    micro = args.micro_batch or args.global_batch // dp_world
+    accum = args.global_batch // (micro * dp_world)
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
         raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
-                        f"{args.micro_batch or '(auto)'} x {world}")
+                        f"{args.micro_batch or '(auto)'} x {dp_world}" + (f" (processes / --sp {args.sp})" if
+                                                                          args.sp > 1 else ""))
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
-    cfg = dit_config(args)
     bad = [b for b in args.sample_stg_blocks.split(",") if b.strip() and int(b) >= cfg.num_layers]
     if args.sample_stg > 0 and args.sample_schedule != "distilled" and prompts_from(args.sample_prompts) and bad:
         raise UserError(f"--sample_stg_blocks {args.sample_stg_blocks}: the DiT has {cfg.num_layers} blocks")
     print0(f"ltx: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
-           f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
+           f"batch={args.global_batch} (micro {micro} x {dp_world} ranks x {accum} accumulation)"
+           + (f", sequence parallel: {args.sp} ranks a sample" if args.sp > 1 else ""))
     if args.mode == "bench":
-        bench(args, cfg, device, compute_dtype, world, micro)
+        bench(args, cfg, device, compute_dtype, world, micro, sp_group)
         return cdist.cleanup()
 
     # 1. Data -> cache. The VAE and T5 exist only inside this block, and only if something is not cached yet. The
@@ -1819,7 +1896,7 @@ def main(argv=None):
         with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
             probe = add_lora(Transformer3DModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
         sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
-    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
         for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, 0, device):
@@ -1840,7 +1917,8 @@ def main(argv=None):
                        f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
                        caption_dropout=args.caption_dropout, first_frame_p=args.first_frame_p, ema=args.ema,
-                       encoders=args.encoders)
+                       encoders=args.encoders,
+                       **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -1865,15 +1943,17 @@ def main(argv=None):
     if rank == 0:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
+                       "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, rank, world, args.seed, state)
+    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+                    state)
     pin = device.type == "cuda"
     it = prefetch(steps, lambda item: ([(load_batch([train[i]["file"] for i in mb], pin=pin),
                                          torch.tensor([float(train[i]["fps"]) for i in mb])) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, rank, world) if val else []
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)
@@ -1899,17 +1979,19 @@ def main(argv=None):
             x0 = b["latents"].to(device, non_blocking=True).float()
             ctx, mask = text_batch(b, device)
             n_tok = math.prod(x0.shape[2:])
-            first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
+            first = (m * dp_world + dp_rank) * micro  # this micro-batch's first sample, as an index in the global batch
             sigma, drop, cond = training_draws(args, step, first, len(x0), n_tok, device)
             if args.caption_dropout:
                 ctx, mask = drop_captions(ctx, mask, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p else None)
-            (loss / accum).backward()
+            # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
+            # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
+            (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             tokens += len(x0) * n_tok
-            flops += len(x0) * 3 * count_flops(cfg, n_tok, ctx.shape[1])
+            flops += len(x0) * 3 * count_flops(cfg, n_tok, ctx.shape[1]) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
             break
@@ -1926,7 +2008,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
                 grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
-                samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
+                samples_s=args.global_batch / dt, tokens_s=tokens * dp_world / dt)
             if peak:
                 rec["mfu"] = flops / dt / peak
             rec["mem_gb"] = peak_memory_gb(device)

@@ -31,12 +31,14 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from common import ckpt, lora_file, noise
+from common import ckpt, lora_file, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
+from common.float8 import quantize_frozen_linears
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
+from common.offload import offload_blocks
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
@@ -230,18 +232,26 @@ class AsymmetricAttention(nn.Module):
 
     def forward(self, x, y, rope, keep):
         # x (B, N, dim_x), y (B, L, dim_y) in the compute dtype, already modulated-normed; rope = (cos, sin) each
-        # (N, heads, head_dim/2) fp32; keep (B, L) bool or None (None: every text token of every sample is real)
+        # (N, heads, head_dim/2) fp32; keep (B, L) bool or None (None: every text token of every sample is real).
+        # Under --sp, rope = (cos, sin, group, N_all): x and the tables hold this rank's ceil(N_all/sp) visual tokens,
+        # y the whole text (replicated), and the joint attention goes over the group's (common/sp.py)
         B, N, _ = x.shape
         L, h, hd, dt = y.shape[1], self.num_heads, self.head_dim, x.dtype
+        cos, sin, *group = rope
         q_x, k_x, v_x = self.qkv_x(x).view(B, N, 3, h, hd).unbind(2)  # rows of qkv_x: [q; k; v], head-major
-        q_x = rope_apply(self.q_norm_x(q_x), *rope).to(dt)  # RoPE on the visual tokens only
-        k_x = rope_apply(self.k_norm_x(k_x), *rope).to(dt)
+        q_x = rope_apply(self.q_norm_x(q_x), cos, sin).to(dt)  # RoPE on the visual tokens only
+        k_x = rope_apply(self.k_norm_x(k_x), cos, sin).to(dt)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, h, hd).unbind(2)  # L may be 0: no text at all
         q_y, k_y = self.q_norm_y(q_y).to(dt), self.k_norm_y(k_y).to(dt)
-        q, k, v = (torch.cat(p, dim=1).transpose(1, 2) for p in ((q_x, q_y), (k_x, k_y), (v_x, v_y)))  # (B,h,N+L,hd)
-        mask = None if keep is None else F.pad(keep, (N, 0), value=True)[:, None, None, :]  # (B, 1, 1, N+L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, N+L, dim_x)
-        out_x, out_y = out.split([N, L], dim=1)
+        if group:  # the same keys per sample as below: all visual tokens (padding masked) and the kept text
+            out_x, out_y = sp.joint_attention(q_x, k_x, v_x, *group, q_y, k_y, v_y, keep)
+            out_x, out_y = out_x.flatten(2), out_y.flatten(2)  # (B, N, dim_x) this rank's, (B, L, dim_x) whole
+        else:
+            q, k, v = (torch.cat(p, dim=1).transpose(1, 2) for p in ((q_x, q_y), (k_x, k_y), (v_x, v_y)))
+            # q, k, v (B, h, N+L, hd); mask (B, 1, 1, N+L): the keys attended
+            mask = None if keep is None else F.pad(keep, (N, 0), value=True)[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B,N+L,dim_x)
+            out_x, out_y = out.split([N, L], dim=1)
         if keep is not None:
             out_y = out_y * keep[:, :, None].to(dt)
         return self.proj_x(out_x), self.proj_y(out_y)
@@ -308,11 +318,15 @@ class AsymmDiT(nn.Module):
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.text_multiple = 1  # the text stream's length is rounded up to this (main: 32 with --compile)
+        self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by build_dit
 
     def rope(self, T, pH, pW):
-        """(cos, sin), each (N, heads, head_dim/2) fp32. Not cached: pos_frequencies is trained (and needs grads)."""
+        """(cos, sin), each (N, heads, head_dim/2) fp32. Not cached: pos_frequencies is trained (and needs grads).
+        Under --sp, this rank's tokens' rows only: (ceil(N/sp), heads, head_dim/2)."""
         pos = rope_positions(T, pH, pW, self.pos_frequencies.device)
         ang = torch.einsum("nd,dhf->nhf", pos, self.pos_frequencies.float())
+        if self.sp is not None:  # per-token angles: shard like the tokens (padded rows: angle 0, masked keys)
+            ang = sp.shard(ang, self.sp, dim=0)
         return ang.cos(), ang.sin()
 
     def forward(self, x, sigma, y_feat, y_mask):
@@ -323,7 +337,11 @@ class AsymmDiT(nn.Module):
         y_mask = y_mask.bool()
         wdt = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(wdt)).float()  # (B, N, dim_x)
+        N = x.shape[1]
         rope = self.rope(T, pH, pW)
+        if self.sp is not None:  # --sp N: from here to the final layer each rank holds ceil(N/sp) visual tokens;
+            x = sp.shard(x, self.sp)  # the text stream, the conditioning c and the pooling stay whole on every rank
+            rope = (*rope, self.sp, N)
         # conditioning: time (the model sees 1 - sigma, scaled by 1000 inside) + the pooled prompt
         c = self.t_embedder(1 - sigma.float()) + self.t5_y_embedder(y_feat, y_mask)
         # the text stream: only the real tokens matter (padding never reaches x), so cut to the longest prompt
@@ -339,6 +357,8 @@ class AsymmDiT(nn.Module):
         for block in self.blocks:
             x, y = block(x, c, y, rope, keep)
         x = self.final_layer(x, c)  # (B, N, p*p*C), features (p1, p2, c), c fastest
+        if self.sp is not None:
+            x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
         x = x.view(B, T, pH, pW, p, p, C).permute(0, 6, 1, 2, 4, 3, 5)
         return x.reshape(B, C, T, H, W)
 
@@ -1378,8 +1398,8 @@ class Args:
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, Genmo's fine-tuner's, .pt too)
     # optimisation
-    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world)
-    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / world (no accumulation)
+    global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
+    micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
     lr: float = 2e-4  # peak learning rate (AdamW; Genmo's LoRA default)
     warmup_steps: int = 200  # linear warmup from 0
     lr_schedule: str = "constant"  # constant | cosine (after warmup, to 0 at max_steps)
@@ -1395,6 +1415,10 @@ class Args:
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
+    sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "Mochi on one GPU")
+    base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
+    offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
     keep: int = 3  # keep the newest K checkpoints (0 = all)
@@ -1435,7 +1459,7 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     choices = dict(mode=("train", "cache", "sample", "bench"), encoders=tuple(LATENT_STRIDE),
-                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"),
+                   lr_schedule=("constant", "cosine"), dtype=("auto", "bf16", "fp32"), base_dtype=("auto", "float8"),
                    timestep_sampling=("uniform", "logit_normal", "shift"))
     for k, allowed in choices.items():
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
@@ -1445,7 +1469,7 @@ def check_args(args):
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
         need(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
-    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps"):
+    for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
@@ -1479,6 +1503,16 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    if args.base_dtype == "float8" or args.offload:
+        what = "--base_dtype float8" if args.base_dtype == "float8" else "--offload 1"
+        need(args.mode in ("train", "bench"), f"{what} is for LoRA training (--mode train or bench); --mode "
+             f"{args.mode} runs without it")
+        need(args.lora_rank > 0, f"{what} converts the frozen base of a LoRA run: add --lora_rank (a full "
+             "fine-tune has no frozen base; across GPUs FSDP2 shards it instead)")
+        need(args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
+             "upcast/streamed weights for the backward, and the memory it saves is spent again")
+        need(not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy "
+             "blocks between CUDA streams, outside any compiled graph)")
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/mochi-toy/model.safetensors) or "
              "--ckpt_dir")
@@ -1557,13 +1591,15 @@ def read_dit_weights(args, cfg, rank, dtype):
     return m.state_dict()
 
 
-def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
+def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=None):
     """meta build -> LoRA -> FSDP2 (+AC, compile) -> storage on the device -> weights broadcast from rank 0.
     The q/k RMSNorms get their own fp32 FSDP units first, so that the blocks' bf16 mixed precision leaves their
-    gains in fp32 (upstream keeps them fp32; pos_frequencies is in the root, which computes in fp32 anyway)."""
+    gains in fp32 (upstream keeps them fp32; pos_frequencies is in the root, which computes in fp32 anyway).
+    sp_group: --sp's group of this rank (None: every rank holds its samples whole)."""
     rank = torch.distributed.get_rank()
     with torch.device("meta"):
         model = AsymmDiT(cfg)
+    model.sp = sp_group
     norms = [getattr(blk.attn, n) for blk in model.blocks for n in ("q_norm_x", "k_norm_x", "q_norm_y", "k_norm_y")]
     if args.lora_rank:
         model.blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype: half the memory in bf16
@@ -1576,10 +1612,12 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
     if rank == 0 and sd != "random":
         check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
         check_shapes(model.state_dict(), sd, where)
+    model.text_multiple = 32 if args.compile else 1  # at most 9 text lengths per latent shape to compile for
+    if args.base_dtype == "float8" or args.offload:
+        return build_dit_one_process(args, model, norms, sd, device, compute_dtype)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for m in norms:
         fully_shard(m, mp_policy=fp32)
-    model.text_multiple = 32 if args.compile else 1  # at most 9 text lengths per latent shape to compile for
     parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
     model.to_empty(device=device)
     if sd == "random":
@@ -1589,6 +1627,39 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None):
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
     else:
         load_full_state_dict(model, sd if rank == 0 else {})
+    return model
+
+
+def build_dit_one_process(args, model, norms, sd, device, compute_dtype):
+    """--base_dtype float8 / --offload 1 (one process, LoRA: main and check_args made sure). The weights go into the
+    meta-built model on the CPU first (by assignment: no copy when the dtypes agree); the blocks' frozen base is
+    converted there, to float8 buffers and/or out of the model into CPU memory; then FSDP2 wraps what is still
+    registered (the adapters, the root, the float8 base, the q/k norms' fp32 gains unless offloaded) and moves it to
+    the device. So the device never holds the whole base in bf16. The norms stay fp32 either way: float8 converts
+    Linears only, and an offloaded tensor keeps its dtype (FSDP2's bf16 cast applies to registered parameters)."""
+    if sd == "random":  # --mode bench without weights
+        model.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02, generator=g)
+    else:
+        ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
+        model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)
+    if args.base_dtype == "float8":
+        n, before, after = quantize_frozen_linears(model.blocks, compute_dtype)  # weights, bytes before, after
+        cdist.print0(f"float8 base: {n} frozen Linear weights of the blocks, {before / 2**30:.3g} GiB -> "
+                     f"{after / 2**30:.3g} GiB")
+    if args.offload:
+        off = offload_blocks(model.blocks, device, prefetch=1)
+        model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
+        cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
+                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for m in norms:
+        if next(m.parameters(), None) is not None:  # offloaded: a plain fp32 attribute, nothing for FSDP2
+            fully_shard(m, mp_policy=fp32)
+    parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
     return model
 
 
@@ -1661,13 +1732,13 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     return paths
 
 
-def bench(args, cfg, device, compute_dtype, world, micro):
+def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random full-length
     prompt (256 real tokens: the worst case); prints step time, tokens/s, peak memory and MFU."""
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
-    model = build_dit(args, cfg, sd, device, compute_dtype)
+    model = build_dit(args, cfg, sd, device, compute_dtype, sp_group=sp_group)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
@@ -1676,22 +1747,23 @@ def bench(args, cfg, device, compute_dtype, world, micro):
     mask = torch.ones(micro, cfg.text_len, dtype=torch.bool, device=device)
     T, H, W = shape[2:]
     tokens = micro * T * (H // cfg.patch_size) * (W // cfg.patch_size)
-    flops = micro * 3 * count_flops(cfg, T, H, W)
+    flops = micro * 3 * count_flops(cfg, T, H, W) / args.sp  # --sp: this rank's share of the samples' work
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
             loss = flow_loss(model, x0, y, mask, torch.rand(micro, device=device), torch.randn_like(x0))
-            loss.backward()
+            (loss * args.sp).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
+               base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
-               device=device_name(device), world=world)
+               device=device_name(device), world=world, sp=args.sp)
     cdist.print0(json.dumps(res))
     return res
 
@@ -1718,19 +1790,31 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
-    micro = args.micro_batch or args.global_batch // world
-    accum = args.global_batch // (micro * world)
-    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * world != args.global_batch):
-        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
-                        f"{args.micro_batch or '(auto)'} x {world}")
-    compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
-        else torch.bfloat16
+    if (args.base_dtype == "float8" or args.offload) and world > 1:
+        raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
+                        f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
     weights = args.dit_path or args.ckpt_dir
     cfg = read_dit_config(weights) if weights else DIT_PRESETS[args.preset]
+    # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
+    # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
+    if world % args.sp or cfg.num_heads % args.sp:
+        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's "
+                        f"{cfg.num_heads} attention heads")
+    sp_group = sp.new_groups(args.sp)
+    dp_rank, dp_world = rank // args.sp, world // args.sp
+    micro = args.micro_batch or args.global_batch // dp_world
+    accum = args.global_batch // (micro * dp_world)
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
+        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
+                        f"{args.micro_batch or '(auto)'} x {dp_world}" + (f" (processes / --sp {args.sp})" if
+                                                                          args.sp > 1 else ""))
+    compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
+        else torch.bfloat16
     print0(f"mochi: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
-           f"batch={args.global_batch} (micro {micro} x {world} ranks x {accum} accumulation)")
+           f"batch={args.global_batch} (micro {micro} x {dp_world} ranks x {accum} accumulation)"
+           + (f", sequence parallel: {args.sp} ranks a sample" if args.sp > 1 else ""))
     if args.mode == "bench":
-        bench(args, cfg, device, compute_dtype, world, micro)
+        bench(args, cfg, device, compute_dtype, world, micro, sp_group)
         return cdist.cleanup()
 
     # 1. Data -> cache. The VAE and T5 exist only inside this block, and only if something is not cached yet. The
@@ -1786,7 +1870,7 @@ def main(argv=None):
         with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
             probe = add_lora(AsymmDiT(cfg), args.lora_rank, lora_alpha, args.lora_targets)
         sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
-    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha)
+    model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
         for path in write_samples(model, args, cfg, text_ctx, negative, out_dir, 0, device):
@@ -1806,7 +1890,8 @@ def main(argv=None):
                        base=os.path.abspath(args.dit_path or args.ckpt_dir) if (args.dit_path or args.ckpt_dir) else
                        f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
-                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders)
+                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders,
+                       **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -1831,14 +1916,16 @@ def main(argv=None):
     if rank == 0:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
+                       "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, rank, world, args.seed, state)
+    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+                    state)
     pin = device.type == "cuda"
     it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, rank, world) if val else []
+    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)
@@ -1862,7 +1949,7 @@ def main(argv=None):
                 break
             x0 = b["latents"].to(device, non_blocking=True).float()
             y, mask = text_batch(b, device)
-            first = (m * world + rank) * micro  # this micro-batch's first sample, as an index in the global batch
+            first = (m * dp_world + dp_rank) * micro  # this micro-batch's first sample, as an index in the global batch
             sigma, drop = training_draws(args, step, first, len(x0), device)
             if args.caption_dropout:
                 mask = mask & ~drop[:, None]  # the empty prompt: no text tokens at all (Genmo's fine-tuner zeroes
@@ -1870,11 +1957,13 @@ def main(argv=None):
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             loss = flow_loss(model, x0, y, mask.to(device), sigma, eps)
-            (loss / accum).backward()
+            # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
+            # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
+            (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             T, H, W = x0.shape[2:]
             tokens += len(x0) * T * (H // cfg.patch_size) * (W // cfg.patch_size)
-            flops += sum(3 * count_flops(cfg, T, H, W, int(n)) for n in mask.sum(1))
+            flops += sum(3 * count_flops(cfg, T, H, W, int(n)) for n in mask.sum(1)) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
             break
@@ -1891,7 +1980,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             rec = dict(step=step, loss=loss_all.item() / world, lr=lr, grad_norm=float(
                 grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), step_s=dt,
-                samples_s=args.global_batch / dt, tokens_s=tokens * world / dt)
+                samples_s=args.global_batch / dt, tokens_s=tokens * dp_world / dt)
             if peak:
                 rec["mfu"] = flops / dt / peak
             rec["mem_gb"] = peak_memory_gb(device)

@@ -39,8 +39,10 @@ from common import ckpt, lora_file, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
+from common.float8 import quantize_frozen_linears
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
+from common.offload import offload_blocks
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
@@ -1627,8 +1629,14 @@ def conditioned(model, first=None, y=None, clip_fea=None):
 
 
 def velocity(model, x, sigma, context, neg_context, guidance):
-    """v = uncond + g * (cond - uncond); cond and uncond in one batch of 2B."""
+    """v = uncond + g * (cond - uncond); cond and uncond in one batch of 2B. guidance: the scale g, or (low, high,
+    boundary) for the Wan 2.2 A14B experts: g = high on the high-noise expert's steps, t >= boundary * 1000 (the
+    test Experts.forward makes, on this same t), low below, as upstream's text2video.py / image2video.py switch
+    sample_guide_scale (low, high) with the expert."""
     t = torch.full((x.shape[0],), float(sigma) * 1000, device=x.device)
+    if isinstance(guidance, tuple):
+        low, high, boundary = guidance
+        guidance = high if bool((t >= boundary * 1000).all()) else low
     if guidance == 1.0 or neg_context is None:
         return model(x, t, context).float()
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, neg_context])).float()
@@ -1639,7 +1647,8 @@ def velocity(model, x, sigma, context, neg_context, guidance):
 @torch.no_grad()
 def sample_euler(model, noise, context, neg_context=None, steps=50, guidance=5.0, shift=5.0):
     """First-order flow-matching ODE solver from sigma = 0.999 to 0. Given the exact velocity of the straight path
-    through the current point, (x - x0) / sigma, every step stays on that path and x0 comes back exactly."""
+    through the current point, (x - x0) / sigma, every step stays on that path and x0 comes back exactly. guidance
+    as in `velocity` (a scale, or the A14B experts' (low, high, boundary))."""
     sigmas = sampling_sigmas(steps, shift).tolist()
     x = noise.float()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
@@ -1938,6 +1947,9 @@ class Args:
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
     sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "Wan on one GPU: memory options")
+    base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
+    offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
     # checkpoints, samples, validation, logging
     ckpt_every: int = 0  # write a checkpoint every N steps (0 = only when stopped by a signal)
     keep: int = 3  # keep the newest K checkpoints (0 = all)
@@ -1947,6 +1959,9 @@ class Args:
     sample_negative: str = "official"  # negative prompt for guidance: official (Wan's own) or any text ("" = empty)
     sample_steps: int = 50  # sampler steps
     sample_guidance: float = 5.0  # classifier-free guidance scale (1 = none)
+    # Wan 2.2 A14B: the scale while the high-noise expert samples (t >= boundary); 0 = --sample_guidance. Upstream's:
+    # T2V-A14B --sample_guidance 3 --sample_guidance_high 4, I2V-A14B 3.5 and 3.5 (wan/configs/wan_*_A14B.py)
+    sample_guidance_high: float = 0.0  # A14B: guidance on the high-noise expert's steps; 0 = --sample_guidance
     sample_shift: float = 5.0  # the sampling schedule's shift
     sample_solver: str = "unipc"  # unipc (the official sampler) | euler
     sample_frames: int = 0  # frames of the samples; 0 = --frames
@@ -2050,7 +2065,7 @@ def check_args(args):
     choices = dict(mode=("train", "cache", "sample", "bench"), encoders=ENCODERS, task=("", "t2v", "i2v", "flf2v"),
                    expert=("", "high", "low", "both"),
                    lr_schedule=("constant", "cosine"), sample_solver=("unipc", "euler"), dtype=("auto", "bf16", "fp32"),
-                   timestep_sampling=("uniform", "logit_normal", "shift"))
+                   base_dtype=("auto", "float8"), timestep_sampling=("uniform", "logit_normal", "shift"))
     for k, allowed in choices.items():
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
     need(args.ac in (0, 1, 2), f"--ac {args.ac}: expected 0, 1 (checkpoint every block) or 2 (and keep what it "
@@ -2077,6 +2092,9 @@ def check_args(args):
     need(a14b or not args.expert, f"--expert {args.expert}: --ckpt_dir is not a Wan 2.2 A14B folder (with "
          "high_noise_model/ and low_noise_model/)")
     need(0 <= args.boundary < 1, f"--boundary {args.boundary}: a sigma in (0, 1), or 0 for the official one")
+    need(a14b or not args.sample_guidance_high, f"--sample_guidance_high {args.sample_guidance_high}: the guidance "
+         "of the high-noise expert's steps, for a Wan 2.2 A14B --ckpt_dir (with high_noise_model/ and "
+         "low_noise_model/); this model samples with --sample_guidance alone")
     if a14b and args.lora:
         for e, path in sample_loras(args, expert_folders(args)).items():
             need(os.path.isfile(path), f"--lora: no {e}-noise LoRA file {path} (give a run folder holding "
@@ -2110,6 +2128,16 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    if args.base_dtype == "float8" or args.offload:
+        what = "--base_dtype float8" if args.base_dtype == "float8" else "--offload 1"
+        need(args.mode in ("train", "bench"), f"{what} is for LoRA training (--mode train or bench); --mode "
+             f"{args.mode} runs without it")
+        need(args.lora_rank > 0, f"{what} converts the frozen base of a LoRA run: add --lora_rank (a full "
+             "fine-tune has no frozen base; across GPUs FSDP2 shards it instead)")
+        need(args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
+             "upcast/streamed weights for the backward, and the memory it saves is spent again")
+        need(not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy "
+             "blocks between CUDA streams, outside any compiled graph)")
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/wan-toy/model.safetensors) or "
              "--ckpt_dir")
@@ -2223,6 +2251,8 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     if rank == 0 and sd != "random":
         check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
         check_shapes(model.state_dict(), sd, where)
+    if args.base_dtype == "float8" or args.offload:
+        return build_dit_one_process(args, model, sd, device, compute_dtype)
     parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
     model.to_empty(device=device)
     if sd == "random":
@@ -2232,6 +2262,38 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
     else:
         load_full_state_dict(model, sd if rank == 0 else {})
+    return model
+
+
+def build_dit_one_process(args, model, sd, device, compute_dtype):
+    """--base_dtype float8 / --offload 1 (one process, LoRA: main and check_args made sure). The weights go into the
+    meta-built model on the CPU first (by assignment: no copy when the dtypes agree); the blocks' frozen base is
+    converted there, to float8 buffers and/or out of the model into CPU memory; then FSDP2 wraps what is still
+    registered (the adapters, the root, the float8 base) and moves it to the device. So the device never holds the
+    whole base in bf16, which a 24 GB card could not (14B: 26 GiB of block base). Wan 2.2 A14B: build_dit runs once
+    per expert, so each expert's blocks get their own float8 base and their own streamer; only the step's expert
+    is called, so only its blocks are copied in."""
+    if sd == "random":  # --mode bench without weights
+        model.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02, generator=g)
+    else:
+        ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
+        model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)
+        sd.clear()  # the model holds the tensors now: the caller's references would keep the bf16 base alive beside
+        # the float8 one and the pinned copies (A14B, the second expert: 26 GiB more host RAM at the peak)
+    if args.base_dtype == "float8":
+        n, before, after = quantize_frozen_linears(model.blocks, compute_dtype)  # weights, bytes before, after
+        cdist.print0(f"float8 base: {n} frozen Linear weights of the blocks, {before / 2**30:.3g} GiB -> "
+                     f"{after / 2**30:.3g} GiB")
+    if args.offload:
+        off = offload_blocks(model.blocks, device, prefetch=1)
+        model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
+        cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
+                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
+    parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile)
     return model
 
 
@@ -2350,6 +2412,9 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     net = conditioned(model, cond.get("first"), make_y(cond["cond"], task_of(args, cfg)) if "cond" in cond else None,
                       cond.get("clip"))
     solver = sample_unipc if args.sample_solver == "unipc" else sample_euler
+    guidance = args.sample_guidance  # A14B with --sample_guidance_high: (low, high, boundary), switched by t (velocity)
+    if args.sample_guidance_high:
+        guidance = (args.sample_guidance, args.sample_guidance_high, boundary_of(args, cfg))
     was_training = model.training
     model.eval()
     paths = []
@@ -2360,7 +2425,7 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         ctx, neg = text_ctx[p][None].to(device).float(), text_ctx[negative][None].to(device).float()
         L = max(ctx.shape[1], neg.shape[1])
         ctx, neg = (F.pad(c, (0, 0, 0, L - c.shape[1])) for c in (ctx, neg))
-        z = solver(net, x, ctx, neg, steps=args.sample_steps, guidance=args.sample_guidance, shift=args.sample_shift)
+        z = solver(net, x, ctx, neg, steps=args.sample_steps, guidance=guidance, shift=args.sample_shift)
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
@@ -2400,6 +2465,7 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
+               base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
                device=device_name(device), world=world, sp=args.sp)
@@ -2429,6 +2495,9 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
+    if (args.base_dtype == "float8" or args.offload) and world > 1:
+        raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
+                        f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
     cfg = dit_config(args)
     # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
     # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
@@ -2537,7 +2606,8 @@ def main(argv=None):
                        base=os.path.abspath(args.dit_path or args.ckpt_dir) if (args.dit_path or args.ckpt_dir) else
                        f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
-                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders)
+                       caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders,
+                       **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     if task != "t2v" or "" not in experts:  # only where they exist: a t2v run folder of before still resumes
         fingerprint.update(task=task, experts=",".join(experts), boundary=boundary)
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)

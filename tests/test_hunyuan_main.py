@@ -84,6 +84,8 @@ def test_bench_in_bf16(folder):
     (["--preset", "13B", "--ckpt_dir", ""], "--mode train needs --ckpt_dir"),
     (["--frames", "6"], "--frames 6: must be 1 + 4k"),
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
+    (["--sp", "0"], "--sp 0 must be >= 1"),
+    (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]

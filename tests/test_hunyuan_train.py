@@ -1,7 +1,7 @@
 """train_hunyuan.py as a user runs it (subprocesses, the toy preset): the loss falls on 1 and 2 processes and the
 two agree in losses AND gradient norms, LoRA trains only the adapters, an interrupted run resumes exactly (also on
 another number of processes), compile + activation checkpointing keep the math, the validation loss is fixed,
---mode sample applies a LoRA with true CFG."""
+--mode sample applies a LoRA with true CFG, --sp 2 on 2 processes equals 1 process."""
 from tests import checks
 from tests.procs import toy_runner
 
@@ -51,3 +51,10 @@ def test_sample_mode_with_true_cfg_and_lora(toy, tmp_path):
 
 def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path)  # lr 0: same weights, same clips, sigmas and noise
+
+
+def test_sequence_parallel_equals_one_process(toy, tmp_path):
+    """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 3 x 3 patches x 5
+    frames = 45 video tokens a clip, odd, so the split pads a token and masks it in the joint attention."""
+    checks.check_sequence_parallel_agrees(run, toy, tmp_path, "--timestep_sampling", "uniform", "--height", "12",
+                                          "--width", "12")

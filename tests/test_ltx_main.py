@@ -113,6 +113,8 @@ def test_bench_in_bf16(folder):
     (["--ckpt_file", "nope.safetensors"], "no nope.safetensors in it"),
     (["--timestep_sampling", "shift"], "expected one of shifted_logit_normal, logit_normal, uniform"),
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
+    (["--sp", "0"], "--sp 0 must be >= 1"),
+    (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],

@@ -1,7 +1,7 @@
 """train_ltx.py as a user runs it (subprocesses, the toy preset): the loss falls on 1 and 2 processes and the two
 agree (losses and gradient norms, with per-sample caption dropout and first-frame conditioning in the draws), LoRA
 trains only the adapters, an interrupted run resumes exactly, the run folder is never another run's, the validation
-loss is fixed, --mode sample applies a LoRA, bench runs, AC keeps the math."""
+loss is fixed, --mode sample applies a LoRA, bench runs, AC keeps the math, --sp 2 on 2 processes = 1 process."""
 from tests import checks
 from tests.procs import losses, toy_runner
 
@@ -46,3 +46,11 @@ def test_sample_mode_with_lora_and_bench_with_ac(toy, tmp_path):
     run(toy, tmp_path / "ac", "--max_steps", "2", "--ac", "1")
     a, b = losses(tmp_path / "base"), losses(tmp_path / "ac")
     assert all(abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])) for s in (1, 2)), (a, b)
+
+
+def test_sequence_parallel_equals_one_process(toy, tmp_path):
+    """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 3 x 3 x 5 = 45
+    tokens a clip, odd, so the split pads a token and masks it in attention; first-frame conditioning (per-token t,
+    sharded with the tokens) and caption dropout are in the draws (EXTRA)."""
+    checks.check_sequence_parallel_agrees(run, toy, tmp_path, "--timestep_sampling", "uniform", "--height", "12",
+                                          "--width", "12")

@@ -40,3 +40,11 @@ def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tm
     """--compile 1 --ac 1 give the same losses as the plain run, and the exported keys carry no wrapper names."""
     keys = checks.check_compile_and_ac_keep_the_math(run, toy, tmp_path)
     assert "blocks.0.attn.qkv_x.weight" in keys and "blocks.0.attn.q_norm_x.weight" in keys
+
+
+def test_sequence_parallel_equals_one_process(toy, tmp_path):
+    """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 45 tokens a clip,
+    odd, so the split pads a token and masks it in the joint attention; caption dropout puts empty prompts (no text
+    tokens) beside real ones, so the text keys are masked too."""
+    checks.check_sequence_parallel_agrees(run, toy, tmp_path, "--caption_dropout", "0.3", "--height", "12",
+                                          "--width", "12")

@@ -152,6 +152,10 @@ def test_expert_needs_an_a14b_folder(tmp_path):
     t2v = make_official_folder(str(tmp_path / "t2v"))
     flags = ["--ckpt_dir", t2v, "--data", str(tmp_path), "--expert", "high", "--out_dir", str(tmp_path / "o")]
     checks.check_user_error(wan, flags, "--expert high: --ckpt_dir is not a Wan 2.2 A14B", tmp_path / "o")
+    flags = ["--ckpt_dir", t2v, "--data", str(tmp_path), "--sample_guidance_high", "4", "--out_dir",
+             str(tmp_path / "o")]
+    checks.check_user_error(wan, flags, "--sample_guidance_high 4.0: the guidance of the high-noise expert's steps, "
+                            "for a Wan 2.2 A14B --ckpt_dir", tmp_path / "o")
 
 
 def test_one_and_two_processes_route_alike(folder, tmp_path):
@@ -174,3 +178,53 @@ def test_exports_name_the_release_they_were_trained_on():
             ("t2v-A14B", "high"): "Wan2.2-T2V-A14B-high-noise", ("t2v-A14B", "low"): "Wan2.2-T2V-A14B-low-noise",
             ("i2v-A14B", "low"): "Wan2.2-I2V-A14B-low-noise", ("tiny", ""): "Wan-t2v-custom"}
     assert {k: W.release_name(W.DIT_PRESETS[k[0]], k[1]) for k in want} == want
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+@pytest.mark.parametrize("low, high, boundary, shift", [(3.0, 4.0, 0.875, 12.0), (1.0, 3.5, 0.9, 5.0)])
+def test_the_high_noise_steps_take_their_own_guidance(monkeypatch, solver, low, high, boundary, shift):
+    """--sample_guidance_high: with guidance (low, high, boundary) each step of the sampler guides with `high`
+    exactly on the steps the high-noise expert computes (Experts' own switch, t >= boundary * 1000) and with `low` on
+    the others, as upstream's sample_guide_scale (low, high). Fake experts give velocity 1 for the prompt and 0 for
+    the negative one, so each step's guided velocity is its scale; low 1 skips the negative batch (no guidance)."""
+    called = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x, t, context, y=None, clip_fea=None):
+            called.append(self.name)
+            return context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1).expand_as(x).clone()  # (B, C, F, H, W)
+    seen, real = [], W.velocity
+
+    def recording(model, x, sigma, context, neg_context, guidance):
+        v = real(model, x, sigma, context, neg_context, guidance)
+        seen.append(v.unique().tolist())
+        return v
+    monkeypatch.setattr(W, "velocity", recording)  # the samplers look it up in the module at every step
+    sample = W.sample_unipc if solver == "unipc" else W.sample_euler
+    ctx, neg = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
+    sample(W.Experts(Fake("high"), Fake("low"), boundary), torch.randn(1, 2, 2, 2, 2), ctx, neg, steps=12,
+           guidance=(low, high, boundary), shift=shift)
+    assert len(seen) == len(called) == 12 and {"high", "low"} == set(called), called
+    assert [s == [high] for s in seen] == [c == "high" for c in called], (seen, called)
+    assert all(s == [low] for s, c in zip(seen, called) if c == "low")
+    seen.clear()  # a plain scale: every step the same, as before the flag
+    sample(W.Experts(Fake("high"), Fake("low"), boundary), torch.randn(1, 2, 2, 2, 2), ctx, neg, steps=12,
+           guidance=high, shift=shift)
+    assert seen == [[high]] * 12
+
+
+def test_sample_guidance_high_reaches_the_samples(folder, tmp_path):
+    """--mode sample on the A14B root (3 UniPC steps, shift 5: t 999 and 909 on the high-noise expert, 714 on the
+    low): --sample_guidance_high equal to --sample_guidance gives the video of no flag, another scale another video."""
+    videos = {}
+    for name, extra in (("none", []), ("same", ["--sample_guidance_high", "5"]),
+                        ("high", ["--sample_guidance_high", "9"])):
+        wan("--mode", "sample", "--ckpt_dir", folder["ckpt"], "--cache_dir", folder["cache"], *CLIP[:8],
+            "--dtype", "bf16", "--sample_prompts", "a red circle moving left", "--sample_steps", "3",
+            "--sample_guidance", "5", "--out_dir", str(tmp_path / name), *extra)
+        videos[name] = read_clip(str(tmp_path / name / "samples" / "step_00000000_0.mp4"), 0, 5, 16, (32, 32)).float()
+    assert torch.equal(videos["none"], videos["same"]) and not torch.equal(videos["none"], videos["high"])
