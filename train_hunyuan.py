@@ -29,14 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import ckpt, lora_file, noise, sp
+from common import ckpt, lora_file, memory, noise, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
-from common.float8 import quantize_frozen_linears
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
-from common.offload import offload_blocks
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
@@ -1513,16 +1511,7 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
-    if args.base_dtype == "float8" or args.offload:
-        what = "--base_dtype float8" if args.base_dtype == "float8" else "--offload 1"
-        need(args.mode in ("train", "bench"), f"{what} is for LoRA training (--mode train or bench); --mode "
-             f"{args.mode} runs without it")
-        need(args.lora_rank > 0, f"{what} converts the frozen base of a LoRA run: add --lora_rank (a full "
-             "fine-tune has no frozen base; across GPUs FSDP2 shards it instead)")
-        need(args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
-             "upcast/streamed weights for the backward, and the memory it saves is spent again")
-        need(not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy "
-             "blocks between CUDA streams, outside any compiled graph)")
+    memory.check_flags(args)  # --base_dtype float8 / --offload 1: where they do not apply
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/hunyuan-toy/model.safetensors) or "
              "--ckpt_dir")
@@ -1664,9 +1653,12 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     if rank == 0 and sd != "random":
         check_keys(model.state_dict().keys(), sd, where, hint=DIT_HINT)
         check_shapes(model.state_dict(), sd, where)
-    if args.base_dtype == "float8" or args.offload:
-        return build_dit_one_process(args, model, sd, device, compute_dtype)
+    one_gpu = memory.wanted(args)  # --base_dtype float8 / --offload 1: the base is loaded and converted on the CPU
+    if one_gpu:
+        memory.prepare(model, [model.double_blocks, model.single_blocks], sd, device, compute_dtype, args)
     parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile)
+    if one_gpu:  # common/memory.py: the weights are in already
+        return model
     model.to_empty(device=device)
     if sd == "random":
         g = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -1675,35 +1667,6 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02, generator=g)
     else:
         load_full_state_dict(model, sd if rank == 0 else {})
-    return model
-
-
-def build_dit_one_process(args, model, sd, device, compute_dtype):
-    """--base_dtype float8 / --offload 1 (one process, LoRA: main and check_args made sure). The weights go into the
-    meta-built model on the CPU first (by assignment: no copy when the dtypes agree); the blocks' frozen base is
-    converted there, to float8 buffers and/or out of the model into CPU memory; then FSDP2 wraps what is still
-    registered (the adapters, the root, the float8 base) and moves it to the device. So the device never holds the
-    whole base in bf16, which a 24 GB card could not."""
-    if sd == "random":  # --mode bench without weights
-        model.to_empty(device="cpu")
-        g = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02, generator=g)
-    else:
-        ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
-        model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)
-    if args.base_dtype == "float8":
-        done = [quantize_frozen_linears(b, compute_dtype) for b in (model.double_blocks, model.single_blocks)]
-        n, before, after = (sum(d[i] for d in done) for i in range(3))  # weights, bytes before, bytes after
-        cdist.print0(f"float8 base: {n} frozen Linear weights of the blocks, {before / 2**30:.3g} GiB -> "
-                     f"{after / 2**30:.3g} GiB")
-    if args.offload:
-        off = offload_blocks([*model.double_blocks, *model.single_blocks], device, prefetch=1)
-        model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
-        cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
-                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
-    parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile)
     return model
 
 
@@ -1862,9 +1825,7 @@ def main(argv=None):
         run_folder.claim(out_dir, args.resume)
     rank, world, device = cdist.init()
     print0 = cdist.print0
-    if (args.base_dtype == "float8" or args.offload) and world > 1:
-        raise UserError("--base_dtype float8 and --offload 1 are for one-process LoRA runs (they keep the frozen base "
-                        f"whole, unsharded); with {world} processes FSDP2 shards the bf16 base {world} ways instead")
+    memory.check_world(args, world)  # --base_dtype float8 / --offload 1: one process
     try:
         weights = args.dit_path or (official_paths(args.ckpt_dir)["dit"] if args.ckpt_dir else "")
     except FileNotFoundError as e:  # a --ckpt_dir without the DiT: the user's to fix
@@ -1873,17 +1834,7 @@ def main(argv=None):
     cfg = read_dit_config(weights) if weights else DIT_PRESETS[args.preset]  # the shapes only: no weights read
     # --sp N: each group of N consecutive ranks trains the same samples, each rank a share of their tokens
     # (common/sp.py). The data, the noise draws and the batch arithmetic count data-parallel ranks: dp_rank of dp_world.
-    if world % args.sp or cfg.heads_num % args.sp:
-        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's "
-                        f"{cfg.heads_num} attention heads")
-    sp_group = sp.new_groups(args.sp)
-    dp_rank, dp_world = rank // args.sp, world // args.sp
-    micro = args.micro_batch or args.global_batch // dp_world
-    accum = args.global_batch // (micro * dp_world)
-    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
-        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
-                        f"{args.micro_batch or '(auto)'} x {dp_world}" + (f" (processes / --sp {args.sp})" if
-                                                                          args.sp > 1 else ""))
+    sp_group, dp_rank, dp_world, micro, accum = sp.data_parallel(args, rank, world, cfg.heads_num)
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
     print0(f"hunyuan: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "

@@ -5,7 +5,7 @@
 #   on the device machine:  bash benchmarks/gpu.sh [GROUP ...]   (from the repo root; output in $OUT)
 #   a dry run on a CPU:     GPU_DRY=1 bash benchmarks/gpu.sh       (tiny presets at 64x64: checks the commands only)
 #
-# GROUPs: wan, mochi, hunyuan (default: all, in that order). All of them take more than one 10-minute command, so a
+# GROUPs: wan, mochi, hunyuan (default: those, in that order), wan14 (Wan 14B on 24 GB, on request). All of them take more than one 10-minute command, so a
 # session runs `wan mochi` (about 7.5 min) and then `hunyuan` (about 7 min) while the machine is still warm.
 #
 # The device image's python3 has torch with CUDA, safetensors, sentencepiece, tokenizers, numpy and tqdm, but not
@@ -81,5 +81,9 @@ check hunyuan-13B-24GB 180 train_hunyuan.py $B --bench_steps 2 --preset 13B --lo
   --offload 1 --height 544 --width 960 --frames 33 --global_batch 1 --micro_batch 1
 check hunyuan-13B-48GB 250 train_hunyuan.py $B --bench_steps 2 --preset 13B --lora_rank 32 --ac 2 --base_dtype float8 \
   --offload 1 --height 544 --width 960 --frames 129 --global_batch 1 --micro_batch 1
+# Wan 2.1 14B single-GPU LoRA, the 24 GB card users ask for (diffusion-pipe #149, #164): float8 base + offload,
+# --ac 2 (README "Wan on one GPU"). Not in the default groups: run `bash benchmarks/gpu.sh wan14` on a third call
+check wan14-14B-24GB 240 train_wan.py $B --bench_steps 2 --preset 14B --lora_rank 32 --ac 2 --base_dtype float8 \
+  --offload 1 --height 480 --width 832 --frames 81 --global_batch 1 --micro_batch 1
 echo "=== done: $SECONDS s" >> "$LOG"
 cat "$LOG"

@@ -40,6 +40,26 @@ def new_groups(size):
     return mine
 
 
+def data_parallel(args, rank, world, heads):
+    """main()'s split of the work over the ranks, the same in every script: -> (group, dp_rank, dp_world, micro,
+    accum). --sp N groups N consecutive ranks per sample (N divides the processes and the heads, or a UserError);
+    the data order, the seeded draws and the batch arithmetic count the dp_world = world / N data-parallel ranks:
+    micro-batch --micro_batch (0: global / dp_world) and accum = global / (micro x dp_world) micro-batches a step."""
+    from common.args import UserError
+    if world % args.sp or heads % args.sp:
+        raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's {heads} "
+                        "attention heads")
+    group = new_groups(args.sp)
+    dp_rank, dp_world = rank // args.sp, world // args.sp
+    micro = args.micro_batch or args.global_batch // dp_world
+    accum = args.global_batch // (micro * dp_world) if micro else 0
+    if args.mode in ("train", "bench") and (micro < 1 or accum * micro * dp_world != args.global_batch):
+        raise UserError(f"--global_batch {args.global_batch} must be a multiple of --micro_batch x processes = "
+                        f"{args.micro_batch or '(auto)'} x {dp_world}"
+                        + (f" (processes / --sp {args.sp})" if args.sp > 1 else ""))
+    return group, dp_rank, dp_world, micro, accum
+
+
 def _a2a(x, group):
     """x (N, ...) chunk j goes to rank j of the group; -> (N, ...) chunk j came from rank j."""
     x = x.contiguous()

@@ -10,7 +10,7 @@ import time
 import torch
 
 from common.log import read_log
-from tests.procs import ROOT, close, env, losses, records, script_cmd
+from tests.procs import ROOT, close, env, losses, records, run_script, script_cmd, script_world_of_one
 
 # ---- in-process: a model's LoRA adapters (any script's LoRALinear), its full-size keys
 
@@ -334,3 +334,209 @@ def check_user_error(run, args, says, out):
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err.getvalue()
     assert not os.path.exists(out)
+
+
+# ---- the memory flags of a LoRA run, --offload 1 and --base_dtype float8, on a tiny model in bf16 on CPU
+# (tests/test_*_memory.py). `script`: the imported train_*.py module; `run`: its tests/procs.py script_runner.
+
+
+def memory_folder(tmp_path_factory, run, name, make, clip, *model):
+    """official_folder, its clips cached (--mode cache with the `clip` flags); f["model"] holds the flags that name
+    the model: --ckpt_dir (+ `model`)."""
+    f = official_folder(tmp_path_factory, name, make)
+    f["model"] = ["--ckpt_dir", f["ckpt"], *model]
+    run("--mode", "cache", *f["model"], "--data", f["data"], "--cache_dir", f["cache"], *clip)
+    return f
+
+
+def lora_flags(folder, clip, lora):
+    """The flags of a LoRA run from the cache of a memory_folder: the model, data, cache, `clip` and `lora`."""
+    return [*folder["model"], "--data", folder["data"], "--cache_dir", folder["cache"], *clip, *lora]
+
+
+def memory_weights(script, model_class, sd, seed=3):
+    """(sd, adapters): the base `sd` and non-zero A and B (so both get gradients and the adapters matter) for every
+    rank-4 adapter of model_class(the tiny preset) with the script's add_lora."""
+    with torch.device("meta"):
+        probe = script.add_lora(model_class(script.DIT_PRESETS["tiny"]), 4, 4)
+    g = torch.Generator().manual_seed(seed)
+    lora = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in probe.state_dict().items() if ".lora_" in k}
+    return sd, lora
+
+
+def check_offload_bitwise_and_float8_within_tolerance(script, loss, weights, latent, adapters, loss_tol, total_tol,
+                                                      worst_tol, *also, probe=None):
+    """build_dit as main() calls it (bf16, LoRA rank 4 with the adapters of `weights`, --ac 1 + flags), in a
+    one-process group, and one flow loss, loss(model, args, x0, eps, t, g) (the script's: its text inputs drawn from
+    g), on fixed inputs (x0, eps of shape 2 x `latent`, t 0.3 and 0.8) and its backward: --offload 1 gives bitwise
+    the plain loss and adapters' gradients, all `adapters` of them non-zero; --base_dtype float8 moves the loss by a
+    relative 0 < . < loss_tol, all the gradients together by < total_tol and the worst adapter's by < worst_tol;
+    both flags give bitwise float8 alone, and so does each flag dict of `also` (on top of float8 and offload).
+    Returns {"plain", "offload", "float8", "both": (loss, {adapter: gradient}, probe(model) or None)}."""
+    sd, lora = weights
+
+    def step(flags):
+        args = script.Args(**{"preset": "tiny", "lora_rank": 4, "ac": 1, "dtype": "bf16", **flags})
+        g = torch.Generator().manual_seed(5)
+        x0, eps = torch.randn(2, *latent, generator=g), torch.randn(2, *latent, generator=g)
+        with script_world_of_one():
+            model = script.build_dit(args, script.DIT_PRESETS["tiny"], {**sd, **lora}, torch.device("cpu"),
+                                     torch.bfloat16)
+            out = loss(model, args, x0, eps, torch.tensor([0.3, 0.8]), g)
+            out.backward()
+            grads = {script.clean_name(n): p.grad.full_tensor().float() for n, p in model.named_parameters()
+                     if p.requires_grad}
+            return out.item(), grads, probe(model) if probe else None
+
+    res = {"plain": step({}), "offload": step({"offload": True})}
+    (loss0, g0, _), (loss1, g1, _) = res["plain"], res["offload"]
+    assert loss1 == loss0 and g1.keys() == g0.keys() and all(torch.equal(g1[k], g0[k]) for k in g0)
+    assert len(g0) == adapters and all(g.abs().sum() > 0 for g in g0.values())  # every adapter trains
+    res["float8"] = step({"base_dtype": "float8"})
+    loss8, g8, _ = res["float8"]
+    assert 0 < abs(loss8 - loss0) / loss0 < loss_tol, (loss8, loss0)
+    a, b = torch.cat([g0[k].flatten() for k in g0]), torch.cat([g8[k].flatten() for k in g0])
+    assert ((b - a).norm() / a.norm()).item() < total_tol
+    worst = max(((g8[k] - g0[k]).norm() / g0[k].norm()).item() for k in g0)
+    assert worst < worst_tol, worst
+    res["both"] = step({"base_dtype": "float8", "offload": True})
+    for flags in ({}, *also):
+        loss9, g9, _ = step({"base_dtype": "float8", "offload": True, **flags}) if flags else res["both"]
+        assert loss9 == loss8 and all(torch.equal(g9[k], g8[k]) for k in g8), flags
+    return res
+
+
+FLAG_RUNS = {"plain": [], "offload": ["--offload", "1"], "float8": ["--base_dtype", "float8"],
+             "both": ["--offload", "1", "--base_dtype", "float8"]}
+
+
+def check_lora_runs_through_main_with_each_flag(run, common, tmp_path, float8_says="float8 base: ", below=None,
+                                                float8_per_step=0.02):
+    """10 steps of LoRA (the `common` flags: lora_flags) plain, with each flag and with both, in tmp_path/<FLAG_RUNS
+    name>: each logs steps 1-10, says "offload: " with --offload 1 only and `float8_says` with float8 only, and
+    exports its LoRA; the loss falls: the sum of steps 8-10 under 0.95 x that of steps 1-3, or under `below` when
+    given; --offload 1 logs the losses and gradient norms of the run without it exactly (also with float8); with
+    float8_per_step, each step's float8 loss is within that fraction of the plain one; float8 is in the run's
+    fingerprint and offload is not, and a --resume 1 without float8 is refused in one line. Returns {name: log}."""
+    common = [*common, "--max_steps", "10"]
+    logs = {}
+    for name, flags in FLAG_RUNS.items():
+        p = run(*common, *flags, "--out_dir", str(tmp_path / name))
+        logs[name] = [r for r in read_log(tmp_path / name) if "loss" in r]
+        assert [r["step"] for r in logs[name]] == list(range(1, 11)), p.stdout[-2000:]
+        assert ("offload: " in p.stdout) == ("--offload" in flags), p.stdout[-2000:]
+        assert (float8_says in p.stdout) == ("float8" in flags), p.stdout[-2000:]
+        last = sum(r["loss"] for r in logs[name][-3:])
+        limit = 0.95 * sum(r["loss"] for r in logs[name][:3]) if below is None else below
+        assert last < limit, (name, [r["loss"] for r in logs[name]])
+        assert os.path.exists(tmp_path / name / "lora.safetensors")
+    for a, b in (("plain", "offload"), ("float8", "both")):
+        assert [(r["loss"], r["grad_norm"]) for r in logs[a]] == [(r["loss"], r["grad_norm"]) for r in logs[b]]
+    if float8_per_step is not None:
+        for r0, r8 in zip(logs["plain"], logs["float8"]):
+            assert abs(r8["loss"] - r0["loss"]) < float8_per_step * r0["loss"], (r0, r8)
+    with open(tmp_path / "float8" / "run.json") as f:  # float8 changes the math: a resume must keep it
+        assert json.load(f)["fingerprint"]["base_dtype"] == "float8"
+    with open(tmp_path / "offload" / "run.json") as f:  # offload does not: not in the fingerprint
+        assert "base_dtype" not in json.load(f)["fingerprint"]
+    # a resume must keep float8 (one line, before any training)
+    p = run(*common, "--offload", "1", "--out_dir", str(tmp_path / "float8"), "--resume", "1", check=False)
+    assert p.returncode == 2 and "base_dtype was 'float8', now None" in p.stderr, p.stderr[-1000:]
+    return logs
+
+
+def check_resume_with_both_flags_continues_exactly(run, common, tmp_path, keys=("loss", "grad_norm")):
+    """With both flags and a checkpoint every 2 steps: 2 steps, then on to 4 with --resume 1 (tmp_path/resumed) log
+    the `keys` of the uninterrupted 4 steps (tmp_path/whole) exactly (the checkpoint holds the adapters and AdamW
+    only; the float8 base is made again from --ckpt_dir). Returns (the whole run's process, [whole, resumed] logs)."""
+    both = [*common, "--offload", "1", "--base_dtype", "float8", "--ckpt_every", "2"]
+    p = run(*both, "--max_steps", "4", "--out_dir", str(tmp_path / "whole"))
+    run(*both, "--max_steps", "2", "--out_dir", str(tmp_path / "resumed"))
+    run(*both, "--max_steps", "4", "--out_dir", str(tmp_path / "resumed"), "--resume", "1")
+    logs = [[tuple(r[k] for k in keys) for r in read_log(tmp_path / d) if "loss" in r] for d in ("whole", "resumed")]
+    assert len(logs[0]) == 4 and logs[0] == logs[1], logs
+    return p, logs
+
+
+def check_bench_with_both_flags(run, src, clip, says):
+    """--mode bench of 1 step of a rank-4 LoRA with --ac 1 and both flags, the model from the `src` flags: a finite
+    loss, a positive step time, `says` (the float8 line) and "offload: " printed, both flags in its figures."""
+    p = run("--mode", "bench", *src, *clip, "--bench_steps", "1", "--lora_rank", "4", "--ac", "1", "--offload", "1",
+            "--base_dtype", "float8")
+    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    assert res["loss"] == res["loss"] and res["step_s"] > 0 and says in p.stdout, (res, p.stdout[-2000:])
+    assert res["base_dtype"] == "float8" and res["offload"] is True and "offload: " in p.stdout, res
+    return res
+
+
+# the user errors of the memory flags every script has (a script adds its own: pytest parameters (flags, says))
+MEMORY_USER_ERRORS = [
+    (["--offload", "1", "--ac", "1"], "--offload 1 converts the frozen base of a LoRA run: add --lora_rank"),
+    (["--base_dtype", "float8", "--lora_rank", "4"], "--base_dtype float8 needs --ac 1"),
+    (["--offload", "1", "--lora_rank", "4", "--ac", "1", "--compile", "1"], "does not combine with --compile 1"),
+    (["--base_dtype", "fp8"], "--base_dtype 'fp8': expected one of auto, float8"),
+]
+
+
+def check_memory_user_error(run, folder, clip, flags, says, tmp_path):
+    """check_user_error of the model of a memory_folder, its data and the `clip` flags + `flags`."""
+    base = [*folder["model"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *clip]
+    check_user_error(run, [*base, *flags], says, tmp_path / "o")
+
+
+def check_refused_with_two_processes(run, common, tmp_path):
+    """The LoRA run of the `common` flags with --offload 1 on 2 processes stops with its one-process error."""
+    p = run_script(run.script, [*common, "--out_dir", str(tmp_path / "o"), "--offload", "1"], nproc=2, check=False)
+    assert p.returncode != 0 and "error: --base_dtype float8 and --offload 1 are for one-process LoRA runs" in \
+        p.stderr, p.stderr[-2000:]
+
+
+# ---- sequence parallelism: a DiT split over 2 processes against itself whole (tests/test_*_sp.py; each rank runs
+# under tests/procs.py spawn_gloo)
+
+
+def o1_weights(model, std=0.2):
+    """Every weight O(1)-effect (normal, `std`): a zero-init head or modulation must not hide a wrong split."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def check_split_equals_whole(model, forward, weight, outputs="close", partial=False, unused=False, needs=()):
+    """In each rank of a 2-process group, the same fp32 `model` and inputs on every rank: forward(model) whole, then
+    split (model.sp = common/sp.py new_groups(2)): the same output (`outputs` "close": torch.testing.assert_close at
+    1e-5; "relative": the max error over the whole's largest under 1e-5), and the gradients of (output * weight).sum(),
+    a rank's summed over the group, equal the whole model's to a max error relative to its largest under 1e-5 (fp32
+    summation order only). Every parameter gets a gradient, unless `unused`: then the same ones in both, `needs`
+    among them, and a zero whole gradient is compared absolutely. `partial`: no rank's own gradient is the whole."""
+    import torch.distributed as dist
+
+    from common import sp
+    whole = forward(model)
+    (whole * weight).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert unused or set(ref) == {n for n, _ in model.named_parameters()}, "a parameter without a gradient"
+    assert all(n in ref for n in needs), [n for n in needs if n not in ref]
+    model.zero_grad(set_to_none=True)
+    model.sp = sp.new_groups(2)
+    split = forward(model)
+    assert split.shape == whole.shape
+    if outputs == "close":
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    else:
+        err = (split - whole).abs().max().item() / whole.abs().max().item()
+        assert err < 1e-5, err
+    (split * weight).sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(ref)
+    for n, p in model.named_parameters():
+        if p.grad is None:  # `unused` only: none in the whole model either
+            continue
+        g = p.grad.clone()
+        dist.all_reduce(g)  # each rank: the part through its tokens; the group's sum: the whole gradient
+        scale = ref[n].abs().max().item()
+        assert scale or unused, (n, "a zero gradient")
+        err = (g - ref[n]).abs().max().item() / (scale or 1.0)
+        assert err < 1e-5, (n, err)
+        if partial:
+            assert not torch.allclose(p.grad, ref[n], rtol=1e-3, atol=1e-3), n  # one rank alone holds only a part

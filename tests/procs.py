@@ -37,6 +37,38 @@ def gloo_world_of_one():
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def script_world_of_one():
+    """A one-process gloo group made as the scripts make theirs (common/dist.init) for the block, torn down after it
+    with the environment variables it set."""
+    from common import dist as cdist
+    environ = dict(os.environ)
+    cdist.init()
+    try:
+        yield
+    finally:
+        cdist.cleanup()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _gloo_rank(rank, world, port, target, args):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        target(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(target, *args, nprocs=2):
+    """target(*args) in each of `nprocs` spawned processes, all in one gloo group (a free local port) that is
+    destroyed after it; a failure in any rank fails the call. `target`: a module-level function (the processes
+    import it by name)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_rank, args=(nprocs, free_port(), target, args), nprocs=nprocs, join=True)
+
+
 def script_cmd(script, args, nproc=1):
     """The command line of `python <script> args`, or of torchrun with nproc processes on one node."""
     path = os.path.join(ROOT, script)

@@ -1,102 +1,49 @@
 """train_hunyuan.py's memory flags on the tiny HunyuanVideo in bf16 on CPU: --offload 1 gives bitwise the loss and
 the adapters' gradients of the plain model (through build_dit, the code main() runs) and the same log through main();
 --base_dtype float8 stays within float8's tolerance; a LoRA run through main() trains with each flag (and both);
-the flags are refused, in one line, where they do not apply. The mechanisms themselves: tests/test_common_memory.py."""
-import contextlib
-import json
-import os
-
+the flags are refused, in one line, where they do not apply. The procedure: tests/checks.py (every script's); the
+mechanisms themselves: tests/test_common_memory.py."""
 import pytest
 import torch
 
 import train_hunyuan as H
 from tests import checks
-from common.log import read_log
-from tests.procs import run_script
+from tests.procs import script_runner
 from tests.test_hunyuan_dit import tiny_dit
 from tests.test_hunyuan_main import CLIP, make_official_folder
 
 LORA = ["--lora_rank", "4", "--lr", "5e-2", "--ac", "1", "--timestep_sampling", "uniform"]
 
-
-def hy(*flags, check=True):
-    return run_script("train_hunyuan.py", flags, check=check)
-
-
-hy.script = "train_hunyuan.py"  # for checks.check_user_error, which runs main() in this process
-
-
-@contextlib.contextmanager
-def world_of_one():
-    """A one-process gloo group (common/dist.init) for the block, torn down with the environment it set."""
-    from common import dist as cdist
-    env = dict(os.environ)
-    cdist.init()
-    try:
-        yield
-    finally:
-        cdist.cleanup()
-        os.environ.clear()
-        os.environ.update(env)
+hy = script_runner("train_hunyuan.py")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from data.toy import make_toy_dataset
-    d = tmp_path_factory.mktemp("official")
-    make_official_folder(str(d / "ckpts"))
-    make_toy_dataset(str(d / "clips"), n=8, size=32, frames=9)
-    f = {"ckpt": str(d / "ckpts"), "data": str(d / "clips"), "cache": str(d / "cache"), "root": d}
-    hy("--mode", "cache", "--ckpt_dir", f["ckpt"], "--data", f["data"], "--cache_dir", f["cache"], *CLIP)
-    return f
+    return checks.memory_folder(tmp_path_factory, hy, "ckpts", make_official_folder, CLIP)
 
 
 # ---------------------------------------------------------------------------------------------- the model API
 
-def step(flags, sd, lora):
-    """build_dit as main() calls it (bf16, LoRA rank 4 with the adapters `lora`, --ac 1 + flags), one flow loss and
-    its backward on fixed inputs -> (loss, {adapter name: gradient})."""
-    args = H.Args(preset="tiny", lora_rank=4, ac=True, dtype="bf16", **flags)
+def loss(model, args, x0, eps, t, g):
+    """The flow loss on a padded prompt (its mask) and the guidance the run trains with."""
     cfg = H.DIT_PRESETS["tiny"]
-    g = torch.Generator().manual_seed(5)
-    x0, eps = torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, 16, 2, 4, 4, generator=g)
     text = (torch.randn(2, 6, cfg.text_states_dim, generator=g), torch.tensor([[1] * 6, [1] * 3 + [0] * 3]),
             torch.randn(2, cfg.text_states_dim_2, generator=g))
-    with world_of_one():
-        model = H.build_dit(args, cfg, {**sd, **lora}, torch.device("cpu"), torch.bfloat16)
-        loss = H.flow_loss(model, x0, text, torch.tensor([0.3, 0.8]), eps, H.train_guidance(model, args, 2, "cpu"))
-        loss.backward()
-        grads = {H.clean_name(n): p.grad.full_tensor().float() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads
+    return H.flow_loss(model, x0, text, t, eps, H.train_guidance(model, args, 2, "cpu"))
 
 
 @pytest.fixture(scope="module")
 def weights():
     sd = {k: v.to(torch.bfloat16) for k, v in tiny_dit().state_dict().items()}  # a LoRA's base: read in bf16
-    with torch.device("meta"):
-        probe = H.add_lora(H.HunyuanVideoDiT(H.DIT_PRESETS["tiny"]), 4, 4)
-    g = torch.Generator().manual_seed(3)  # non-zero A and B: both get gradients, the adapters matter
-    lora = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in probe.state_dict().items() if ".lora_" in k}
-    return sd, lora
+    return checks.memory_weights(H, H.HunyuanVideoDiT, sd)
 
 
 def test_offload_is_bitwise_and_float8_within_tolerance_through_build_dit(weights):
     """float8 against the plain bf16 model, measured: the loss moves by 4e-5 relative (the tiny model's loss is
     mostly the target's own variance), all the adapters' gradients together by 4.4%, the worst single adapter by
     12% (its gradient is small). Pinned at about 2x: 1e-3, 0.1 and 0.25."""
-    sd, lora = weights
-    loss0, g0 = step({}, sd, lora)
-    loss1, g1 = step({"offload": True}, sd, lora)
-    assert loss1 == loss0 and g1.keys() == g0.keys() and all(torch.equal(g1[k], g0[k]) for k in g0)
-    assert len(g0) == 2 * (2 * 8 + 2 * 2) and all(g.abs().sum() > 0 for g in g0.values())  # every adapter trains
-    loss8, g8 = step({"base_dtype": "float8"}, sd, lora)
-    assert 0 < abs(loss8 - loss0) / loss0 < 1e-3, (loss8, loss0)
-    a, b = torch.cat([g0[k].flatten() for k in g0]), torch.cat([g8[k].flatten() for k in g0])
-    assert ((b - a).norm() / a.norm()).item() < 0.1
-    worst = max(((g8[k] - g0[k]).norm() / g0[k].norm()).item() for k in g0)
-    assert worst < 0.25, worst
-    loss9, g9 = step({"base_dtype": "float8", "offload": True}, sd, lora)  # both: bitwise float8 alone
-    assert loss9 == loss8 and all(torch.equal(g9[k], g8[k]) for k in g8)
+    checks.check_offload_bitwise_and_float8_within_tolerance(H, loss, weights, (16, 2, 4, 4), 2 * (2 * 8 + 2 * 2),
+                                                             1e-3, 0.1, 0.25)
 
 
 # ---------------------------------------------------------------------------------------------- main()
@@ -105,68 +52,23 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     """10 steps of LoRA on the tiny official-layout folder in bf16, plain and with each flag: --offload 1 logs the
     plain run's losses and gradient norms exactly (also with float8); float8 within 2% of the plain losses; the
     loss falls in every run (the plain run, measured: 1.20 over steps 1-3, 1.06 over steps 8-10)."""
-    common = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir", folder["cache"], *CLIP, *LORA,
-              "--max_steps", "10"]
-    logs = {}
-    for name, flags in {"plain": [], "offload": ["--offload", "1"], "float8": ["--base_dtype", "float8"],
-                        "both": ["--offload", "1", "--base_dtype", "float8"]}.items():
-        p = hy(*common, *flags, "--out_dir", str(tmp_path / name))
-        logs[name] = [r for r in read_log(tmp_path / name) if "loss" in r]
-        assert [r["step"] for r in logs[name]] == list(range(1, 11)), p.stdout[-2000:]
-        assert ("offload: " in p.stdout) == ("--offload" in flags), p.stdout[-2000:]
-        assert ("float8 base: " in p.stdout) == ("float8" in flags), p.stdout[-2000:]
-        first, last = sum(r["loss"] for r in logs[name][:3]), sum(r["loss"] for r in logs[name][-3:])
-        assert last < 0.95 * first, (name, [r["loss"] for r in logs[name]])
-        assert os.path.exists(tmp_path / name / "lora.safetensors")
-    for a, b in (("plain", "offload"), ("float8", "both")):
-        assert [(r["loss"], r["grad_norm"]) for r in logs[a]] == [(r["loss"], r["grad_norm"]) for r in logs[b]]
-    for r0, r8 in zip(logs["plain"], logs["float8"]):
-        assert abs(r8["loss"] - r0["loss"]) < 0.02 * r0["loss"], (r0, r8)
-    with open(tmp_path / "float8" / "run.json") as f:  # float8 changes the math: a resume must keep it
-        assert json.load(f)["fingerprint"]["base_dtype"] == "float8"
-    with open(tmp_path / "offload" / "run.json") as f:  # offload does not: not in the fingerprint
-        assert "base_dtype" not in json.load(f)["fingerprint"]
-
-    # a resume must keep float8 (one line, before any training)
-    p = hy(*common, "--offload", "1", "--out_dir", str(tmp_path / "float8"), "--resume", "1", check=False)
-    assert p.returncode == 2 and "base_dtype was 'float8', now None" in p.stderr, p.stderr[-1000:]
+    checks.check_lora_runs_through_main_with_each_flag(hy, checks.lora_flags(folder, CLIP, LORA), tmp_path)
 
 
 def test_resume_with_both_flags_continues_exactly(folder, tmp_path):
-    """2 steps + a checkpoint, then on to 4 with --resume 1, equal the uninterrupted 4 steps (the checkpoint holds
-    the adapters and AdamW only; the float8 base is made again from --ckpt_dir)."""
-    common = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir", folder["cache"], *CLIP, *LORA,
-              "--offload", "1", "--base_dtype", "float8", "--ckpt_every", "2"]
-    hy(*common, "--max_steps", "4", "--out_dir", str(tmp_path / "whole"))
-    hy(*common, "--max_steps", "2", "--out_dir", str(tmp_path / "resumed"))
-    hy(*common, "--max_steps", "4", "--out_dir", str(tmp_path / "resumed"), "--resume", "1")
-    logs = [[(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / d) if "loss" in r] for d in ("whole", "resumed")]
-    assert logs[0] == logs[1]
+    checks.check_resume_with_both_flags_continues_exactly(hy, checks.lora_flags(folder, CLIP, LORA), tmp_path)
 
 
 @pytest.mark.parametrize("weights_from", ["ckpt_dir", "random"])  # random: BENCHMARKS.md's 13B rows, at tiny size
 def test_bench_with_both_flags(folder, weights_from):
-    src = ["--ckpt_dir", folder["ckpt"]] if weights_from == "ckpt_dir" else ["--preset", "tiny"]
-    p = hy("--mode", "bench", *src, *CLIP, "--bench_steps", "1", "--lora_rank", "4", "--ac", "1", "--offload", "1",
-           "--base_dtype", "float8")
-    res = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
-    assert res["loss"] == res["loss"] and res["step_s"] > 0 and "float8 base: 26 frozen Linear" in p.stdout
+    src = folder["model"] if weights_from == "ckpt_dir" else ["--preset", "tiny"]
+    checks.check_bench_with_both_flags(hy, src, CLIP, "float8 base: 26 frozen Linear")
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--offload", "1", "--ac", "1"], "--offload 1 converts the frozen base of a LoRA run: add --lora_rank"),
-    (["--base_dtype", "float8", "--lora_rank", "4"], "--base_dtype float8 needs --ac 1"),
-    (["--offload", "1", "--lora_rank", "4", "--ac", "1", "--compile", "1"], "does not combine with --compile 1"),
-    (["--base_dtype", "fp8"], "--base_dtype 'fp8': expected one of auto, float8"),
-])
+@pytest.mark.parametrize("flags, says", checks.MEMORY_USER_ERRORS)
 def test_user_errors(folder, tmp_path, flags, says):
-    base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
-    checks.check_user_error(hy, [*base, *flags], says, tmp_path / "o")
+    checks.check_memory_user_error(hy, folder, CLIP, flags, says, tmp_path)
 
 
 def test_refused_with_two_processes(folder, tmp_path):
-    p = run_script("train_hunyuan.py", ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir",
-                                        folder["cache"], "--out_dir", str(tmp_path / "o"), *CLIP, *LORA,
-                                        "--offload", "1"], nproc=2, check=False)
-    assert p.returncode != 0 and "error: --base_dtype float8 and --offload 1 are for one-process LoRA runs" in \
-        p.stderr, p.stderr[-2000:]
+    checks.check_refused_with_two_processes(hy, checks.lora_flags(folder, CLIP, LORA), tmp_path)
