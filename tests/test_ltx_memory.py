@@ -63,6 +63,9 @@ def test_offload_is_bitwise_and_float8_within_tolerance_through_build_dit(weight
 
 # ---------------------------------------------------------------------------------------------- main()
 
+# slow: 40 main() steps; the default run keeps the same procedure through HunyuanVideo's test, this script's
+# main() with both flags (the resume test) and each flag alone through build_dit (the test above)
+@pytest.mark.slow
 def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     """10 steps of LoRA on the tiny official-layout folder in bf16, plain and with each flag: --offload 1 logs the
     plain run's losses and gradient norms exactly (also with float8); the loss falls in every run (the plain run,
