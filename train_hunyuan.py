@@ -1456,6 +1456,10 @@ class Args:
 # The toy preset: a tiny DiT trained from scratch on data/toy.py's synthetic clips, in pixel space, on CPU, in
 # minutes (train_wan.py's README section). Defaults of --preset toy, applied before parsing.
 TOY_PROMPTS = "|".join(DEMO_PROMPTS)  # data/toy.py: one per direction, the dataset's first clips
+# --preset tiny is the tests' random config: its default clip is small too (flags still override), so that
+# `--mode bench --preset tiny` takes seconds on a CPU, not the minutes of the released size's default shape
+TINY_ARGS = dict(height=64, width=64, frames=9)
+
 TOY_ARGS = dict(encoders="toy", data="toy_data", height=32, width=32, frames=5, fps=4, global_batch=16, micro_batch=0,
                 lr=3e-3, warmup_steps=20, max_steps=600, weight_decay=0.0, timestep_sampling="logit_normal",
                 log_every=50, caption_dropout=0.1, ema=0.99, ema_export=True, sample_prompts=TOY_PROMPTS,
@@ -1818,7 +1822,7 @@ def git_hash():
 
 def main(argv=None):
     # 0. Setup: flags (checked before any work), the run folder (never another run's), the process group.
-    args = parse(Args, argv, presets={"toy": TOY_ARGS})
+    args = parse(Args, argv, presets={"toy": TOY_ARGS, "tiny": TINY_ARGS})
     check_args(args)
     out_dir = args.out_dir or os.path.join("runs", f"hunyuan-{args.preset}" + ("-sample" * (args.mode == "sample")))
     if args.mode == "train":

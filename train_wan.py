@@ -1984,6 +1984,10 @@ class Args:
 # the dark green triangle faded out of a frame in 2 of 48 samples, at 5 in none); no validation split, which could
 # take a sampled prompt's clip.
 TOY_PROMPTS = "|".join(DEMO_PROMPTS)  # data/toy.py: one per direction, the dataset's first clips
+# --preset tiny is the tests' random config: its default clip is small too (flags still override), so that
+# `--mode bench --preset tiny` takes seconds on a CPU, not the minutes of the released size's default shape
+TINY_ARGS = dict(height=64, width=64, frames=9)
+
 TOY_ARGS = dict(encoders="toy", data="toy_data", height=16, width=16, frames=5, fps=4, global_batch=16, micro_batch=0,
                 lr=3e-3, warmup_steps=20, max_steps=4000, weight_decay=0.0, timestep_sampling="uniform", shift=3.0,
                 log_every=250, caption_dropout=0.1, ema=0.99, ema_export=True, sample_prompts=TOY_PROMPTS,
@@ -2448,7 +2452,7 @@ def git_hash():
 
 def main(argv=None):
     # 0. Setup: flags (checked before any work), the run folder (never another run's), the process group.
-    args = parse(Args, argv, presets={"toy": TOY_ARGS})
+    args = parse(Args, argv, presets={"toy": TOY_ARGS, "tiny": TINY_ARGS})
     check_args(args)
     out_dir = args.out_dir or os.path.join("runs", f"wan-{args.preset}" + ("-sample" if args.mode == "sample" else ""))
     if args.mode == "train":
