@@ -131,6 +131,11 @@ def attention(q, k, v, mask=None):
     return y.transpose(1, 2).flatten(2)
 
 
+def text_keep(mask, N):
+    """The text part (B, L) of the joint mask (B, 1, 1, N+L), or None (no mask: every text token is attended)."""
+    return None if mask is None else mask[:, 0, 0, N:]
+
+
 class RMSNorm(nn.Module):
     """Over head_dim, in fp32, cast back, then times weight (hyvideo norm_layers.RMSNorm)."""
 
@@ -302,7 +307,8 @@ class MMDoubleStreamBlock(nn.Module):
         return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
 
     def forward(self, img, txt, vec, rope, mask):
-        # img (B, N, C), txt (B, L, C) fp32; vec (B, C) fp32; rope = (cos, sin) (N, D); mask (B, 1, 1, N+L) bool.
+        # img (B, N, C), txt (B, L, C) fp32; vec (B, C) fp32; rope = (cos, sin) (N, D); mask (B, 1, 1, N+L) bool
+        # or None (all keys).
         # Under --sp, rope = (cos, sin, group, N_all): img and the tables hold this rank's ceil(N_all/sp) video
         # tokens, txt is whole on every rank, mask is still the whole (B, 1, 1, N_all+L) (common/sp.py)
         dt = self.img_attn_qkv.weight.dtype
@@ -314,7 +320,7 @@ class MMDoubleStreamBlock(nn.Module):
         iq, ik = rope_apply(iq, cos, sin), rope_apply(ik, cos, sin)  # RoPE on the video tokens only
         N = img.shape[1]
         if group:  # the video over the group's all N_all tokens, the text's valid keys: mask's text part (B, L)
-            a_img, a_txt = sp.joint_attention(iq, ik, iv, *group, tq, tk, tv, mask[:, 0, 0, group[1]:])
+            a_img, a_txt = sp.joint_attention(iq, ik, iv, *group, tq, tk, tv, text_keep(mask, group[1]))
             a_img, a_txt = a_img.flatten(2), a_txt.flatten(2)
         else:
             a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), mask)
@@ -358,7 +364,7 @@ class MMSingleStreamBlock(nn.Module):
         k = torch.cat([rope_apply(k[:, :N], cos, sin), k[:, N:]], 1)
         if group:  # split at the shard: video over the group, text replicated, its valid keys from mask (B, L)
             a = torch.cat(sp.joint_attention(q[:, :N], k[:, :N], v[:, :N], *group, q[:, N:], k[:, N:], v[:, N:],
-                                             mask[:, 0, 0, group[1]:]), 1).flatten(2)
+                                             text_keep(mask, group[1])), 1).flatten(2)
         else:
             a = attention(q, k, v, mask)
         y = self.linear2(torch.cat([a, self.mlp_act(mlp)], dim=-1))
@@ -406,6 +412,7 @@ class HunyuanVideoDiT(nn.Module):
         self.final_layer = FinalLayer(C, math.prod(cfg.patch_size) * cfg.out_channels, cfg.eps)
         self.rope_cache = {}  # (t, h, w, device) -> (cos, sin): a plain dict, not a buffer (not a checkpoint key)
         self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by build_dit
+        self.text_multiple = 1  # the text's length is rounded up to this (build_dit: 32 with --compile)
 
     def rope(self, t, h, w, device):
         key = (t, h, w, str(device))
@@ -422,13 +429,22 @@ class HunyuanVideoDiT(nn.Module):
         if self.guidance_in is not None:
             assert guidance is not None, "this checkpoint is guidance-distilled: pass guidance = scale * 1000"
             vec = vec + self.guidance_in(guidance)
+        # joint attention: every query sees the video tokens and the valid (right-padded: a prefix) text tokens, as
+        # upstream's flash-attn varlen segments [video + valid text] (the video tokens are all that reach the
+        # output). Padded text never reaches them, so the text is cut to the batch's longest prompt (rounded up to
+        # text_multiple: under torch.compile each distinct length is a recompile) and the padded keys are masked
+        # only where some prompt is shorter than that. At batch 1 without --compile there is no mask at all, and
+        # SDPA may take its flash kernel (a mask rules it out). (One host sync per forward.)
+        n_text = text_mask.sum(1)
+        L = -(-int(n_text.max()) // self.text_multiple) * self.text_multiple
+        assert torch.equal(text_mask[:, :L].sum(1), n_text), "text_mask must be right-padded (real tokens first)"
+        pad = L - min(L, text_states.shape[1])  # > 0 only when rounding up goes past the given length
+        text_states, text_mask = F.pad(text_states[:, :L], (0, 0, 0, pad)), F.pad(text_mask[:, :L], (0, pad))
         img = self.img_in(x)  # (B, N, C)
         txt = self.txt_in(text_states, t, text_mask)  # (B, L, C)
         N = img.shape[1]
-        # joint attention: every query sees the video tokens and the valid (right-padded: a prefix) text tokens.
-        # This key-padding mask gives exactly upstream's flash-attn varlen segments [video + valid text] for the
-        # video tokens, which are all that reach the output.
-        mask = torch.cat([torch.ones(B, N, dtype=torch.bool, device=x.device), text_mask.bool()], 1)[:, None, None]
+        mask = None if bool((n_text == L).all()) else torch.cat(
+            [torch.ones(B, N, dtype=torch.bool, device=x.device), text_mask.bool()], 1)[:, None, None]  # (B,1,1,N+L)
         rope = self.rope(T, H, W, x.device)
         if self.sp is not None:  # --sp N: from here to the final layer each rank holds ceil(N/sp) of the video tokens;
             # the text, vec and the mask stay whole (the refiner and the embeddings ran whole on every rank)
@@ -1647,6 +1663,7 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     with torch.device("meta"):
         model = HunyuanVideoDiT(cfg)
     model.sp = sp_group
+    model.text_multiple = 32 if args.compile else 1  # at most 8 text lengths (<= 256) per latent shape to compile for
     if args.lora_rank:
         model.double_blocks.to(compute_dtype)  # the frozen base is stored in the compute dtype
         model.single_blocks.to(compute_dtype)

@@ -5,8 +5,9 @@
 #   on the device machine:  bash benchmarks/gpu.sh [GROUP ...]   (from the repo root; output in $OUT)
 #   a dry run on a CPU:     GPU_DRY=1 bash benchmarks/gpu.sh       (tiny presets at 64x64: checks the commands only)
 #
-# GROUPs: wan, mochi, hunyuan (default: those, in that order), wan14 (Wan 14B on 24 GB, on request). All of them take more than one 10-minute command, so a
-# session runs `wan mochi` (about 7.5 min) and then `hunyuan` (about 7 min) while the machine is still warm.
+# GROUPs: wan, mochi, attn, hunyuan (default: those, in that order), wan14 (Wan 14B on 24 GB, on request). All of
+# them take more than one 10-minute command, so a session runs `wan mochi attn` (about 9 min at most) and then
+# `hunyuan` (about 7 min) while the machine is still warm.
 #
 # The device image's python3 has torch with CUDA, safetensors, sentencepiece, tokenizers, numpy and tqdm, but not
 # PyAV, which data/video.py imports: carry its wheel in .whl/ (git-ignored), made here once with
@@ -27,7 +28,7 @@ if ! $PY -c "import av" 2>/dev/null && ls .whl/av-*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/pyav${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-GROUPS_WANTED=" ${*:-wan mochi hunyuan} "
+GROUPS_WANTED=" ${*:-wan mochi attn hunyuan} "
 
 check() {  # check NAME LIMIT_S SCRIPT ARGS...  (NAME's first word, before '-', is its group)
   local name=$1 limit=$2 script=$3
@@ -48,6 +49,7 @@ check() {  # check NAME LIMIT_S SCRIPT ARGS...  (NAME's first word, before '-', 
       esac
     done
     args=("${a[@]}" --dtype bf16)
+    [ "$script" = benchmarks/attention.py ] && args=("$@" --tiny)
   fi
   local left=$((BUDGET - SECONDS))
   if [ "$limit" -gt "$left" ]; then
@@ -76,6 +78,9 @@ check wan-1.3B-full-compile 180 train_wan.py $B --preset 1.3B --ac 1 --height 48
 # Mochi 10B LoRA r16 at Genmo's table's shape (issue 10's goal: under 1.67 s a step and 50 GB on an H100)
 check mochi-10B-lora 150 train_mochi.py $B --preset 10B --lora_rank 16 --ac 1 --height 480 --width 848 --frames 37 \
   --global_batch 1 --micro_batch 1
+# The two-stream models' joint attention with a text key-padding mask at micro_batch 2 (issues 9 and 10: compiled
+# flex_attention vs masked SDPA vs one SDPA per sample), fwd + bwd at the Mochi and HunyuanVideo shapes
+check attn 90 benchmarks/attention.py --out "$OUT/attention.json"
 # HunyuanVideo 13B single-GPU LoRA (issue 9's targets: 24 GB at 33 frames, 48 GB at 129 with --ac 2)
 check hunyuan-13B-24GB 180 train_hunyuan.py $B --bench_steps 2 --preset 13B --lora_rank 32 --ac 1 --base_dtype float8 \
   --offload 1 --height 544 --width 960 --frames 33 --global_batch 1 --micro_batch 1

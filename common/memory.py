@@ -69,5 +69,6 @@ def prepare(model, blocks, sd, device, compute_dtype, args):
         off = offload_blocks([blk for b in blocks for blk in b], device, prefetch=1)
         model.offload = off  # a plain attribute (not a module): keeps the streamer with the model
         cdist.print0(f"offload: {off.bytes / 2**30:.3g} GiB of the blocks' frozen base in "
-                     f"{'pinned ' if torch.cuda.is_available() else ''}CPU memory, streamed a block ahead")
+                     f"{off.host_bytes / 2**30:.3g} GiB of {'pinned ' if torch.cuda.is_available() else ''}CPU memory, "
+                     "streamed a block ahead")
     return model

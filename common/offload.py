@@ -21,9 +21,12 @@ recompute calls blocks N-1 ... 0, the same hooks run, and the prefetch goes down
 plain synchronous copies (`device` cpu: a real copy, so the tests exercise the swap), giving bitwise the plain
 module's outputs and gradients.
 
-Host memory: torch's caching host allocator rounds every pinned tensor up to a power of two (HunyuanVideo 13B:
-23.2 GiB of bf16 base -> 31.3 GiB pinned). Not fixed here: one pinned buffer per block rounds worse; registering
-plain memory with cudaHostRegister would be exact but is untested without a GPU.
+Host memory: torch's caching host allocator rounds every pinned allocation up to a power of two (pinning tensor
+by tensor, HunyuanVideo 13B's 23.2 GiB of bf16 base took 31.3 GiB). So the CPU copies are views into a few pinned
+chunks whose sizes are powers of two (`pack`: first-fit decreasing into chunks of 256 MiB to 2 GiB), which the
+allocator takes as they are: at most 2% over the tensors' bytes for the released models (computed, `pack`). And the
+chunks are filled one at a time, each tensor's original dropped as soon as it is copied: host memory peaks at the
+base plus one chunk, not at twice the base.
 
 Without activation checkpointing it is still exact, but autograd keeps each block's device copy for its backward
 (F.linear saves its weight), so the device ends up holding the whole base after all: use it with --ac.
@@ -36,28 +39,42 @@ class BlockOffload:
         self.blocks, self.device, self.prefetch = list(blocks), torch.device(device), prefetch
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.host = []  # per block: [(module, name, CPU tensor)]
         self.ready = {}  # block index -> (device tensors, CUDA event or None): copied or in flight
         self.last = None  # the block called last: the direction of the next prefetch
-        self.bytes = 0
-        seen, alive = {}, []  # id(tensor) -> its CPU copy: a tensor shared by two modules stays one tensor
+        uniq, index, users, entries = [], {}, [], []  # the distinct tensors, id -> index, who holds each
         for b in self.blocks:
-            entries = []
+            entries.append([])
             for mod in b.modules():
                 frozen = [(n, t) for n, t in mod._parameters.items() if t is not None and not t.requires_grad]
                 frozen += [(n, t) for n, t in mod._buffers.items() if t is not None]
-                for name, t in frozen:
-                    alive.append(t)  # until the loop ends: no id is reused while `seen` is keyed by ids
-                    if id(t) not in seen:
-                        host = t.detach().to("cpu", copy=True)  # own storage, never the caller's
-                        seen[id(t)] = host.pin_memory() if torch.cuda.is_available() else host
-                        self.bytes += host.numel() * host.element_size()
-                    mod._parameters.pop(name, None)
-                    mod._buffers.pop(name, None)
-                    mod._non_persistent_buffers_set.discard(name)
-                    setattr(mod, name, seen[id(t)])  # a plain attribute now: not a parameter, not a buffer
-                    entries.append((mod, name, seen[id(t)]))
-            self.host.append(entries)
+                for name, t in frozen:  # uniq holds every tensor from its first sight on: no id is reused
+                    if id(t) not in index:  # a tensor shared by two modules stays one tensor
+                        index[id(t)] = len(uniq)
+                        uniq.append(t)
+                        users.append([])
+                    users[index[id(t)]].append((mod, name))
+                    entries[-1].append((mod, name, index[id(t)]))
+        sizes = [t.numel() * t.element_size() for t in uniq]
+        self.bytes = sum(sizes)  # moved off the device
+        self.host_bytes = 0  # CPU memory taken by the chunks
+        host = [None] * len(uniq)
+        pinned = torch.cuda.is_available()
+        with torch.no_grad():
+            for size, members in pack(sizes):
+                chunk = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+                self.host_bytes += size
+                for i, off in members:
+                    t = uniq[i]
+                    h = chunk[off:off + sizes[i]].view(t.dtype).view(t.shape)  # own storage, never the caller's
+                    h.copy_(t)
+                    host[i] = h
+                    for mod, name in users[i]:
+                        mod._parameters.pop(name, None)
+                        mod._buffers.pop(name, None)
+                        mod._non_persistent_buffers_set.discard(name)
+                        setattr(mod, name, h)  # a plain attribute now: not a parameter, not a buffer
+                    uniq[i] = t = None  # the original goes now, unless the caller still holds it
+        self.host = [[(mod, name, host[i]) for mod, name, i in e] for e in entries]  # per block: [(module, name, CPU)]
         for i, b in enumerate(self.blocks):
             b.register_forward_pre_hook(lambda m, args, i=i: self._before(i))
             b.register_forward_hook(lambda m, args, out, i=i: self._after(i))
@@ -109,8 +126,50 @@ class BlockOffload:
             setattr(mod, name, h)  # the device copy goes (autograd keeps what it saved, see the top of the file)
 
 
+CHUNKS = [2**k for k in range(28, 32)]  # the chunk sizes tried, 256 MiB ... 2 GiB (powers of two, as the allocator's)
+ALIGN = 512  # every tensor starts at a multiple of this in its chunk (any dtype can view it; DMA-friendly)
+
+
+def _pow2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pack(sizes):
+    """Byte sizes -> [(chunk bytes, [(item index, byte offset)])]: every item in one chunk, none overlapping, each
+    chunk a power of two: the packing of _pack at the chunk size of CHUNKS that takes the least memory (a model's
+    few large tensor sizes leave different remainders at different chunk sizes; the largest is also what the host
+    holds twice while the chunks fill). Over the tensors' bytes, computed for the full-size blocks: Wan 14B 0.51
+    GiB in bf16 (0.15 in float8), HunyuanVideo 13B 0.17 (0.04), Mochi 10B 0.07 (< 0.01), LTX 13B 0; pinned
+    tensor by tensor it was 13.8 GiB for Wan 14B (26.2 -> 40.0 GiB)."""
+    return min((_pack(sizes, cap) for cap in CHUNKS), key=lambda chunks: sum(size for size, _ in chunks))
+
+
+def _pack(sizes, cap):
+    """First-fit decreasing into chunks of `cap` (an item larger than that gets a chunk of its own, rounded up);
+    each chunk then shrinks to the power of two over what it holds, and the last chunk, usually part-filled, is
+    packed again at cap / 2, cap / 4, ... (to 1 MiB) while that takes less."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    chunks = []  # [capacity, used, [(index, offset)]]
+    for i in order:
+        need = -(-sizes[i] // ALIGN) * ALIGN
+        c = next((c for c in chunks if c[0] - c[1] >= need), None)
+        if c is None:
+            c = [max(cap, _pow2(need)), 0, []]
+            chunks.append(c)
+        c[2].append((i, c[1]))
+        c[1] += need
+    out = [(_pow2(max(used, 1)), members) for _, used, members in chunks]
+    if out and cap > 2**20:  # down to 1 MiB: below that a few more chunks are not worth their allocations
+        size, members = out[-1]
+        again = _pack([sizes[i] for i, _ in members], cap // 2)
+        if sum(s for s, _ in again) < size:
+            out[-1:] = [(s, [(members[j][0], off) for j, off in m]) for s, m in again]
+    return out
+
+
 def offload_blocks(blocks, device, prefetch=1):
     """Move the frozen tensors of `blocks` (modules called in this order) to CPU memory and stream them to
     `device` ahead of use (see the top of the file). -> the BlockOffload (its .bytes: the bytes moved off the
-    device). Keep no other reference to the moved tensors: the blocks' attributes are the only ones."""
+    device; .host_bytes: the CPU memory its chunks take). Keep no other reference to the moved tensors: each is
+    freed once copied, which keeps the host's peak near the base's size."""
     return BlockOffload(blocks, device, prefetch)

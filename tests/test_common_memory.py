@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common.float8 import E4M3, float8_bytes, quantize, quantize_frozen_linears
-from common.offload import offload_blocks
+from common.offload import ALIGN, CHUNKS, pack, offload_blocks
 
 
 class LoRALinear(nn.Linear):
@@ -115,6 +115,49 @@ def test_offload_is_bitwise_the_plain_module(ac):
         assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
     assert all(g.abs().sum() > 0 for g in g1.values())  # gradients reach the adapters inside offloaded blocks
     assert m.blocks[0].fc1.weight.device.type == "cpu" and not m.blocks[0].fc1.weight.requires_grad
+
+
+def test_offload_copies_into_shared_chunks_and_frees_each_original():
+    import gc
+    import weakref
+    m = stack(n=3)
+    m.blocks[1].fc1.bias = m.blocks[0].fc1.bias  # a tensor two modules share stays one tensor
+    frozen = {id(t): t for n, t in m.blocks.named_parameters(remove_duplicate=False) if ".lora_" not in n}
+    refs = [weakref.ref(t) for t in frozen.values()]
+    want = {i: t.clone() for i, t in frozen.items()}
+    frozen = None
+    off = offload_blocks(m.blocks, "cpu")
+    gc.collect()
+    assert all(r() is None for r in refs)  # each original freed once copied: the host never holds the base twice
+    hosts = [h for e in off.host for _, _, h in e]
+    storages = {h.untyped_storage().data_ptr() for h in hosts}
+    assert len(storages) == 1 and off.host_bytes == 2 ** (off.bytes - 1).bit_length()  # one small chunk here
+    assert off.host_bytes == sum(size for size, _ in pack([h.numel() * h.element_size() for h in
+                                                            {id(h): h for h in hosts}.values()]))
+    assert all((h.data_ptr() - h.untyped_storage().data_ptr()) % ALIGN == 0 for h in hosts)
+    assert m.blocks[1].fc1.bias is m.blocks[0].fc1.bias
+    assert sorted(torch.cat([h.flatten() for h in {id(h): h for h in hosts}.values()]).tolist()) == sorted(
+        torch.cat([t.flatten() for t in want.values()]).tolist())  # the same values, each tensor once
+
+
+@pytest.mark.parametrize("sizes,most", [
+    ([0, 1, 511, 512, 513, 3 * 2**20, 7], 4 * 2**20),  # tiny and unaligned: one chunk, the power of two over all
+    ([141_557_760] * 8 + [52_428_800] * 32 + [10_240] * 200, 1.03),  # Wan 14B-like bf16 weights, biases (4 blocks)
+    ([3 * 2**30, 5, 2**31 + 1], 8 * 2**30),  # larger than any chunk: each its own, rounded up; the 5 bytes beside
+])
+def test_pack_fits_every_tensor_in_power_of_two_chunks(sizes, most):
+    chunks = pack(sizes)
+    placed = sorted(i for _, members in chunks for i, _ in members)
+    assert placed == list(range(len(sizes)))
+    for size, members in chunks:
+        assert size & (size - 1) == 0  # a power of two: the caching host allocator takes it without rounding
+        spans = sorted((off, off + sizes[i]) for i, off in members)
+        assert all(off % ALIGN == 0 for off, _ in spans) and spans[-1][1] <= size
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    total = sum(size for size, _ in chunks)
+    assert total <= (most * sum(sizes) if most < 2 else most)
+    assert total < sum(2 ** (n - 1).bit_length() for n in sizes if n)  # what pinning tensor by tensor takes
+    assert max(size for size, _ in chunks) <= max(CHUNKS[-1], 2 ** (max(sizes) - 1).bit_length())
 
 
 def test_offload_streams_ahead_up_in_the_forward_and_down_in_the_ac_backward():

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_hunyuan as H
 from tests.checks import check_full_size_keys
@@ -102,6 +103,30 @@ def test_padded_text_is_ignored():
         c = model(x[1:], t[1:], text[1:, :5], mask[1:, :5], vec[1:], g[1:])
     assert torch.equal(a, b)
     assert (a[1:] - c).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_text_cut_to_the_longest_prompt_and_unmasked_when_all_equal(monkeypatch, multiple):
+    # a batch of equal prompts (batch 1 always) reaches the joint attention with no mask (SDPA may then take its
+    # flash kernel); padding them to 256 or rounding up for --compile (then masked) changes no output
+    model = tiny_dit()
+    model.text_multiple = multiple
+    x, t, text, mask, vec, g = inputs(model.cfg)
+    masks = []
+    real = H.attention
+    monkeypatch.setattr(H, "attention", lambda q, k, v, m=None: masks.append(m) or real(q, k, v, m))
+    with torch.no_grad():
+        alone = model(x[1:], t[1:], text[1:, :5], mask[1:, :5], vec[1:], g[1:])  # its 5 real tokens only
+        joint = masks[model.cfg.refiner_depth:]  # the refiner's own masks come first
+        assert len(joint) == len(model.double_blocks) + len(model.single_blocks)
+        assert all(m is None for m in joint) == (multiple == 1)
+        long = torch.zeros(1, 256, text.shape[2])
+        long[:, :5] = text[1:, :5]
+        padded = model(x[1:], t[1:], long, F.pad(mask[1:, :5], (0, 251)), vec[1:], g[1:])
+        both = model(x, t, text, mask, vec, g)  # unequal lengths: masked
+    assert torch.equal(alone, padded) if multiple == 1 else (alone - padded).abs().max() <= 1e-6
+    assert (both[1:] - alone).abs().max() <= 1e-5
+    assert masks[-1] is not None
 
 
 def test_refiner_mlp_is_4x_hidden():
