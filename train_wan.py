@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from common import ckpt, lora_file, memory, noise, sp
+from common import ckpt, lora_file, memory, noise, preflight, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
-from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb
+from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb, reset_peak_memory
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
@@ -1945,6 +1945,7 @@ class Args:
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
     compile: bool = False  # torch.compile per block, in place
     sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    preflight: bool = True  # before step 1, one forward + backward of the largest bucket (common/preflight.py)
     # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "Wan on one GPU: memory options")
     base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
     offload: bool = False  # blocks' frozen base in (pinned) CPU memory, copied to the device a block ahead (exact)
@@ -2406,6 +2407,7 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
                           compute_dtype, path) if path else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
     model = build_dit(args, cfg, sd, device, compute_dtype, sp_group=sp_group)
+    reset_peak_memory(device)  # mem_gb: the steps' peak, not the load's
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     shape = (micro, *latent_shape(cfg, args, args.frames))
@@ -2588,11 +2590,24 @@ def main(argv=None):
             json.dump({**dataclasses.asdict(args), "micro_batch_resolved": micro, "world_size": world,
                        "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
+    pin = device.type == "cuda"
+    if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (no state changes: see there)
+        idx, (bh, bw, bf) = preflight.largest(train, micro)
+        b = load_batch([train[i]["file"] for i in idx], pin=pin)
+        dit = model[next(iter(experts))] if isinstance(model, Experts) else model
+
+        def fwd_bwd():
+            x0 = b["latents"].to(device).float()
+            eps = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+            dit.set_requires_gradient_sync(True)  # reduce now: nothing stays accumulated inside FSDP2
+            loss = flow_loss(dit, x0, b["text"].to(device).float(), torch.full((len(x0),), 0.5, device=device), eps,
+                             **conditioning(b, cfg, task, device))
+            (loss * args.sp).backward()
+        preflight.run(fwd_bwd, model, device, f"{micro} x {bf} frames at {bh}x{bw} (the largest bucket)", print0)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
     steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
                     state)
-    pin = device.type == "cuda"
     it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
                                        item[1]))
     val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
@@ -2607,6 +2622,7 @@ def main(argv=None):
     # other's gradients stay None, so AdamW leaves its weights and its state (per parameter) untouched: one optimizer
     # over both is each expert's own optimizer, in one checkpoint.
     model.train()
+    reset_peak_memory(device)  # the logged mem_gb: the steps' peak, not the caching's, the load's or preflight's
     step, saved, stopped = start, start, None
     while step < args.max_steps:
         t0 = time.perf_counter()

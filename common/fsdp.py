@@ -11,22 +11,29 @@ def park_hidden_states(wrapper, block, host="cpu"):
     """--ac 2: activation checkpointing whose saved block inputs live in CPU memory. A checkpointed block keeps its
     inputs from forward to backward, and those are what the device fills up with once every block is
     checkpointed: per block the hidden states (B, L, D), fp32 (HunyuanVideo at 544x960x129: 67k tokens x 3072 x 4
-    bytes = 0.83 GB, 50 GB over its 60 blocks). Here the first input of the checkpoint `wrapper`, the hidden
-    states, goes to `host` before the checkpoint keeps it (from CUDA a non-blocking copy to CPU allocates pinned
-    memory), and `block`, inside the checkpoint, copies it back to its device and dtype first thing, so the copy
-    back is part of what backward recomputes. Both copies are autograd ops (the gradient takes the way back); the
-    CUDA stream orders them, so nothing waits on the host. The other inputs (text, time modulation, RoPE) are
+    bytes = 0.83 GB, 50 GB over its 60 blocks). Here the checkpoint `wrapper` is handed, as its first input, a
+    detached copy of the hidden states in `host` (from CUDA a non-blocking copy to CPU allocates pinned memory):
+    that copy is what the checkpoint keeps for its recompute. `block`, inside the checkpoint, runs the forward on
+    the hidden states themselves (handed over through `where`, and dropped from there at once: the checkpoint keeps
+    no reference to them, so they are freed when the caller is done), so the gradient flows on the device and never
+    through host memory; the recompute in the backward copies the parked copy back (non-blocking, from pinned
+    memory) as a leaf that requires grad as the original did, so that it saves what the forward saved. The CUDA
+    stream orders both copies; nothing waits on the host. The other inputs (text, time modulation, RoPE) are
     shared by all blocks and stay. On CPU, host "cpu" makes both copies no-ops: bitwise the plain checkpoint. (The
     tests park in float64 instead, to see the device tensors freed.)"""
     where = {}
 
-    def to_host(module, args):
-        where["like"] = (args[0].device, args[0].dtype)
-        return (args[0].to(host, non_blocking=True), *args[1:])
+    def to_host(module, args):  # the wrapper's: once per forward, outside the checkpoint
+        x = args[0]
+        where.update(x=x, like=(x.device, x.dtype, x.requires_grad))
+        return (x.detach().to(host, non_blocking=True), *args[1:])
 
-    def to_device(module, args):
-        device, dtype = where["like"]
-        return (args[0].to(device, dtype, non_blocking=True), *args[1:])
+    def to_device(module, args):  # the block's: in the forward and again in the backward's recompute
+        x = where.pop("x", None)
+        if x is None:  # the recompute: the parked copy back
+            device, dtype, grad = where["like"]
+            x = args[0].to(device, dtype, non_blocking=True).requires_grad_(grad)
+        return (x, *args[1:])
 
     wrapper.register_forward_pre_hook(to_host)
     block.register_forward_pre_hook(to_device)
@@ -56,7 +63,9 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
                 inner, block = block, checkpoint_wrapper(block, preserve_rng_state=False)
                 if ac == 2:
                     park_hidden_states(block, inner)
-            if compile:
+            if compile and ac == 2:  # the forward only: the parking hooks (copies to and from the host, and the
+                inner.forward = torch.compile(inner.forward, dynamic=False)  # hand-over) stay outside any graph
+            elif compile:
                 block.compile(dynamic=False)
             blist.register_module(str(i), block)
             fully_shard(block, mp_policy=block_mp)

@@ -41,6 +41,7 @@ class BlockOffload:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ready = {}  # block index -> (device tensors, CUDA event or None): copied or in flight
         self.last = None  # the block called last: the direction of the next prefetch
+        self.installed = set()  # blocks whose device copy is installed in their modules
         uniq, index, users, entries = [], {}, [], []  # the distinct tensors, id -> index, who holds each
         for b in self.blocks:
             entries.append([])
@@ -109,6 +110,8 @@ class BlockOffload:
         else:
             step = 1 if i > self.last else -1
         self.last = i
+        for j in self.installed - {i}:  # a block whose forward hook did not run (see _after) gives its copy back now
+            self._after(j)
         self._copy(i)
         tensors, event = self.ready.pop(i)
         if event is not None:
@@ -118,12 +121,19 @@ class BlockOffload:
                 t.record_stream(compute)  # allocated on the side stream, read on this one
         for (mod, name, _), t in zip(self.host[i], tensors):
             setattr(mod, name, t)
+        self.installed.add(i)
         for k in range(1, self.prefetch + 1) if step else ():
             self._copy(i + k * step)  # overlaps block i's compute
 
     def _after(self, i):
+        # The forward hook; but the recompute of a (non-reentrant) checkpoint stops inside the block's forward once
+        # it has what the backward needs, and this hook does not run: _before of the next block calls it then (the
+        # last one, block 0, keeps its copy to the next forward). Without that every block would keep its device
+        # copy to the end of the backward: the whole base on the device.
         for mod, name, h in self.host[i]:
             setattr(mod, name, h)  # the device copy goes (autograd keeps what it saved, see the top of the file)
+        self.installed.discard(i)
+
 
 
 CHUNKS = [2**k for k in range(28, 32)]  # the chunk sizes tried, 256 MiB ... 2 GiB (powers of two, as the allocator's)

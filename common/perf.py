@@ -3,9 +3,11 @@ import time
 
 import torch
 
-# dense bf16 tensor-core peaks, TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
-PEAK_TFLOPS = (("H200", 989), ("H100", 989), ("H800", 989), ("B200", 2250), ("A100", 312), ("A800", 312),
-               ("L40S", 362), ("L40", 181), ("4090", 165), ("3090", 71), ("A10", 125), ("A6000", 155))
+# dense bf16 tensor-core peaks, TFLOP/s (no sparsity; NVIDIA's datasheets give twice these "with sparsity"), by a
+# substring of torch.cuda.get_device_name(), the first that matches: the PCIe and NVL cards before their SXM names
+PEAK_TFLOPS = (("H200 NVL", 835), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989),
+               ("H800", 989), ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181),
+               ("4090", 165), ("3090", 71), ("A10", 125), ("A6000", 155))
 
 
 def device_peak_flops(device, override_tflops=0.0):
@@ -30,6 +32,13 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def reset_peak_memory(device):
+    """Start the peak-memory count afresh (before the training loop: the caching encoders and the weight broadcast,
+    which ran on the same device, are not the steps' memory)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class StepTimer:

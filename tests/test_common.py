@@ -143,3 +143,16 @@ def test_no_common_file_knows_a_model():
             src = open(os.path.join(ROOT, "common", f)).read()
             assert not re.search(r"^\s*(from|import) (data|train_\w+)\b", src, re.M), f
             assert len(src.splitlines()) <= 250, f
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                         ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA A100-SXM4-80GB", 312),
+                                         ("Some Future GPU", None)])
+def test_mfu_peak_is_the_cards_own(monkeypatch, name, tflops):
+    # the first substring that matches decides: a PCIe or NVL card must not get its SXM sibling's peak
+    from common.perf import device_peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    got = device_peak_flops(torch.device("cuda"))
+    assert got == (tflops * 1e12 if tflops else None)
+    assert device_peak_flops(torch.device("cuda"), 100.0) == 100e12  # --peak_tflops wins

@@ -117,6 +117,28 @@ def test_offload_is_bitwise_the_plain_module(ac):
     assert m.blocks[0].fc1.weight.device.type == "cpu" and not m.blocks[0].fc1.weight.requires_grad
 
 
+@pytest.mark.parametrize("wrap", ["checkpoint", "fsdp2"])
+def test_offload_gives_each_copy_back_in_the_checkpointed_backward(wrap, request):
+    # a checkpoint's recompute stops inside the block's forward once it has what the backward needs, so the forward
+    # hook never runs there: without the next block's pre-hook giving the copy back, every block would hold its
+    # device copy at the end of the backward (the whole base on the device)
+    m = stack(ac=wrap == "checkpoint", n=4)
+    off = offload_blocks(m.blocks, "cpu")
+    if wrap == "fsdp2":
+        from common.fsdp import parallelize
+        request.getfixturevalue("pg")
+        parallelize(m, m.blocks, torch.float32, ac=1)
+
+    def holding():  # blocks whose modules hold a device copy (on CPU: a clone) instead of their host tensor
+        return sum(any(getattr(mod, name) is not h for mod, name, h in e) for e in off.host)
+    most = []
+    for b in off.blocks:  # the inner blocks (parallelize wraps them): called in the forward and the recompute
+        b.register_forward_pre_hook(lambda mod, a: most.append(holding()))
+    fwd_bwd(m, X)
+    assert len(most) == 8 and max(most) <= 1, most  # as each block runs, no other block holds a copy
+    assert holding() == 1  # block 0, the backward's last: replaced at the next forward
+
+
 def test_offload_copies_into_shared_chunks_and_frees_each_original():
     import gc
     import weakref
