@@ -1904,19 +1904,12 @@ def main(argv=None):
                        "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     pin = device.type == "cuda"
-    if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (no state changes: see there)
-        idx, (bh, bw, bf) = preflight.largest(train, micro)
-        b = load_batch([train[i]["file"] for i in idx], pin=pin)
-
-        def fwd_bwd():
-            x0 = b["latents"].to(device).float()
+    if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (common/preflight.py)
+        def loss(b, x0, sigma, eps):
             ctx, mask = text_batch(b, device)
-            eps = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-            model.set_requires_gradient_sync(True)  # reduce now: nothing stays accumulated inside FSDP2
-            fps = torch.tensor([float(train[i]["fps"]) for i in idx])
-            loss = flow_loss(model, x0, ctx, mask, torch.full((len(x0),), 0.5, device=device), eps, fps)
-            (loss * args.sp).backward()
-        preflight.run(fwd_bwd, model, device, f"{micro} x {bf} frames at {bh}x{bw} (the largest bucket)", print0)
+            return flow_loss(model, x0, ctx, mask, sigma, eps, b["fps"])
+        preflight.check(train, micro, lambda idx: {**load_batch([train[i]["file"] for i in idx], pin=pin), "fps":
+                        torch.tensor([float(train[i]["fps"]) for i in idx])}, loss, model, device, args.sp, print0)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
     steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,

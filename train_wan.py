@@ -2591,19 +2591,12 @@ def main(argv=None):
                        "data_parallel": dp_world,
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     pin = device.type == "cuda"
-    if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (no state changes: see there)
-        idx, (bh, bw, bf) = preflight.largest(train, micro)
-        b = load_batch([train[i]["file"] for i in idx], pin=pin)
-        dit = model[next(iter(experts))] if isinstance(model, Experts) else model
-
-        def fwd_bwd():
-            x0 = b["latents"].to(device).float()
-            eps = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-            dit.set_requires_gradient_sync(True)  # reduce now: nothing stays accumulated inside FSDP2
-            loss = flow_loss(dit, x0, b["text"].to(device).float(), torch.full((len(x0),), 0.5, device=device), eps,
-                             **conditioning(b, cfg, task, device))
-            (loss * args.sp).backward()
-        preflight.run(fwd_bwd, model, device, f"{micro} x {bf} frames at {bh}x{bw} (the largest bucket)", print0)
+    if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (common/preflight.py)
+        def loss(b, x0, sigma, eps):
+            return flow_loss(dit, x0, b["text"].to(device).float(), sigma, eps, **conditioning(b, cfg, task, device))
+        dit = model[next(iter(experts))] if isinstance(model, Experts) else model  # A14B: either expert (same shapes)
+        preflight.check(train, micro, lambda idx: load_batch([train[i]["file"] for i in idx], pin=pin), loss, dit,
+                        device, args.sp, print0)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
     steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,

@@ -4,8 +4,9 @@ rather than hours in when the loader first reaches it (users report exactly that
 On CUDA it prints the peak memory against the device's size. Model-agnostic: the script passes the forward +
 backward of one micro-batch, as its training loop computes it.
 
-    idx, bucket = preflight.largest(train, micro)          # the micro-batch: `micro` samples of the largest bucket
-    preflight.run(lambda: <loss of load_batch(idx)>.backward(), model, device, what, print0)
+    def loss(b, x0, sigma, eps):  # the script's loss of one cached micro-batch, as its loop computes it
+        return flow_loss(model, x0, <text of b>, sigma, eps, ...)
+    preflight.check(train, micro, lambda idx: load_batch(...), loss, model, device, args.sp, print0)
 
 Nothing a training step reads is changed: no optimizer step, the gradients dropped afterwards (reduce-scattered
 first: the caller runs it with gradient sync on, so nothing stays accumulated inside FSDP2), and no draw from any
@@ -28,6 +29,21 @@ def largest(entries, micro):
     best = max({tuple(e["bucket"]) for e in entries}, key=lambda b: (b[0] * b[1] * b[2], b))
     idx = [i for i, e in enumerate(entries) if tuple(e["bucket"]) == best]
     return (idx * micro)[:micro], best
+
+
+def check(entries, micro, load, loss, model, device, sp=1, log=print):
+    """The preflight: load(idx) the micro-batch `largest` picks, then loss(batch, x0, sigma, eps) with its latents
+    x0 on the device, sigma 0.5 and noise from a generator of its own; backward (x sp, as the loop: common/sp.py),
+    with gradient sync on, through `model` (the module trained: set_requires_gradient_sync). -> peak GiB or None."""
+    idx, (h, w, f) = largest(entries, micro)
+    b = load(idx)
+
+    def fwd_bwd():
+        x0 = b["latents"].to(device).float()
+        eps = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+        model.set_requires_gradient_sync(True)  # reduce now: nothing stays accumulated inside FSDP2
+        (loss(b, x0, torch.full((len(x0),), 0.5, device=device), eps) * sp).backward()
+    return run(fwd_bwd, model, device, f"{len(idx)} x {f} frames at {h}x{w} (the largest bucket)", log)
 
 
 def run(fwd_bwd, model, device, what, log=print):

@@ -39,3 +39,26 @@ def test_out_of_memory_is_a_user_error_naming_the_batch_and_the_flags():
     assert "2 x 81 frames at 480x832" in msg and "--ac 1" in msg and "--micro_batch" in msg
     assert "--preflight 0" in msg and "\n" not in msg
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_check_loads_the_largest_and_runs_the_scripts_loss():
+    class Model(nn.Linear):
+        synced = None
+
+        def set_requires_gradient_sync(self, on):  # FSDP2's, which every script's model has
+            self.synced = on
+    m = Model(4, 4)
+    entries = [{"bucket": [8, 8, 5]}, {"bucket": [16, 16, 9]}, {"bucket": [16, 16, 9]}]
+    loaded, seen, said = [], [], []
+
+    def load(idx):
+        loaded.append(idx)
+        return {"latents": torch.ones(len(idx), 4)}
+
+    def loss(b, x0, sigma, eps):
+        seen.append((x0.shape, sigma.tolist(), eps.shape))
+        return (m(x0 + eps) * sigma[:, None]).square().mean()
+    preflight.check(entries, 2, load, loss, m, torch.device("cpu"), sp=2, log=said.append)
+    assert loaded == [[1, 2]] and seen == [((2, 4), [0.5, 0.5], (2, 4))] and m.synced is True
+    assert all(p.grad is None for p in m.parameters())
+    assert said[0].startswith("preflight: one forward + backward of 2 x 9 frames at 16x16 (the largest bucket)")
