@@ -192,7 +192,10 @@ class AttentionPool(nn.Module):
         k, v = self.to_kv(x).view(B, L + 1, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, 1+L, hd) each
         q = self.to_q(x[:, 0]).view(B, self.num_heads, 1, -1)
         keep = F.pad(mask.bool(), (1, 0), value=True)[:, None, None, :]  # (B, 1, 1, 1+L)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, h, 1, hd)
+        # the softmax written out, not SDPA: one query costs nothing either way, and with an empty prompt (only the
+        # mean attended) q's gradient is then exactly zero, where the CPU flash kernel leaves rounding noise
+        s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, 1, 1+L)
+        y = (s.masked_fill(~keep, float("-inf")).softmax(-1) @ v.float()).to(dt)  # (B, h, 1, hd)
         return self.to_out(y.reshape(B, D)).float()
 
 
