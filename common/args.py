@@ -17,7 +17,13 @@ import sys
 
 
 class UserError(Exception):
-    """A mistake of the user's (a flag, a path, a run folder): reported as one line, no traceback (see cli)."""
+    """A mistake of the user's (a flag, a path, a run folder): reported as one line, no traceback (see cli).
+    `this_rank`: raised on this rank alone (e.g. one GPU out of memory) while the others may wait in a collective:
+    cli prints it from this rank, whichever it is, and exits without the collective teardown."""
+
+    def __init__(self, message, this_rank=False):
+        super().__init__(message)
+        self.this_rank = this_rank
 
 
 def _bool(s):
@@ -62,11 +68,16 @@ def given_flags(argv=None):
 
 
 def cli(main):
-    """Run main(); a UserError becomes `error: <message>` on stderr (once, from rank 0) and exit code 2."""
+    """Run main(); a UserError becomes `error: <message>` on stderr (once, from rank 0; a this_rank one from its rank,
+    named when there are several) and exit code 2. torchrun then stops the other ranks."""
     try:
         return main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
+        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+        if e.this_rank:  # the others may be inside a collective this rank never joins: no destroy_process_group
+            print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if rank == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         try:
             import torch.distributed as dist

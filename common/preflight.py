@@ -63,7 +63,7 @@ def run(fwd_bwd, model, device, what, log=print):
         model.zero_grad(set_to_none=True)
         total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else 0
         raise UserError(f"preflight: one forward + backward of {what} ran out of device memory ({total:.1f} GiB): "
-                        f"try {HELP}; --preflight 0 skips this check") from None
+                        f"try {HELP}; --preflight 0 skips this check", this_rank=True) from None
     model.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
     if not cuda:

@@ -53,6 +53,19 @@ def test_user_error_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: --height 30: must be a multiple of 16\n"
 
 
+def test_user_error_of_one_rank_is_printed_by_that_rank(capsys, monkeypatch):
+    # one GPU of 4 out of memory in the preflight: rank 2 alone knows, so rank 2 says it (rank 0 would be silent)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+
+    def main(this_rank):
+        raise UserError("preflight: out of device memory", this_rank=this_rank)
+    for this_rank, said in ((True, "error (rank 2): preflight: out of device memory\n"), (False, "")):
+        with pytest.raises(SystemExit) as e:
+            cli(lambda: main(this_rank))
+        assert e.value.code == 2 and capsys.readouterr().err == said
+
+
 def test_ema_follows_then_averages():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", p)], decay=0.9)

@@ -38,6 +38,7 @@ def test_out_of_memory_is_a_user_error_naming_the_batch_and_the_flags():
     msg = str(e.value)
     assert "2 x 81 frames at 480x832" in msg and "--ac 1" in msg and "--micro_batch" in msg
     assert "--preflight 0" in msg and "\n" not in msg
+    assert e.value.this_rank  # printed by the rank that ran out, whichever it is (common/args.py cli)
     assert all(p.grad is None for p in m.parameters())
 
 
