@@ -5,11 +5,10 @@ over the group equal the one-process gradients, with and without padding (L odd)
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from common import sp
-from tests.procs import free_port
+from tests.procs import spawn_gloo
 
 B, H, D = 2, 4, 8
 C = H * D
@@ -32,48 +31,40 @@ def block(params, x, rope, group=None):
     return out if group is None else sp.gather(out, group, L)
 
 
-def _worker(rank, port, L):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)  # the same inputs and weights on both ranks
-        params = [torch.randn(C, 3 * C) / C**0.5, torch.randn(C, C) / C**0.5]
-        x, rope, w = torch.randn(B, L, C), torch.rand(L, C) + 0.5, torch.randn(B, L, C)
-        ref_params = [p.clone().requires_grad_() for p in params]
-        ref = block(ref_params, x, rope)
-        (ref * w).sum().backward()
-        group = sp.new_groups(2)
-        assert sp.local_len(L, group) == -(-L // 2)
-        mine = [p.clone().requires_grad_() for p in params]
-        out = block(mine, x, rope, group)
-        assert out.shape == ref.shape
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        (out * w).sum().backward()
-        for p, r in zip(mine, ref_params):
-            g = p.grad.clone()
-            dist.all_reduce(g)  # each rank holds the part through its own tokens; the sum is the whole
-            torch.testing.assert_close(g, r.grad, rtol=1e-5, atol=1e-5)
-            assert not torch.allclose(p.grad, r.grad, rtol=1e-3, atol=1e-3)  # one rank alone holds only a part
-    finally:
-        dist.destroy_process_group()
+def _case(L):  # in each of 2 gloo processes (tests/procs.py spawn_gloo)
+    torch.manual_seed(0)  # the same inputs and weights on both ranks
+    params = [torch.randn(C, 3 * C) / C**0.5, torch.randn(C, C) / C**0.5]
+    x, rope, w = torch.randn(B, L, C), torch.rand(L, C) + 0.5, torch.randn(B, L, C)
+    ref_params = [p.clone().requires_grad_() for p in params]
+    ref = block(ref_params, x, rope)
+    (ref * w).sum().backward()
+    group = sp.new_groups(2)
+    assert sp.local_len(L, group) == -(-L // 2)
+    mine = [p.clone().requires_grad_() for p in params]
+    out = block(mine, x, rope, group)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    (out * w).sum().backward()
+    for p, r in zip(mine, ref_params):
+        g = p.grad.clone()
+        dist.all_reduce(g)  # each rank holds the part through its own tokens; the sum is the whole
+        torch.testing.assert_close(g, r.grad, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(p.grad, r.grad, rtol=1e-3, atol=1e-3)  # one rank alone holds only a part
 
 
 def test_two_ranks_equal_one():
     for L in (12, 11):  # 11: padded to 12, the padded key masked
-        mp.spawn(_worker, args=(free_port(), L), nprocs=2, join=True)
+        spawn_gloo(_case, L)
 
 
 def test_heads_must_divide():
-    with pytest.raises(mp.ProcessRaisedException, match="heads do not divide"):
-        mp.spawn(_heads_worker, args=(free_port(),), nprocs=2, join=True)
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="heads do not divide"):
+        spawn_gloo(_heads_case)
 
 
-def _heads_worker(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        q = torch.zeros(1, 4, 3, 8)  # 3 heads, 2 ranks
-        sp.attention(q, q, q, sp.new_groups(2), 8)
-    finally:
-        dist.destroy_process_group()
+def _heads_case():
+    q = torch.zeros(1, 4, 3, 8)  # 3 heads, 2 ranks
+    sp.attention(q, q, q, sp.new_groups(2), 8)
 
 
 def two_stream(params, x, y, mask, group=None):
@@ -97,35 +88,31 @@ def two_stream(params, x, y, mask, group=None):
     return x if group is None else sp.gather(x, group, L)
 
 
-def _joint_worker(rank, port, L):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        M = 5
-        params = [[torch.randn(C, 3 * C) / C**0.5, torch.randn(C, 3 * C) / C**0.5, torch.randn(C, C) / C**0.5,
-                   torch.randn(C, C) / C**0.5] for _ in range(2)]
-        x, y, w = torch.randn(B, L, C), torch.randn(B, M, C), torch.randn(B, L, C)
-        mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # the second sample's text is 3 tokens
-        ref_params = [[p.clone().requires_grad_() for p in ps] for ps in params]
-        ref = two_stream(ref_params, x, y, mask)
-        (ref * w).sum().backward()
-        group = sp.new_groups(2)
-        mine = [[p.clone().requires_grad_() for p in ps] for ps in params]
-        out = two_stream(mine, x, y, mask, group)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        (out * w).sum().backward()
-        for ps, rs in zip(mine, ref_params):
-            for p, r in zip(ps, rs):
-                if r.grad is None:  # the last block's text output: the loss does not see it
-                    assert p.grad is None
-                    continue
-                g = p.grad.clone()
-                dist.all_reduce(g)
-                torch.testing.assert_close(g, r.grad, rtol=1e-4, atol=1e-4)
-    finally:
-        dist.destroy_process_group()
+def _joint_case(L):
+    torch.manual_seed(0)
+    M = 5
+    params = [[torch.randn(C, 3 * C) / C**0.5, torch.randn(C, 3 * C) / C**0.5, torch.randn(C, C) / C**0.5,
+               torch.randn(C, C) / C**0.5] for _ in range(2)]
+    x, y, w = torch.randn(B, L, C), torch.randn(B, M, C), torch.randn(B, L, C)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # the second sample's text is 3 tokens
+    ref_params = [[p.clone().requires_grad_() for p in ps] for ps in params]
+    ref = two_stream(ref_params, x, y, mask)
+    (ref * w).sum().backward()
+    group = sp.new_groups(2)
+    mine = [[p.clone().requires_grad_() for p in ps] for ps in params]
+    out = two_stream(mine, x, y, mask, group)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    (out * w).sum().backward()
+    for ps, rs in zip(mine, ref_params):
+        for p, r in zip(ps, rs):
+            if r.grad is None:  # the last block's text output: the loss does not see it
+                assert p.grad is None
+                continue
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            torch.testing.assert_close(g, r.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_joint_attention_two_ranks_equal_one():
     for L in (12, 11):
-        mp.spawn(_joint_worker, args=(free_port(), L), nprocs=2, join=True)
+        spawn_gloo(_joint_case, L)
