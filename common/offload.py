@@ -183,3 +183,53 @@ def offload_blocks(blocks, device, prefetch=1):
     device; .host_bytes: the CPU memory its chunks take). Keep no other reference to the moved tensors: each is
     freed once copied, which keeps the host's peak near the base's size."""
     return BlockOffload(blocks, device, prefetch)
+
+
+class HostStack:
+    """Pinned host memory for tensors parked from a forward to its backward (--ac 2, common/fsdp.py
+    park_hidden_states): views carved in order from a few power-of-two chunks, instead of one allocation per
+    tensor, which the caching host allocator would round up to a power of two (HunyuanVideo at 544x960x129 parks
+    60 hidden states of 0.78 GiB: 60 GiB as 1-GiB blocks, 48 GiB here). Each chunk is the power of two over 8
+    parked tensors (256 MiB to 8 GiB), so at most the last chunk is part-filled.
+
+    A region is reused once the view carved for it is gone: the checkpoint keeps the view until the backward has
+    recomputed from it (or until its graph is freed), and a weakref finalizer marks it free; the space on top of
+    the stack returns when everything above it is free too, so two forwards before one backward get two sets of
+    regions, never a shared one. The copies are non-blocking on the current CUDA stream: the copy back in the
+    recompute is enqueued before the view can go, so a later copy into the same region runs after it. Nothing
+    reads these views on the host.
+
+    Tensors on the CPU are returned as they are (x.detach(): no copy on a CPU run), unless `copy_cpu` (the tests:
+    a real copy, into unpinned chunks of `chunk` bytes)."""
+
+    def __init__(self, chunk=None, copy_cpu=False):
+        self.chunk, self.copy_cpu = chunk, copy_cpu
+        self.chunks = []  # uint8 host tensors
+        self.live = []  # [chunk index, start, end, alive] in the order carved: a stack
+        self.host_bytes = 0  # the chunks' bytes, for the log
+
+    def park(self, x):
+        """A detached copy of x in host memory (a view into a chunk; x itself on the CPU unless copy_cpu)."""
+        import weakref
+        if x.device.type == "cpu" and not self.copy_cpu:
+            return x.detach()
+        while self.live and not self.live[-1][3]:
+            self.live.pop()  # the top of the stack is free again
+        n = x.numel() * x.element_size()
+        ci, off = (self.live[-1][0], -(-self.live[-1][2] // ALIGN) * ALIGN) if self.live else (0, 0)
+        while ci < len(self.chunks) and off + n > self.chunks[ci].numel():
+            ci, off = ci + 1, 0  # the rest of this chunk is too small: the next one (it may be a new one)
+        if ci == len(self.chunks):
+            size = self.chunk or min(max(_pow2(8 * n), 2**28), 2**33)
+            self.chunks.append(torch.empty(max(size, _pow2(n)), dtype=torch.uint8,
+                                           pin_memory=x.device.type == "cuda"))
+            self.host_bytes += self.chunks[-1].numel()
+        entry = [ci, off, off + n, True]
+        self.live.append(entry)
+        # a tensor of its own over the chunk's memory, not a view of the chunk: a view would share the chunk's
+        # version counter, and the next copy into the chunk would fail autograd's check of the saved inputs
+        h = torch.empty(0, dtype=x.dtype, device=self.chunks[ci].device).set_(
+            self.chunks[ci].untyped_storage(), off // x.element_size(), x.shape)
+        h.copy_(x.detach(), non_blocking=True)
+        weakref.finalize(h, entry.__setitem__, 3, False)  # the view gone: its region may be carved again
+        return h

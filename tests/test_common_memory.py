@@ -215,9 +215,10 @@ def test_offload_through_fsdp2_with_ac_is_bitwise(pg):
 
 # ------------------------------------------------------------------- activation checkpointing, inputs parked (--ac 2)
 
-def parked_stack(host, park=True):
-    """stack() with each block wrapped as parallelize(ac=2) wraps it (park=False: as ac=1), parking in `host`; and
-    per block the input the wrapper was called with and the one the checkpoint keeps, as weak references."""
+def parked_stack(host, park=True, stack_=None):
+    """stack() with each block wrapped as parallelize(ac=2) wraps it (park=False: as ac=1), parking in `host` (or in
+    the HostStack `stack_`); and per block the input the wrapper was called with and the one the checkpoint keeps,
+    as weak references."""
     import weakref
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from common.fsdp import park_hidden_states
@@ -226,7 +227,7 @@ def parked_stack(host, park=True):
         w = checkpoint_wrapper(inner, preserve_rng_state=False)
         w.register_forward_pre_hook(lambda mod, a: seen["given"].append(weakref.ref(a[0])), prepend=True)
         if park:
-            park_hidden_states(w, inner, host)
+            park_hidden_states(w, inner, host, stack_)
         w.register_forward_pre_hook(lambda mod, a: seen["kept"].append(weakref.ref(a[0])))
         m.blocks[i] = w
     return m, seen
@@ -252,10 +253,54 @@ def test_parked_inputs_free_the_hidden_states_and_keep_the_math():
         assert torch.equal(y0, y.detach()) and g.keys() == g0.keys() and all(torch.equal(g0[k], g[k]) for k in g0)
 
 
+def test_parked_inputs_share_a_few_chunks_and_a_region_is_reused_only_once_free():
+    """HostStack (what parallelize(ac=2) parks in on CUDA), copying on CPU here: the 4 blocks' inputs (4 KiB each)
+    are views into 16-KiB chunks; two forwards before one backward take two sets of regions (the second set must not
+    overwrite the first: the gradients are bitwise --ac 1's); once the backward is done every region is free and the
+    next step carves the same ones, no new chunk; under no_grad nothing is parked."""
+    import gc
+
+    from common.offload import HostStack
+    ref = stack(ac=True)
+    (ref(X).square().mean() + ref(2 * X).square().mean()).backward()
+    g0 = {n: p.grad.clone() for n, p in ref.named_parameters() if p.requires_grad}
+    host = HostStack(chunk=16384, copy_cpu=True)
+    m, seen = parked_stack(None, stack_=host)
+    loss = m(X).square().mean() + m(2 * X).square().mean()
+    kept = [r() for r in seen["kept"]]
+    assert len(host.chunks) == 2 and host.host_bytes == 32768 and sum(e[3] for e in host.live) == 8
+    chunk_of = {host.chunks[0].data_ptr(): 0, host.chunks[1].data_ptr(): 1}
+    assert [chunk_of[k.untyped_storage().data_ptr()] for k in kept] == [0] * 4 + [1] * 4  # the views the checkpoint kept
+    assert [e[1] for e in host.live] == [0, 4096, 8192, 12288] * 2
+    del kept
+    loss.backward()
+    g = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert g.keys() == g0.keys() and all(torch.equal(g0[k], g[k]) for k in g0)
+    del loss
+    gc.collect()
+    assert not any(e[3] for e in host.live)  # the graph gone: every region free
+    fwd_bwd(m, X)
+    assert len(host.chunks) == 2 and host.host_bytes == 32768
+    gc.collect()
+    with torch.no_grad():
+        m(X)
+    assert not any(e[3] for e in host.live)  # nothing parked without a backward to come
+
+
+def test_host_stack_chunk_sizes():
+    from common.offload import HostStack
+    h = HostStack(copy_cpu=True)
+    x = torch.zeros(3 * 2**20 // 4)  # 3 MiB: chunks of 256 MiB (the floor) take 85
+    views = [h.park(x) for _ in range(86)]
+    assert [c.numel() for c in h.chunks] == [2**28, 2**28] and h.live[-1][:3] == [1, 0, 3 * 2**20]
+    assert HostStack().park(x) is not x and HostStack().park(x).data_ptr() == x.data_ptr()  # CPU: no copy
+    del views
+
+
 def test_ac_2_through_fsdp2_is_bitwise_ac_1(pg, monkeypatch):
     import common.fsdp as cfsdp
     parked, real = [], cfsdp.park_hidden_states
-    monkeypatch.setattr(cfsdp, "park_hidden_states", lambda w, b, *a: (parked.append(b), real(w, b, *a)))
+    monkeypatch.setattr(cfsdp, "park_hidden_states", lambda w, b, *a, **k: (parked.append(b), real(w, b, *a, **k)))
     out = []
     for ac in (1, 2):
         m = stack()
