@@ -9,6 +9,10 @@ from torch.distributed.tensor import DTensor
 from common.offload import HostStack
 
 
+PARKED = HostStack()  # one per process: the models parallelize() wraps share it (Wan 2.2's two experts, which take
+# turns, reuse the same chunks instead of holding two sets)
+
+
 def park_hidden_states(wrapper, block, host="cpu", stack=None):
     """--ac 2: activation checkpointing whose saved block inputs live in CPU memory. A checkpointed block keeps its
     inputs from forward to backward, and those are what the device fills up with once every block is
@@ -56,7 +60,7 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
     block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     lists = [blocks] if isinstance(blocks, torch.nn.ModuleList) else list(blocks)
-    stack = HostStack() if ac == 2 else None  # one set of pinned chunks for all the parked block inputs
+    stack = PARKED if ac == 2 else None  # the parked block inputs: one set of pinned chunks for all of them
     if compile:
         # One static graph per latent shape (bucket) instead of a dynamic-shape graph; the default limit of 8
         # recompiles would send a dataset with more buckets back to eager without a word.
