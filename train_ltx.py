@@ -37,7 +37,7 @@ from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
 from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
-from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb, reset_peak_memory
+from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb, pinned_gb, reset_peak_memory
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
@@ -1755,6 +1755,7 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),
+               pinned_gb=pinned_gb(device),
                device=device_name(device), world=world, sp=args.sp)
     cdist.print0(json.dumps(res))
     return res

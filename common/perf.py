@@ -34,6 +34,14 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def pinned_gb(device):
+    """Pinned host memory held by torch's caching host allocator, in use or cached (it keeps what it was given):
+    --offload's chunks and --ac 2's parked inputs, GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
+
+
 def reset_peak_memory(device):
     """Start the peak-memory count afresh (before the training loop: the caching encoders and the weight broadcast,
     which ran on the same device, are not the steps' memory)."""

@@ -206,6 +206,7 @@ def check_bench(run, toy, out, tokens_per_frame=4 * 4):
         return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
     res, again = bench(), bench()
     assert res["tokens"] == 4 * 5 * tokens_per_frame and res["step_s"] > 0 and res["tokens_s"] > 0, res
+    assert res["pinned_gb"] is None and res["mem_gb"] > 0  # pinned host memory: measured on CUDA only
     assert again["loss"] == res["loss"], (res["loss"], again["loss"])
     return res
 
