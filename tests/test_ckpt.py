@@ -40,6 +40,8 @@ def test_checkpoint_of_a_partly_frozen_model_loads_back(tmp_path):
 run = toy_runner("train_wan.py")
 
 
+# slow: LoRA resume is also exact in each script's memory-flag resume test and its main() resume to step 6
+@pytest.mark.slow
 def test_lora_run_resumes_exactly(toy, tmp_path):
     """A LoRA run checkpointed at step 2 and resumed with --resume 1 logs the uninterrupted run's losses."""
     run(toy, tmp_path / "base", "--max_steps", "2")

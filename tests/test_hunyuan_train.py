@@ -2,6 +2,8 @@
 two agree in losses AND gradient norms, LoRA trains only the adapters, an interrupted run resumes exactly (also on
 another number of processes), compile + activation checkpointing keep the math, the validation loss is fixed,
 --mode sample applies a LoRA with true CFG, --sp 2 on 2 processes equals 1 process."""
+import pytest
+
 from tests import checks
 from tests.procs import toy_runner
 
@@ -35,6 +37,8 @@ def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tm
     assert "double_blocks.0.img_attn_qkv.weight" in keys and "single_blocks.1.linear1.weight" in keys
 
 
+# slow: the default run keeps Wan's (tests/test_wan_train.py), the same DCP resharding
+@pytest.mark.slow
 def test_resume_across_world_sizes(toy, tmp_path):
     """1 process to step 3, then 2 from there: weights, optimizer and data position carry over, and the losses and
     gradient norms equal an uninterrupted 1-process run."""

@@ -4,6 +4,7 @@ checkpoints' sampling schedule (--sample_schedule distilled), to the model and t
 import json
 import os
 
+import pytest
 import torch
 
 import train_ltx as L
@@ -15,6 +16,8 @@ from tests.test_ltx_train import run
 SPEC_DISTILLED = [1.0, 0.9937, 0.9875, 0.9812, 0.9750, 0.9094, 0.7250]
 
 
+# slow (inductor's CPU compile): the default run keeps Wan's and HunyuanVideo's (two block lists), the same parallelize path
+@pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
     """--compile 1 --ac 1 give the plain run's losses (within 1e-4) and the export has the official keys only."""
     keys = checks.check_compile_and_ac_keep_the_math(run, toy, tmp_path)

@@ -2,6 +2,8 @@
 agree (losses and gradient norms, with per-sample caption dropout and first-frame conditioning in the draws), LoRA
 trains only the adapters, an interrupted run resumes exactly, the run folder is never another run's, the validation
 loss is fixed, --mode sample applies a LoRA, bench runs, AC keeps the math, --sp 2 on 2 processes = 1 process."""
+import pytest
+
 from tests import checks
 from tests.procs import losses, toy_runner
 
@@ -31,6 +33,8 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+# slow: the default run keeps Wan's and Mochi's (common/run.py, the same check in every script)
+@pytest.mark.slow
 def test_run_folder_is_never_another_runs(toy, tmp_path):
     checks.check_run_folder_is_never_another_runs(run, toy, tmp_path, ["--first_frame_p", "0.5"],
                                                   ["first_frame_p was 0.3, now 0.5"])

@@ -1,6 +1,8 @@
 """train_mochi.py as a user runs it (subprocesses, the toy preset): the loss falls on 1 and 2 processes and the two
 agree (losses AND gradient norms), LoRA trains only the adapters, an interrupted run resumes exactly, the run folder
 is never another run's, the validation loss is fixed, --mode sample applies a LoRA, --mode bench runs."""
+import pytest
+
 from tests import checks
 from tests.procs import toy_runner
 
@@ -36,6 +38,8 @@ def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     checks.check_bench(run, toy, tmp_path / "b")
 
 
+# slow (inductor's CPU compile): the default run keeps Wan's and HunyuanVideo's (two block lists), the same parallelize path
+@pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
     """--compile 1 --ac 1 give the same losses as the plain run, and the exported keys carry no wrapper names."""
     keys = checks.check_compile_and_ac_keep_the_math(run, toy, tmp_path)
