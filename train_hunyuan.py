@@ -1442,6 +1442,7 @@ class Args:
     # speed
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     ac: int = 0  # activation checkpointing per block: 1; 2: with its saved inputs in CPU memory (common/fsdp.py)
+    ac_interval: int = 1  # with --ac: checkpoint every N-th block only (2: every other one): faster, more memory
     compile: bool = False  # torch.compile per block, in place
     sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
     preflight: bool = True  # before step 1, one forward + backward of the largest bucket (common/preflight.py)
@@ -1499,6 +1500,7 @@ def check_args(args):
         need(getattr(args, k) in allowed, f"--{k} {getattr(args, k)!r}: expected one of {', '.join(allowed)}")
     need(args.ac in (0, 1, 2), f"--ac {args.ac}: expected 0, 1 (checkpoint every block) or 2 (and keep what it "
          "saves in CPU memory)")
+    need(args.ac_interval >= 1, f"--ac_interval {args.ac_interval}: expected 1 (every block) or more")
     need(args.preset in DIT_PRESETS, f"--preset {args.preset!r}: expected one of {', '.join(DIT_PRESETS)}")
     for k in ("lora_rank", "micro_batch", "max_steps", "warmup_steps", "ckpt_every", "keep", "sample_every",
               "val_every", "val_count", "sample_frames", "min_frames", "clips_per_video"):
@@ -1678,7 +1680,8 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     one_gpu = memory.wanted(args)  # --base_dtype float8 / --offload 1: the base is loaded and converted on the CPU
     if one_gpu:
         memory.prepare(model, [model.double_blocks, model.single_blocks], sd, device, compute_dtype, args)
-    parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile)
+    parallelize(model, [model.double_blocks, model.single_blocks], compute_dtype, ac=args.ac, compile=args.compile,
+                ac_interval=args.ac_interval)
     if one_gpu:  # common/memory.py: the weights are in already
         return model
     model.to_empty(device=device)
@@ -1817,7 +1820,8 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
         if i >= 2:
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
-    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, compile=args.compile, dtype=str(compute_dtype),
+    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac,
+               ac_interval=args.ac_interval, compile=args.compile, dtype=str(compute_dtype),
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),

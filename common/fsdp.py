@@ -49,10 +49,11 @@ def park_hidden_states(wrapper, block, host="cpu", stack=None):
     block.register_forward_pre_hook(to_device)
 
 
-def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False):
+def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False, ac_interval=1):
     """Wrap each block of `blocks` (an nn.ModuleList inside `model`, or a list of them, e.g. HunyuanVideo's
     [double_blocks, single_blocks]) with activation checkpointing (ac 1; ac 2: with the saved block inputs in CPU
-    memory, park_hidden_states),
+    memory, park_hidden_states); with ac_interval N only every N-th block (0, N, 2N, ... counted over all the lists:
+    the others keep their activations, which costs memory and saves their recompute),
     compile it in place (optional; in place means no `_orig_mod.` in any key) and shard it; then shard the root.
     Blocks compute in `compute_dtype`; the root (embeddings, time MLP, head) computes in fp32, which keeps the
     models' fp32 islands exact. Gradients are reduced in fp32. Inputs are not cast on the way in
@@ -68,14 +69,17 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
         dynamo_config.accumulated_cache_size_limit = max(
             dynamo_config.accumulated_cache_size_limit, 64 * sum(len(b) for b in lists))
+    n = 0  # the blocks seen so far, over all the lists
     for blist in lists:
         for i, block in enumerate(list(blist)):
-            if ac:
+            wrap = ac and n % ac_interval == 0
+            n += 1
+            if wrap:
                 inner, block = block, checkpoint_wrapper(block, preserve_rng_state=False)
                 if ac == 2:
                     park_hidden_states(block, inner, stack=stack)
-            if compile and ac == 2:  # the forward only: the parking hooks (copies to and from the host, and the
-                inner.forward = torch.compile(inner.forward, dynamic=False)  # hand-over) stay outside any graph
+            if compile and wrap and ac == 2:  # the forward only: the parking hooks (copies to and from the host,
+                inner.forward = torch.compile(inner.forward, dynamic=False)  # and the hand-over) stay outside
             elif compile:
                 block.compile(dynamic=False)
             blist.register_module(str(i), block)

@@ -29,6 +29,8 @@ def check_flags(args):
          "no frozen base; across GPUs FSDP2 shards it instead)"),
         (args.ac, f"{what} needs --ac 1: without activation checkpointing autograd keeps every block's "
          "upcast/streamed weights for the backward, and the memory it saves is spent again"),
+        (args.ac_interval == 1, f"{what} needs every block checkpointed (--ac_interval 1, not "
+         f"{args.ac_interval}): a block that keeps its activations keeps its upcast/streamed weights too"),
         (not (args.offload and args.compile), "--offload 1 does not combine with --compile 1 (its hooks copy blocks "
          "between CUDA streams, outside any compiled graph)"),
     ]

@@ -211,13 +211,13 @@ def check_bench(run, toy, out, tokens_per_frame=4 * 4):
     return res
 
 
-def check_compile_and_ac_keep_the_math(run, toy, tmp_path):
+def check_compile_and_ac_keep_the_math(run, toy, tmp_path, *flags):
     """--compile 1 --ac 2 (checkpointing with its saved inputs parked in CPU memory: on CPU no copy is made, but the
-    hooks run, compiled) give the plain run's losses over 2 steps, and the exported keys carry no wrapper names.
-    Returns those keys."""
+    hooks run, compiled) + `flags` give the plain run's losses over 2 steps, and the exported keys carry no wrapper
+    names. Returns those keys."""
     from safetensors.torch import load_file
     run(toy, tmp_path / "plain", "--max_steps", "2")
-    run(toy, tmp_path / "fast", "--max_steps", "2", "--compile", "1", "--ac", "2", timeout=900)
+    run(toy, tmp_path / "fast", "--max_steps", "2", "--compile", "1", "--ac", "2", *flags, timeout=900)
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "fast")
     for s in (1, 2):
         assert close(a[s], b[s]), (s, a[s], b[s])
@@ -477,6 +477,8 @@ MEMORY_USER_ERRORS = [
     (["--offload", "1", "--ac", "1"], "--offload 1 converts the frozen base of a LoRA run: add --lora_rank"),
     (["--base_dtype", "float8", "--lora_rank", "4"], "--base_dtype float8 needs --ac 1"),
     (["--offload", "1", "--lora_rank", "4", "--ac", "1", "--compile", "1"], "does not combine with --compile 1"),
+    (["--offload", "1", "--lora_rank", "4", "--ac", "1", "--ac_interval", "2"], "--offload 1 needs every block "
+     "checkpointed (--ac_interval 1, not 2)"),
     (["--base_dtype", "fp8"], "--base_dtype 'fp8': expected one of auto, float8"),
 ]
 

@@ -297,6 +297,29 @@ def test_host_stack_chunk_sizes():
     del views
 
 
+def test_ac_interval_checkpoints_every_nth_block_and_keeps_the_math(pg):
+    """parallelize(ac=1, ac_interval=2) wraps blocks 0 and 2 of 4, and the outputs and adapter gradients are bitwise
+    those of no checkpointing; over two lists (HunyuanVideo's double and single blocks) the count runs on: of
+    [3 blocks] + [3 blocks], 0 and 2, then 1 of the second list."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from common.fsdp import parallelize
+    ref = stack()
+    parallelize(ref, ref.blocks, torch.float32)
+    y0, g0 = fwd_bwd(ref, X)
+    m = stack()
+    parallelize(m, m.blocks, torch.float32, ac=1, ac_interval=2)
+    assert [isinstance(b, CheckpointWrapper) for b in m.blocks] == [True, False, True, False]
+    y1, g1 = fwd_bwd(m, X)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k].full_tensor(), g1[k].full_tensor()) for k in g0)
+    two = nn.Module()
+    two.double_blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    two.single_blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    parallelize(two, [two.double_blocks, two.single_blocks], torch.float32, ac=1, ac_interval=2)
+    assert [isinstance(b, CheckpointWrapper) for b in [*two.double_blocks, *two.single_blocks]] == [
+        True, False, True, False, True, False]
+
+
 def test_ac_2_through_fsdp2_is_bitwise_ac_1(pg, monkeypatch):
     import common.fsdp as cfsdp
     parked, real = [], cfsdp.park_hidden_states
