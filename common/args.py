@@ -19,7 +19,7 @@ import sys
 class UserError(Exception):
     """A mistake of the user's (a flag, a path, a run folder): reported as one line, no traceback (see cli).
     `this_rank`: raised on this rank alone (e.g. one GPU out of memory) while the others may wait in a collective:
-    cli prints it from this rank, whichever it is, and exits without the collective teardown."""
+    cli prints it from this rank, whichever it is, and ends the process without the collective teardown."""
 
     def __init__(self, message, this_rank=False):
         super().__init__(message)
@@ -68,15 +68,19 @@ def given_flags(argv=None):
 
 
 def cli(main):
-    """Run main(); a UserError becomes `error: <message>` on stderr (once, from rank 0; a this_rank one from its rank,
-    named when there are several) and exit code 2. torchrun then stops the other ranks."""
+    """Run main(); a UserError becomes `error: <message>` on stderr (once, from rank 0; a this_rank one of a run of
+    several processes from its own rank, named, which then exits without any teardown) and exit code 2."""
     try:
         return main()
     except UserError as e:
         rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
-        if e.this_rank:  # the others may be inside a collective this rank never joins: no destroy_process_group
-            print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        if e.this_rank and world > 1:
+            # the others may be inside a collective this rank never joins: destroy_process_group would wait for them,
+            # and so could the process groups' destructors at interpreter exit (one NCCL abort after another), so
+            # the process ends here, at once; torchrun sees exit code 2 and stops the other ranks
+            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         if rank == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         try:

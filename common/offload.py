@@ -196,8 +196,9 @@ class HostStack:
     recomputed from it (or until its graph is freed), and a weakref finalizer marks it free; the space on top of
     the stack returns when everything above it is free too, so two forwards before one backward get two sets of
     regions, never a shared one. The copies are non-blocking on the current CUDA stream: the copy back in the
-    recompute is enqueued before the view can go, so a later copy into the same region runs after it. Nothing
-    reads these views on the host.
+    recompute is enqueued before the view can go, so a later copy into the same region runs after it (both on the
+    default stream: autograd runs a backward op on the stream of its forward; a block run on a side stream would
+    need an event here). Nothing reads these views on the host.
 
     Tensors on the CPU are returned as they are (x.detach(): no copy on a CPU run), unless `copy_cpu` (the tests:
     a real copy, into unpinned chunks of `chunk` bytes)."""

@@ -55,15 +55,55 @@ def test_user_error_is_one_line_and_exit_2(capsys):
 
 def test_user_error_of_one_rank_is_printed_by_that_rank(capsys, monkeypatch):
     # one GPU of 4 out of memory in the preflight: rank 2 alone knows, so rank 2 says it (rank 0 would be silent)
+    # and ends at once (os._exit: no teardown that could wait for the other ranks)
+    def exit_now(code):
+        raise SystemExit(("os._exit", code))
+    monkeypatch.setattr(os, "_exit", exit_now)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
 
     def main(this_rank):
         raise UserError("preflight: out of device memory", this_rank=this_rank)
-    for this_rank, said in ((True, "error (rank 2): preflight: out of device memory\n"), (False, "")):
+    for this_rank, said, code in ((True, "error (rank 2): preflight: out of device memory\n", ("os._exit", 2)),
+                                  (False, "", 2)):
         with pytest.raises(SystemExit) as e:
             cli(lambda: main(this_rank))
-        assert e.value.code == 2 and capsys.readouterr().err == said
+        assert e.value.code == code and capsys.readouterr().err == said
+    monkeypatch.setenv("RANK", "0")  # one process: the usual exit (nothing to wait for), the usual line
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: main(True))
+    assert e.value.code == 2 and capsys.readouterr().err == "error: preflight: out of device memory\n"
+
+
+ONE_RANK_FAILS = """
+import torch.distributed as dist
+from common import dist as cdist
+from common.args import UserError, cli
+
+
+def main():
+    rank, world, _ = cdist.init()
+    if rank == 1:  # as a preflight out of memory on one GPU: the others are left waiting in a collective
+        raise UserError("preflight: out of device memory", this_rank=True)
+    dist.barrier()  # rank 1 never comes
+
+
+cli(main)
+"""
+
+
+def test_one_rank_user_error_ends_the_torchrun(tmp_path):
+    """Through torchrun on 2 gloo processes: rank 1 raises a this_rank UserError while rank 0 waits in a barrier.
+    Rank 1 says it in one line and exits 2 at once; torchrun then stops rank 0 and fails (no hang: the timeout).
+    (On gloo rank 0's barrier fails too, when its peer goes; on NCCL it would wait until torchrun's SIGTERM.)"""
+    from tests.procs import run_script
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    p = run_script(str(script), [], nproc=2, check=False, timeout=300)
+    assert p.returncode != 0 and "error (rank 1): preflight: out of device memory" in p.stderr, p.stderr[-2000:]
+    # torchrun's summary: the first failure is rank 1's exit code 2, not a crash of its teardown
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2\b", p.stderr), p.stderr[-2000:]
 
 
 def test_ema_follows_then_averages():
