@@ -13,22 +13,21 @@ PARKED = HostStack()  # one per process: the models parallelize() wraps share it
 # turns, reuse the same chunks instead of holding two sets)
 
 
-def park_hidden_states(wrapper, block, host="cpu", stack=None):
+def park_hidden_states(wrapper, block, stack):
     """--ac 2: activation checkpointing whose saved block inputs live in CPU memory. A checkpointed block keeps its
     inputs from forward to backward, and those are what the device fills up with once every block is
     checkpointed: per block the hidden states (B, L, D), fp32 (HunyuanVideo at 544x960x129: 67k tokens x 3072 x 4
     bytes = 0.83 GB, 50 GB over its 60 blocks). Here the checkpoint `wrapper` is handed, as its first input, a
-    detached copy of the hidden states in host memory: `stack` (common/offload.py HostStack, pinned chunks shared by
-    the blocks) when given, else `host` (a non-blocking copy; from CUDA to "cpu" it allocates pinned memory): that
-    copy is what the checkpoint keeps for its recompute. `block`, inside the checkpoint, runs the forward on
-    the hidden states themselves (handed over through `where`, and dropped from there at once: the checkpoint keeps
-    no reference to them, so they are freed when the caller is done), so the gradient flows on the device and never
-    through host memory; the recompute in the backward copies the parked copy back (non-blocking, from pinned
+    detached copy of the hidden states in host memory, in `stack` (common/offload.py HostStack: pinned chunks shared
+    by the blocks, a non-blocking copy): that copy is what the checkpoint keeps for its recompute. `block`, inside
+    the checkpoint, runs the forward on the hidden states themselves (handed over through `where`, and dropped from
+    there at once: the checkpoint keeps no reference to them, so they are freed when the caller is done), so the
+    gradient flows on the device and never through host memory; the recompute in the backward copies the parked copy back (non-blocking, from pinned
     memory) as a leaf that requires grad as the original did, so that it saves what the forward saved. The CUDA
     stream orders both copies; nothing waits on the host. The other inputs (text, time modulation, RoPE) are
     shared by all blocks and stay. Under no_grad (sampling) nothing is parked: there is no backward to recompute
-    for. On CPU both copies are no-ops: bitwise the plain checkpoint. (The tests park in float64, or in a HostStack
-    that copies on CPU, to see the device tensors freed.)"""
+    for. On CPU both copies are no-ops: bitwise the plain checkpoint. (The tests park in a HostStack that copies on
+    CPU, to see the device tensors freed.)"""
     where = {}
 
     def to_host(module, args):  # the wrapper's: once per forward, outside the checkpoint
@@ -36,7 +35,7 @@ def park_hidden_states(wrapper, block, host="cpu", stack=None):
         where.update(x=x, like=(x.device, x.dtype, x.requires_grad))
         if not torch.is_grad_enabled():
             return args
-        return (stack.park(x) if stack is not None else x.detach().to(host, non_blocking=True), *args[1:])
+        return (stack.park(x), *args[1:])
 
     def to_device(module, args):  # the block's: in the forward and again in the backward's recompute
         x = where.pop("x", None)
@@ -61,7 +60,6 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
     block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     lists = [blocks] if isinstance(blocks, torch.nn.ModuleList) else list(blocks)
-    stack = PARKED if ac == 2 else None  # the parked block inputs: one set of pinned chunks for all of them
     if compile:
         # One static graph per latent shape (bucket) instead of a dynamic-shape graph; the default limit of 8
         # recompiles would send a dataset with more buckets back to eager without a word.
@@ -77,7 +75,7 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
             if wrap:
                 inner, block = block, checkpoint_wrapper(block, preserve_rng_state=False)
                 if ac == 2:
-                    park_hidden_states(block, inner, stack=stack)
+                    park_hidden_states(block, inner, PARKED)  # one set of pinned chunks for all the blocks
             if compile and wrap and ac == 2:  # the forward only: the parking hooks (copies to and from the host,
                 inner.forward = torch.compile(inner.forward, dynamic=False)  # and the hand-over) stay outside
             elif compile:

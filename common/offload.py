@@ -31,6 +31,8 @@ base plus one chunk, not at twice the base.
 Without activation checkpointing it is still exact, but autograd keeps each block's device copy for its backward
 (F.linear saves its weight), so the device ends up holding the whole base after all: use it with --ac.
 """
+import weakref
+
 import torch
 
 
@@ -207,11 +209,9 @@ class HostStack:
         self.chunk, self.copy_cpu = chunk, copy_cpu
         self.chunks = []  # uint8 host tensors
         self.live = []  # [chunk index, start, end, alive] in the order carved: a stack
-        self.host_bytes = 0  # the chunks' bytes, for the log
 
     def park(self, x):
         """A detached copy of x in host memory (a view into a chunk; x itself on the CPU unless copy_cpu)."""
-        import weakref
         if x.device.type == "cpu" and not self.copy_cpu:
             return x.detach()
         while self.live and not self.live[-1][3]:
@@ -224,7 +224,6 @@ class HostStack:
             size = self.chunk or min(max(_pow2(8 * n), 2**28), 2**33)
             self.chunks.append(torch.empty(max(size, _pow2(n)), dtype=torch.uint8,
                                            pin_memory=x.device.type == "cuda"))
-            self.host_bytes += self.chunks[-1].numel()
         entry = [ci, off, off + n, True]
         self.live.append(entry)
         # a tensor of its own over the chunk's memory, not a view of the chunk: a view would share the chunk's

@@ -19,8 +19,9 @@ import torch
 
 from common.args import UserError
 
-HELP = ("--ac 1 (or --ac 2: the block inputs in CPU memory; --ac_interval 1: every block), a smaller --micro_batch, --sp N across GPUs, for a "
-        "LoRA on one GPU --base_dtype float8 and --offload 1, or smaller --frames / --height x --width (the buckets)")
+HELP = ("--ac 1 (or --ac 2: the block inputs in CPU memory; --ac_interval 1: every block), a smaller --micro_batch, "
+        "--sp N across GPUs, for a LoRA on one GPU --base_dtype float8 and --offload 1, or smaller --frames / "
+        "--height x --width (the buckets)")
 
 
 def largest(entries, micro):
