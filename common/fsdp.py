@@ -22,8 +22,9 @@ def park_hidden_states(wrapper, block, stack):
     by the blocks, a non-blocking copy): that copy is what the checkpoint keeps for its recompute. `block`, inside
     the checkpoint, runs the forward on the hidden states themselves (handed over through `where`, and dropped from
     there at once: the checkpoint keeps no reference to them, so they are freed when the caller is done), so the
-    gradient flows on the device and never through host memory; the recompute in the backward copies the parked copy back (non-blocking, from pinned
-    memory) as a leaf that requires grad as the original did, so that it saves what the forward saved. The CUDA
+    gradient flows on the device and never through host memory; the recompute in the backward copies the parked
+    copy back (non-blocking, from pinned memory) as a leaf that requires grad as the original did, so that it saves
+    what the forward saved. The CUDA
     stream orders both copies; nothing waits on the host. The other inputs (text, time modulation, RoPE) are
     shared by all blocks and stay. Under no_grad (sampling) nothing is parked: there is no backward to recompute
     for. On CPU both copies are no-ops: bitwise the plain checkpoint. (The tests park in a HostStack that copies on
