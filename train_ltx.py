@@ -105,16 +105,18 @@ def timestep_features(t, dim=256):
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
-def rope_grid(f, h, w, frame_rate, causal, device="cpu"):
+def rope_grid(f, h, w, frame_rate, causal, device="cpu", frame_offset=0):
     """The RoPE coordinates of a latent (f, h, w) grid as the official pipeline builds them -> (3, f*h*w) fp32,
     tokens in (f, h, w) order: latent -> pixel coordinates (x8 in time, x32 in space); with the causal fix the time
-    of latent frame k is max(8k + 1 - 8, 0) (frame 0 encodes pixel frame 0 alone: 0, 1, 9, 17, ...); then time in
-    seconds (x 1/frame_rate, in that op order)."""
+    of latent frame k is max(8k + 1 - 8, 0) (frame 0 encodes pixel frame 0 alone: 0, 1, 9, 17, ...); + frame_offset
+    (a keyframe's pixel frame: the pipeline's media_frame_number); then time in seconds (x 1/frame_rate, in that op
+    order)."""
     grid = torch.stack(torch.meshgrid(torch.arange(f, device=device), torch.arange(h, device=device),
                                       torch.arange(w, device=device), indexing="ij")).flatten(1)  # (3, N) int64
     pix = grid * torch.tensor([VAE_TEMPORAL, VAE_SPATIAL, VAE_SPATIAL], device=device)[:, None]
     if causal:
         pix[0] = (pix[0] + 1 - VAE_TEMPORAL).clamp(min=0)
+    pix[0] += frame_offset
     pix = pix.to(torch.float32)
     pix[0] = pix[0] * (1.0 / frame_rate)
     return pix
@@ -283,7 +285,7 @@ class Transformer3DModel(nn.Module):
         self.rope_cache = {}  # (f, h, w, fps, device) -> (cos, sin): a plain dict, not a checkpoint key
         self.sp = None  # --sp N > 1: this rank's sequence-parallel group (common/sp.py), set by build_dit
 
-    def rope(self, f, h, w, frame_rate, device):
+    def rope(self, f, h, w, frame_rate, device, frame_offset=0):
         """(cos, sin), each (1 or B, N, D) fp32, for a latent grid; frame_rate a number or one per sample."""
         rates = [float(r) for r in (frame_rate.tolist() if torch.is_tensor(frame_rate) else
                                     frame_rate if isinstance(frame_rate, (list, tuple)) else [frame_rate])]
@@ -291,10 +293,10 @@ class Transformer3DModel(nn.Module):
             rates = rates[:1]
         out = []
         for r in rates:
-            key = (f, h, w, r, str(device))
+            key = (f, h, w, r, str(device), frame_offset)
             if key not in self.rope_cache:
                 c = self.cfg
-                grid = rope_grid(f, h, w, r, c.causal_temporal_positioning, device)
+                grid = rope_grid(f, h, w, r, c.causal_temporal_positioning, device, frame_offset)
                 self.rope_cache[key] = rope_tables(grid, c.dim, c.positional_embedding_theta,
                                                    c.positional_embedding_max_pos)
             out.append(self.rope_cache[key])
@@ -302,12 +304,28 @@ class Transformer3DModel(nn.Module):
             return out[0][0][None], out[0][1][None]
         return torch.stack([c for c, _ in out]), torch.stack([s for _, s in out])
 
-    def forward(self, x, t, context, context_mask=None, frame_rate=25.0):
+    def forward(self, x, t, context, context_mask=None, frame_rate=25.0, keyframe=None):
+        """x (B, C, f, h, w) latents; t (B,) or per token (B, f*h*w) in [0, 1000]; context (B, L, caption_channels),
+        context_mask (B, L) 1/0; frame_rate (the RoPE time axis) a number or (B,). keyframe = (z, p) or None: z
+        (B, C, k, h, w) a clip encoded ON ITS OWN (k = 1: one image) that sits at pixel frame p of the video, as the
+        0.9.5+ pipeline conditions on a keyframe away from frame 0 (prepare_conditioning): its tokens go in front of
+        the video's, with the RoPE time of their own grid + p and timestep 0 (strength 1), every token attends to
+        every token, and they are dropped from the output. -> (B, C_out, f, h, w) velocity."""
         cfg = self.cfg
         B, C, f, h, w = x.shape
         wdt = self.patchify_proj.weight.dtype
         x = self.patchify_proj(x.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, N, D), tokens in (f, h, w) order
         rope = self.rope(f, h, w, frame_rate, x.device)
+        M = 0  # keyframe tokens in front
+        if keyframe is not None:
+            kz, p = keyframe
+            k = self.patchify_proj(kz.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, M, D)
+            M = k.shape[1]
+            krope = self.rope(*kz.shape[2:], frame_rate, x.device, frame_offset=p)
+            x = torch.cat([k, x], dim=1)
+            rope = tuple(torch.cat([a, b], dim=1) for a, b in zip(krope, rope))  # the same frame_rate: same batch dim
+            t = t.float().reshape(B, -1).expand(B, f * h * w)  # (B,) or (B, N) -> per token, 0 on the keyframe's
+            t = torch.cat([t.new_zeros(B, M), t], dim=1)
         N = x.shape[1]
         if self.sp is not None:  # --sp N: from here to proj_out each rank holds ceil(N/sp) of the tokens
             x = sp.shard(x, self.sp)
@@ -329,6 +347,7 @@ class Transformer3DModel(nn.Module):
         x = self.proj_out(x.to(self.proj_out.weight.dtype)).float()  # (B, N, C)
         if self.sp is not None:
             x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
+        x = x[:, M:]  # the video's tokens (the keyframe's, in front, are conditioning only)
         return x.transpose(1, 2).reshape(B, cfg.out_channels, f, h, w).contiguous()  # not a view (FSDP2 hooks)
 
     @torch.no_grad()
@@ -1134,10 +1153,12 @@ def sample_sigmas(n, method, n_tokens, shift=1.0, generator=None, device="cpu"):
     return shift * s / (1 + (shift - 1) * s) if shift != 1.0 else s
 
 
-def flow_loss(model, x0, context, mask, sigma, noise, frame_rate=25.0, cond=None):
+def flow_loss(model, x0, context, mask, sigma, noise, frame_rate=25.0, cond=None, keyframe=None):
     """MSE between the predicted and the true velocity over the tokens that are not conditioning. x0, noise
     (B,C,F,H,W); sigma (B,); cond (B,) bool or None: image-to-video first-frame conditioning for those samples, whose
-    latent frame 0 is given clean (x_t = x0 there), gets timestep 0 and is left out of the loss (LTX-Video-Trainer)."""
+    latent frame 0 is given clean (x_t = x0 there), gets timestep 0 and is left out of the loss (LTX-Video-Trainer).
+    keyframe (z, p) or None: the model's keyframe conditioning (Transformer3DModel.forward), e.g. the clip's last
+    frame encoded alone at its pixel frame; its tokens are not the model's output, so never in the loss."""
     B, C, f, h, w = x0.shape
     s = sigma.view(B, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
@@ -1152,7 +1173,7 @@ def flow_loss(model, x0, context, mask, sigma, noise, frame_rate=25.0, cond=None
         keep = (~(c & first)).float()
     else:
         t = sigma * 1000  # one timestep per sample: the cheaper (B, 6D) modulation
-    v = model(xt, t, context, mask, frame_rate)
+    v = model(xt, t, context, mask, frame_rate, keyframe=keyframe)
     err = (v.float() - (noise - x0).float()).pow(2) * keep
     return err.sum() / (keep.expand_as(err).sum())
 
@@ -1205,12 +1226,13 @@ def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
     return t
 
 
-def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None):
+def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None, keyframe=None):
     """One guided velocity, as the official pipeline combines them. context = (ctx (B,L,D), mask (B,L)); neg likewise
     or None. CFG (only when g > 1): u + g (c - u). stg = (scale, skip blocks, rescale) or None: spatio-temporal
     guidance adds scale * (c - p), p the conditional prediction with those blocks' self-attention replaced by its
     values, and then matches the result's std to the conditional's by a factor r std(c)/std(v) + (1 - r) per sample.
-    cond_latent (B,C,1,H,W): image conditioning; its tokens are the clean latent with timestep 0."""
+    cond_latent (B,C,1,H,W): image conditioning; its tokens are the clean latent with timestep 0. keyframe (z, p):
+    the model's keyframe conditioning (e.g. the last frame), the same in every branch of the batch."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
     if cond_latent is not None:
@@ -1229,7 +1251,9 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
         for i in stg[1]:
             model.transformer_blocks[i].attn1.stg_skip = B
     try:
-        v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate).float().chunk(len(xs))
+        kf = None if keyframe is None else (keyframe[0].to(x).repeat(len(xs), 1, 1, 1, 1), keyframe[1])
+        v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate,
+                  keyframe=kf).float().chunk(len(xs))
     finally:
         for i in stg[1] if stg else ():
             model.transformer_blocks[i].attn1.stg_skip = 0
@@ -1248,17 +1272,29 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
 @torch.no_grad()
 def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1.0, (19,), 0.7),
                  sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None,
-                 renoise=None):
+                 renoise=None, keyframe=None, cond_noise=None):
     """The official first-order sampler (RectifiedFlowScheduler.step): x <- x - (t - t_next) v, from t = 1 (noise)
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
-    0.7). With cond_latent the first latent frame is the conditioning image's latent throughout (timestep 0).
+    0.7). With cond_latent the first latent frame is the conditioning image's latent throughout (timestep 0); with
+    keyframe (z, p) the model attends to that keyframe's tokens at every step (first + last frame: both).
     renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
-    x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0."""
+    x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0.
+    cond_noise = (scale, CPU generator) or None: the pipeline's image_cond_noise_scale (inference.py's default 0.15;
+    add_noise_to_image_conditioning_latents): at each step the model sees the conditioning latents (cond_latent, the
+    keyframe) as clean + scale * eps * t^2, fresh eps each step, their timestep still 0; the result keeps the clean
+    first frame (upstream's keeps the last step's, off by scale * t_last^2: 1e-4 at 40 steps)."""
     B, C, f, h, w = noise.shape
     ts = sampling_sigmas(steps, sampler, f * h * w, shifting, terminal).tolist() + [0.0]
     x = noise.float()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(model, x, t, context, neg, guidance, stg, frame_rate, cond_latent)
+        c, k = cond_latent, keyframe
+        if cond_noise is not None and cond_noise[0] > 0:
+            scale, gen = cond_noise
+            if c is not None:
+                c = c + scale * t**2 * torch.randn(c.shape, generator=gen).to(c)
+            if k is not None:
+                k = (k[0] + scale * t**2 * torch.randn(k[0].shape, generator=gen).to(k[0]), k[1])
+        v = velocity(model, x, t, context, neg, guidance, stg, frame_rate, c, k)
         if renoise is not None and t_next > 0:
             eps = torch.randn(x.shape, generator=renoise).to(x.device)
             x = (1 - t_next) * (x - t * v) + t_next * eps
@@ -1298,6 +1334,7 @@ class Args:
     val_count: int = 0  # source files held out for the validation loss
     caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (what guidance contrasts)
     first_frame_p: float = 0.1  # image-to-video: probability that a sample's first latent frame is given clean
+    last_frame_p: float = 0.0  # keyframe: probability that a step's samples see their last frame as a keyframe
     # LoRA (rank 0 = full fine-tune)
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
@@ -1335,6 +1372,7 @@ class Args:
     sample_prompts: str = ""  # prompts separated by |, or a text file with one per line
     sample_negative: str = "official"  # negative prompt for guidance: official (LTX-Video's own) or any text
     sample_image: str = ""  # image-to-video samples: an image (or video: its first frame) as the first frame
+    sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
@@ -1342,6 +1380,7 @@ class Args:
     sample_rescale: float = 0.7  # the guidance rescaling of the official configs (with STG)
     sample_schedule: str = "checkpoint"  # checkpoint (header) | LinearQuadratic | Uniform | distilled (no CFG/STG)
     sample_stochastic: bool = False  # re-noise between steps (the 0.9.6-distilled config's stochastic sampling)
+    sample_cond_noise: float = 0.15  # noise on the image / keyframe latents, x t^2 each step (inference.py's default)
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     decode_timestep: float = 0.05  # the VAE decoder's timestep (the official configs)
     decode_noise: float = 0.0  # the pipeline's decode noise (its configs: 0.025); 0 = none
@@ -1393,7 +1432,7 @@ def check_args(args):
     for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
-    for k in ("caption_dropout", "ema", "first_frame_p", "decode_noise"):
+    for k in ("caption_dropout", "ema", "first_frame_p", "last_frame_p", "decode_noise", "sample_cond_noise"):
         need(0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
     st, sh, sw = LATENT_STRIDE[args.encoders]
     need(args.height % sh == 0 and args.width % sw == 0 and args.height > 0 and args.width > 0,
@@ -1409,7 +1448,7 @@ def check_args(args):
     need(stg_blocks is not None, f"--sample_stg_blocks {args.sample_stg_blocks!r}: expected block numbers like 19,20")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
-    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image"):
+    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_last_image"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
     weights = args.dit_path or args.ckpt_dir
@@ -1467,12 +1506,33 @@ def toy_encoders(cfg):
 
 
 def encoder_settings(args, cfg, device):
-    """What identifies the encoding of a clip or caption, for the cache key (data/cache.py)."""
+    """What identifies the encoding of a clip or caption, for the cache key (data/cache.py). With --last_frame_p the
+    entries also hold the last frame encoded alone ("latents.last"): another key, so an older cache is not mixed in."""
     if args.encoders == "toy":
-        return toy_encoders(cfg)[3]
-    return dict(model="ltx-video-0.9.5+", vae=os.path.abspath(ckpt_file(args)), text="t5-v1_1-xxl", text_len=TEXT_LEN,
-                text_encoder=os.path.abspath(args.text_encoder or args.ckpt_dir),
-                text_dtype="bf16" if device.type == "cuda" else "fp32")
+        s = toy_encoders(cfg)[3]
+    else:
+        s = dict(model="ltx-video-0.9.5+", vae=os.path.abspath(ckpt_file(args)), text="t5-v1_1-xxl", text_len=TEXT_LEN,
+                 text_encoder=os.path.abspath(args.text_encoder or args.ckpt_dir),
+                 text_dtype="bf16" if device.type == "cuda" else "fp32")
+    return {**s, "keyframe": "last"} if args.last_frame_p else s
+
+
+def last_frame_index(f):
+    """The pixel frame of the last frame of a clip of f latent frames (8(f - 1) + 1 frames): where its keyframe sits
+    (the pipeline's media_frame_number of an image conditioning the last frame). In the RoPE grid's units for the
+    toy encoders too (rope_grid counts 8 pixel frames a latent frame whatever the encoder)."""
+    return (f - 1) * VAE_TEMPORAL
+
+
+def with_last_frame(enc_v):
+    """encode_video -> one that also encodes the clip's last frame alone, {None: latents, "last": (1, C, 1, h, w)},
+    stored as "latents" and "latents.last" (data/cache.py): the keyframe of --last_frame_p. A causal VAE encodes a
+    lone frame as an image, which is what a keyframe is at sampling time (prepare_conditioning encodes the image
+    alone), and not what the clip's own last latent frame holds (8 frames, after the ones before them)."""
+    def enc(v):  # (1, 3, F, H, W)
+        z = enc_v(v)
+        return {None: z, "last": z if v.shape[2] == 1 else enc_v(v[:, :, -1:])}
+    return enc
 
 
 def build_encoders(args, cfg, device, video=True, text=True):
@@ -1581,6 +1641,21 @@ def training_draws(args, step, index, n, n_tokens, device):
     return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop), torch.cat(first)
 
 
+def keyframe_draw(args, step):
+    """Whether step `step` trains with the last-frame keyframe (--last_frame_p): one draw per step, not per sample,
+    because the keyframe's tokens lengthen the sequence and one batch has one length; a pure function of (seed,
+    step), so every rank, micro-batch and resumed run agrees."""
+    return bool(args.last_frame_p) and bool(torch.rand(1, generator=noise.generator(args.seed, step, "keyframe"))
+                                            < args.last_frame_p)
+
+
+def batch_keyframe(b, x0, device):
+    """The keyframe of a cached batch: its clips' last frames (B, C, 1, h, w), each encoded alone, at the last
+    frame's pixel index; None for one-frame clips (the last frame is the whole clip)."""
+    f = x0.shape[2]
+    return None if f == 1 else (b["latents.last"].to(device, non_blocking=True).float(), last_frame_index(f))
+
+
 def training_noise(args, step, index, shape, n, device):
     """(n, *shape) noise made on the training device, one seeded generator per sample (no host-to-device copy)."""
     return torch.stack([noise.randn(shape, args.seed, step, index + j, "noise", device=device) for j in range(n)])
@@ -1652,8 +1727,8 @@ def sample_schedule(args):
 
 def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     """One video per --sample_prompts prompt, seeded by (seed, prompt index), through the official sampler with
-    guidance against `negative` (and --sample_image as the first frame). Collective; rank 0 decodes and writes
-    samples/step_XXXXXXXX_i.mp4."""
+    guidance against `negative` (--sample_image as the first frame, --sample_last_image as a keyframe at the last).
+    Collective; rank 0 decodes and writes samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
     enc_v, decode, _ = build_encoders(args, cfg, device, video=True, text=False) if rank == 0 else (None, None, None)
     was_training = model.training
@@ -1670,14 +1745,16 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     cdist.print0("sample schedule: " + json.dumps(dict(sampler=sampler, timesteps=[round(t, 6) for t in ts.tolist()],
                                                        guidance=guidance, stg=stg and stg[0],
                                                        stochastic=args.sample_stochastic)))
-    cond = None
-    if args.sample_image:  # the first frame, resized and centre-cropped to the sample's size, encoded by rank 0
+    def encode_image(path):  # resized and centre-cropped to the sample's size, encoded alone by rank 0, broadcast
         z = torch.zeros(1, shape[0], 1, *shape[2:])
         if rank == 0:
-            img = read_clip(args.sample_image, 0.0, 1, args.fps, (args.height, args.width))  # (3, 1, H, W)
+            img = read_clip(path, 0.0, 1, args.fps, (args.height, args.width))  # (3, 1, H, W)
             z = enc_v(img[None].float()).float()
-        cond = z.to(device)
-        torch.distributed.broadcast(cond, 0)
+        z = z.to(device)
+        torch.distributed.broadcast(z, 0)
+        return z
+    cond = encode_image(args.sample_image) if args.sample_image else None  # the first latent frame, in place
+    keyframe = (encode_image(args.sample_last_image), last_frame_index(shape[1])) if args.sample_last_image else None
     paths = []
     for i, p in enumerate(prompts_from(args.sample_prompts)):
         x = noise.randn(shape, args.seed, "sample", i)[None].to(device)  # CPU noise: the same on every device
@@ -1690,7 +1767,8 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         z = sample_euler(model, x, context, neg_context, steps=steps, guidance=guidance,
                          stg=stg, sampler=sampler, shifting=shifting, terminal=terminal, frame_rate=float(args.fps),
                          cond_latent=cond, renoise=noise.generator(args.seed, "renoise", i) if args.sample_stochastic
-                         else None)
+                         else None, keyframe=keyframe, cond_noise=(args.sample_cond_noise,
+                                                                   noise.generator(args.seed, "cond_noise", i)))
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
@@ -1831,7 +1909,8 @@ def main(argv=None):
     if need.item():
         encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
         if todo:
-            entries = encode_dataset(records, encode_video, encode_text, args.cache_dir, settings, log=print0)
+            enc = with_last_frame(encode_video) if args.last_frame_p else encode_video
+            entries = encode_dataset(records, enc, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
             os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
             torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
@@ -1880,7 +1959,7 @@ def main(argv=None):
                        f"init:{args.preset}", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
                        caption_dropout=args.caption_dropout, first_frame_p=args.first_frame_p, ema=args.ema,
-                       encoders=args.encoders,
+                       encoders=args.encoders, **({"last_frame_p": args.last_frame_p} if args.last_frame_p else {}),
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -1910,9 +1989,10 @@ def main(argv=None):
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     pin = device.type == "cuda"
     if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (common/preflight.py)
-        def loss(b, x0, sigma, eps):
+        def loss(b, x0, sigma, eps):  # with --last_frame_p the longer sequence, with the keyframe
             ctx, mask = text_batch(b, device)
-            return flow_loss(model, x0, ctx, mask, sigma, eps, b["fps"])
+            kf = batch_keyframe(b, x0, device) if args.last_frame_p else None
+            return flow_loss(model, x0, ctx, mask, sigma, eps, b["fps"], keyframe=kf)
         preflight.check(train, micro, lambda idx: {**load_batch([train[i]["file"] for i in idx], pin=pin), "fps":
                         torch.tensor([float(train[i]["fps"]) for i in idx])}, loss, model, device, args.sp, print0)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
@@ -1942,6 +2022,7 @@ def main(argv=None):
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         tokens = flops = 0
+        key = keyframe_draw(args, step)
         for m, (b, fps) in enumerate(micro_batches):
             if stop.requested():  # between micro-batches: a long accumulated step does not outlive the notice
                 stopped = (m, len(micro_batches))
@@ -1955,13 +2036,15 @@ def main(argv=None):
                 ctx, mask = drop_captions(ctx, mask, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
-            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p else None)
+            kf = batch_keyframe(b, x0, device) if key else None
+            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p else None, kf)
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
             (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             tokens += len(x0) * n_tok
-            flops += len(x0) * 3 * count_flops(cfg, n_tok, ctx.shape[1]) / args.sp  # this rank's share
+            n_seq = n_tok + (math.prod(kf[0].shape[2:]) if kf else 0)  # the keyframe's tokens are computed too
+            flops += len(x0) * 3 * count_flops(cfg, n_seq, ctx.shape[1]) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
             break

@@ -91,6 +91,41 @@ def test_dit_matches_diffusers(f, h, w, per_token, causal):
     assert ours.abs().mean() > 0.1  # not a trivially small output
 
 
+@pytest.mark.parametrize("causal,per_token", [(True, False), (False, True)])
+def test_keyframe_matches_diffusers(causal, per_token):
+    """Keyframe conditioning as the 0.9.5+ pipeline builds it for an image away from frame 0 (prepare_conditioning):
+    the image's latent tokens in front of the video's, their video_coords the pixel coordinates of a one-frame grid
+    + the frame number, then x 1/frame_rate, timestep 0; diffusers' transformer given exactly that, its keyframe
+    outputs dropped, against ours with keyframe=(z, p)."""
+    model = tiny_dit(causal_temporal_positioning=causal)
+    ref = diffusers_twin(model)
+    c = model.cfg
+    g = torch.Generator().manual_seed(2)
+    B, Lt, (f, h, w), fps = 2, 6, (3, 2, 5), 16.0
+    N, M = f * h * w, h * w
+    x, z = torch.randn(B, c.in_channels, f, h, w, generator=g), torch.randn(B, c.in_channels, 1, h, w, generator=g)
+    t = torch.rand(B, N, generator=g) * 1000 if per_token else torch.tensor([640.0, 3.0])
+    ctx, mask = torch.randn(B, Lt, c.caption_channels, generator=g), torch.ones(B, Lt)
+    mask[1, 3:] = 0
+    p = L.last_frame_index(f)
+    assert p == 16  # 17 frames: the last is pixel frame 16
+    key_coords = pipeline_coords(B, 1, h, w, 1.0, causal)  # the one-frame grid's pixel coordinates (time 0) ...
+    key_coords[:, 0] = (key_coords[:, 0] + p) * (1.0 / fps)  # ... + media_frame_number, then the time in seconds
+    coords = torch.cat([key_coords, pipeline_coords(B, f, h, w, fps, causal)], dim=2)
+    tt = torch.cat([torch.zeros(B, M), t if per_token else t[:, None].expand(B, N)], dim=1)
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, p))
+        tokens = torch.cat([z.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)], dim=1)
+        theirs = ref(tokens, ctx, tt, mask, video_coords=coords, return_dict=False)[0][:, M:]
+        plain = model(x, t, ctx, mask, frame_rate=fps)
+    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-5, err
+    assert (ours - plain).abs().mean() > 1e-3  # the keyframe is attended to
+    with torch.no_grad():  # and where it sits matters (its RoPE time)
+        assert (model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, 8)) - ours).abs().max() > 1e-4
+
+
 def test_rope_grid_is_the_pipelines():
     for causal in (False, True):
         got = L.rope_grid(4, 3, 5, 30.0, causal)

@@ -101,7 +101,7 @@ def test_distilled_schedule_is_the_specs_and_the_model_sees_it():
     class Spy(torch.nn.Module):  # records the timesteps and the batch (guidance would double it)
         transformer_blocks = []
 
-        def forward(self, x, t, ctx, mask, frame_rate):
+        def forward(self, x, t, ctx, mask, frame_rate, keyframe=None):
             seen.append((t.shape[0], t.unique().tolist()))
             return torch.zeros_like(x)
     x = torch.randn(1, 8, 2, 1, 1)
@@ -158,7 +158,7 @@ def test_stochastic_sampling_renoises_between_steps():
     class Lin(torch.nn.Module):  # v = x / 2: a velocity that depends on x, so the two samplers part
         transformer_blocks = []
 
-        def forward(self, x, t, ctx, mask, frame_rate):
+        def forward(self, x, t, ctx, mask, frame_rate, keyframe=None):
             return x / 2
     x = torch.randn(1, 8, 2, 1, 1, generator=torch.Generator().manual_seed(0))
     ctx = (torch.randn(1, 3, 4), torch.ones(1, 3))

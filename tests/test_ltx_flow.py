@@ -31,8 +31,8 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.x0, self.noise, self.seen = x0, noise, []
 
-    def forward(self, x, t, ctx, mask, fps):
-        self.seen.append((x.clone(), t.clone()))
+    def forward(self, x, t, ctx, mask, fps, keyframe=None):
+        self.seen.append((x.clone(), t.clone(), keyframe))
         return self.noise - self.x0
 
 
@@ -42,17 +42,17 @@ def test_flow_loss_target_and_i2v_conditioning():
     m = Oracle(x0, noise)
     sigma = torch.tensor([0.3, 0.8])
     assert L.flow_loss(m, x0, None, None, sigma, noise) == 0  # target = noise - x0
-    xt, t = m.seen[-1]
+    xt, t, _ = m.seen[-1]
     assert t.shape == (2,) and torch.allclose(t, sigma * 1000)  # one timestep per sample without conditioning
     assert torch.allclose(xt[0], 0.7 * x0[0] + 0.3 * noise[0]) and torch.allclose(xt[1], 0.2 * x0[1] + 0.8 * noise[1])
     # i2v on sample 1: its latent frame 0 is clean, timestep 0 there, and it is out of the loss
     m2 = Oracle(x0, noise)
     err = torch.zeros_like(noise)
     err[1, :, 0] = 100.0  # a huge error on the conditioning frame only: must not count
-    loss = L.flow_loss(lambda x, t, c, k, f: m2(x, t, c, k, f) + err, x0, None, None, sigma, noise,
+    loss = L.flow_loss(lambda x, t, c, k, f, keyframe: m2(x, t, c, k, f) + err, x0, None, None, sigma, noise,
                        cond=torch.tensor([False, True]))
     assert loss == 0
-    xt, t = m2.seen[-1]
+    xt, t, _ = m2.seen[-1]
     assert torch.equal(xt[1, :, 0], x0[1, :, 0])
     assert torch.allclose(xt[0, :, 0], 0.7 * x0[0, :, 0] + 0.3 * noise[0, :, 0])
     assert t.shape == (2, 12) and torch.all(t[1, :4] == 0) and torch.all(t[1, 4:] == 800) and torch.all(t[0] == 300)
@@ -60,6 +60,42 @@ def test_flow_loss_target_and_i2v_conditioning():
     m3 = Oracle(x0[:, :, :1], noise[:, :, :1])
     L.flow_loss(m3, x0[:, :, :1], None, None, sigma, noise[:, :, :1], cond=torch.tensor([True, True]))
     assert m3.seen[-1][1].shape == (2,)
+
+
+def test_last_frame_keyframe_in_the_loss_the_draws_and_the_cache():
+    model = tiny_dit()
+    c = model.cfg
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, c.in_channels, 3, 2, 2, generator=g), torch.randn(2, c.in_channels, 3, 2, 2, generator=g)
+    ctx, sigma = torch.randn(2, 4, c.caption_channels, generator=g), torch.tensor([0.4, 0.9])
+    z = torch.randn(2, c.in_channels, 1, 2, 2, generator=g, requires_grad=True)
+    plain = L.flow_loss(model, x0, ctx, None, sigma, eps)
+    with_key = L.flow_loss(model, x0, ctx, None, sigma, eps, keyframe=(z, L.last_frame_index(3)))
+    with_key.backward()
+    assert abs(with_key.item() - plain.item()) > 1e-5 and z.grad.abs().sum() > 0  # the loss sees the keyframe
+    # the loss is over the video's tokens only, whatever the keyframe tokens' outputs (the model drops them)
+    o = Oracle(x0, eps)
+    assert L.flow_loss(o, x0, None, None, sigma, eps, keyframe=(z, 16)) == 0 and o.seen[-1][2][1] == 16
+    # one draw per step, a pure function of (seed, step), at the asked rate
+    a = L.Args(last_frame_p=0.25, seed=5)
+    draws = [L.keyframe_draw(a, s) for s in range(4000)]
+    assert draws == [L.keyframe_draw(a, s) for s in range(4000)] and abs(sum(draws) / 4000 - 0.25) < 0.03
+    assert not any(L.keyframe_draw(L.Args(last_frame_p=0.0), s) for s in range(100))
+    # the cache's encoder: the clip, and its last frame encoded ALONE (a one-frame clip: itself)
+    calls = []
+
+    def enc(v):
+        calls.append(v.shape[2])
+        return v[:, :, :1] * v.shape[2]  # a stand-in whose output depends on how many frames it was given
+    v = torch.randn(1, 3, 9, 4, 4, generator=g)
+    out = L.with_last_frame(enc)(v)
+    assert calls == [9, 1] and torch.equal(out["last"], v[:, :, -1:]) and torch.equal(out[None], v[:, :, :1] * 9)
+    calls.clear()
+    one = L.with_last_frame(enc)(v[:, :, :1])
+    assert calls == [1] and one["last"] is one[None]
+    b = {"latents.last": out["last"]}
+    assert L.batch_keyframe(b, torch.zeros(1, 8, 2, 1, 1), "cpu")[1] == 8 and \
+        L.batch_keyframe(b, torch.zeros(1, 8, 1, 1, 1), "cpu") is None
 
 
 def test_linear_quadratic_matches_diffusers():
@@ -81,7 +117,7 @@ def test_euler_with_exact_velocity_recovers_x0():
     x0 = torch.randn(1, 4, 2, 2, 2, generator=g)
 
     class Straight(torch.nn.Module):  # the velocity of the straight path through the current point
-        def forward(self, x, t, ctx, mask, fps):
+        def forward(self, x, t, ctx, mask, fps, keyframe=None):
             s = t[:, :1].view(-1, 1, 1, 1, 1) / 1000
             return (x - x0) / s
     ctx = (torch.zeros(1, 2, 3), torch.ones(1, 2))
@@ -102,6 +138,11 @@ def test_sampler_guidance_stg_and_image_condition():
     assert all(blk.attn1.stg_skip == 0 for blk in model.transformer_blocks)  # reset after the call
     b = L.sample_euler(model, noise, ctx, neg, steps=3, guidance=3.0, stg=None, cond_latent=image)
     assert not torch.allclose(a, b)
+    # first + last frame: the keyframe goes with every branch of the guided batch (uncond, cond, STG-perturbed)
+    last = torch.randn(1, c.in_channels, 1, 2, 2, generator=g)
+    k = L.sample_euler(model, noise, ctx, neg, steps=3, guidance=3.0, stg=(1.0, (1,), 0.7), cond_latent=image,
+                       keyframe=(last, L.last_frame_index(3)))
+    assert torch.equal(k[:, :, :1], image) and k.shape == a.shape and (k - a).abs().mean() > 1e-4
     # STG's perturbed pass really differs from the conditional one
     with torch.no_grad():
         model.transformer_blocks[1].attn1.stg_skip = 1
@@ -111,13 +152,43 @@ def test_sampler_guidance_stg_and_image_condition():
     assert not torch.allclose(p, q)
 
 
+def test_conditioning_noise_is_the_pipelines():
+    """image_cond_noise_scale (inference.py's 0.15): the model sees the first-frame and keyframe latents as clean +
+    scale * eps * t^2 with fresh eps each step; the sample keeps the clean first frame; scale 0 is the clean input."""
+    seen = []
+
+    class Rec(torch.nn.Module):
+        transformer_blocks = []
+
+        def forward(self, x, t, ctx, mask, fps, keyframe=None):
+            seen.append((x[:, :, :1].clone(), keyframe[0].clone(), t))
+            return torch.zeros_like(x)
+    g = torch.Generator().manual_seed(0)
+    noise, image, last = (torch.randn(1, 4, *s, generator=g) for s in ((3, 2, 2), (1, 2, 2), (1, 2, 2)))
+    ctx = (torch.zeros(1, 2, 3), torch.ones(1, 2))
+    out = L.sample_euler(Rec(), noise, ctx, None, steps=4, guidance=1.0, stg=None, sampler="Uniform",
+                         cond_latent=image, keyframe=(last, 16), cond_noise=(0.15, torch.Generator().manual_seed(7)))
+    ref = torch.Generator().manual_seed(7)
+    ts = L.sampling_sigmas(4, "Uniform", 12).tolist()
+    assert len(seen) == 4
+    for (first, key, t), s in zip(seen, ts):
+        e1, e2 = torch.randn(image.shape, generator=ref), torch.randn(last.shape, generator=ref)
+        assert torch.allclose(first, image + 0.15 * s**2 * e1) and torch.allclose(key, last + 0.15 * s**2 * e2)
+        assert torch.all(t[:, :4] == 0) and torch.allclose(t[:, 4:], torch.tensor(s * 1000))  # timestep 0 still
+    assert torch.equal(out[:, :, :1], image)
+    seen.clear()
+    L.sample_euler(Rec(), noise, ctx, None, steps=2, guidance=1.0, stg=None, cond_latent=image, keyframe=(last, 16),
+                   cond_noise=(0.0, torch.Generator()))
+    assert all(torch.equal(f, image) and torch.equal(k, last) for f, k, _ in seen)
+
+
 def test_guidance_at_most_one_is_no_cfg():
     # pipeline_ltx_video.py: do_classifier_free_guidance = guidance_scale > 1. A scale below 1 must not run the
     # negative pass nor mix it in (u + g (c - u) with g < 1 would pull towards the negative prompt).
     batches = []
 
     class CtxMean(torch.nn.Module):  # a velocity that depends on the prompt, so cond and uncond differ
-        def forward(self, x, t, ctx, mask, fps):
+        def forward(self, x, t, ctx, mask, fps, keyframe=None):
             batches.append(x.shape[0])
             return x * 0 + ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
     x = torch.randn(1, 4, 2, 2, 2)

@@ -68,9 +68,12 @@ ltx = script_runner("train_ltx.py")
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
-              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", *CLIP]
+              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", *CLIP]
     t, meta = checks.check_cache(ltx, common, folder["cache"])
     assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
+    # --last_frame_p: the clip's last frame encoded alone by the VAE (an image latent), beside the clip's latents
+    assert t["latents.last"].shape == (8, 1, 1, 1) and meta["settings"]["keyframe"] == "last"
+    assert not torch.equal(t["latents.last"][:, 0], t["latents"][:, -1])
 
     # full fine-tune, 4 steps with a checkpoint at 2; then the same run to 6 with --resume 1
     out = tmp_path / "full"
@@ -99,6 +102,9 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     from data.video import read_clip
     c = read_clip(str(tmp_path / "s2" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (a - c).abs().float().mean() > 0.01
+    ltx(*s, "--out_dir", str(tmp_path / "s3"), "--sample_image", clip, "--sample_last_image", clip)  # + a last frame
+    d = read_clip(str(tmp_path / "s3" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (d - c).abs().float().mean() > 0.01
 
 
 def test_bench_in_bf16(folder):
