@@ -98,6 +98,40 @@ def test_last_frame_keyframe_in_the_loss_the_draws_and_the_cache():
         L.batch_keyframe(b, torch.zeros(1, 8, 1, 1, 1), "cpu") is None
 
 
+def test_the_model_learns_from_the_keyframe():
+    """Clips whose one random colour is told by nothing but their last frame: a tiny DiT from scratch, trained with
+    the keyframe on every other step, predicts the velocity at sigma 0.9 far better with the keyframe than without
+    (measured: 0.13 against 1.08), so the keyframe's tokens reach the video's through attention and are learned."""
+    import dataclasses
+    torch.manual_seed(0)
+    cfg = L.DIT_PRESETS["tiny"]
+    model = L.Transformer3DModel(dataclasses.replace(cfg))
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ctx = torch.zeros(1, 2, cfg.caption_channels)
+
+    def clips(g, B):  # (B, C, 3, 2, 2) one colour a clip, and its last frame
+        x0 = torch.randn(B, cfg.in_channels, 1, 1, 1, generator=g).expand(B, -1, 3, 2, 2).contiguous()
+        return x0, x0[:, :, -1:].contiguous()
+
+    def loss(x0, last, eps, keyed):
+        B = len(x0)
+        return L.flow_loss(model, x0, ctx.expand(B, -1, -1), None, torch.full((B,), 0.9), eps,
+                           keyframe=(last, L.last_frame_index(3)) if keyed else None)
+    g = torch.Generator().manual_seed(1)
+    for step in range(300):
+        x0, last = clips(g, 16)
+        opt.zero_grad()
+        loss(x0, last, torch.randn(x0.shape, generator=g), step % 2 == 0).backward()
+        opt.step()
+    g = torch.Generator().manual_seed(2)
+    x0, last = clips(g, 64)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        keyed, plain = loss(x0, last, eps, True).item(), loss(x0, last, eps, False).item()
+    assert keyed < 0.4 * plain, (keyed, plain)
+
+
 def test_linear_quadratic_matches_diffusers():
     from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule
     for n in (1, 8, 30, 40, 51):
