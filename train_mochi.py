@@ -35,7 +35,7 @@ from common import ckpt, lora_file, memory, noise, preflight, sp
 from common import dist as cdist
 from common import run as run_folder
 from common.args import UserError, cli, parse, prompts_from
-from common.fsdp import clean_name, gather_params, load_full_state_dict, parallelize
+from common.fsdp import clean_name, fsdp_mesh, gather_params, load_full_state_dict, parallelize
 from common.log import RunLog
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb, pinned_gb, reset_peak_memory
 from common.prefetch import prefetch
@@ -1418,6 +1418,7 @@ class Args:
     ac_interval: int = 1  # with --ac: checkpoint every N-th block only (2: every other one): faster, more memory
     compile: bool = False  # torch.compile per block, in place
     sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    shard: int = 0  # FSDP2 shards each weight over N ranks, replicated across world/N (HSDP; 1: as DDP); 0 = all ranks
     preflight: bool = True  # before step 1, one forward + backward of the largest bucket (common/preflight.py)
     # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "Mochi on one GPU")
     base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
@@ -1618,9 +1619,9 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for m in norms:
         if next(m.parameters(), None) is not None:  # offloaded: a plain fp32 attribute, nothing for FSDP2
-            fully_shard(m, mp_policy=fp32)
+            fully_shard(m, mesh=fsdp_mesh(args.shard), mp_policy=fp32)
     parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile,
-                ac_interval=args.ac_interval)
+                ac_interval=args.ac_interval, shard=args.shard)
     if one_gpu:
         return model
     model.to_empty(device=device)
@@ -1732,7 +1733,7 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac,
-               ac_interval=args.ac_interval, compile=args.compile, dtype=str(compute_dtype),
+               ac_interval=args.ac_interval, shard=args.shard, compile=args.compile, dtype=str(compute_dtype),
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),

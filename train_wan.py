@@ -1946,6 +1946,7 @@ class Args:
     ac_interval: int = 1  # with --ac: checkpoint every N-th block only (2: every other one): faster, more memory
     compile: bool = False  # torch.compile per block, in place
     sp: int = 1  # sequence parallelism (Ulysses, common/sp.py): N consecutive ranks share each sample, split its tokens
+    shard: int = 0  # FSDP2 shards each weight over N ranks, replicated across world/N (HSDP; 1: as DDP); 0 = all ranks
     preflight: bool = True  # before step 1, one forward + backward of the largest bucket (common/preflight.py)
     # memory, for a LoRA on one GPU (common/float8.py, common/offload.py; README "Wan on one GPU: memory options")
     base_dtype: str = "auto"  # frozen base of the blocks: auto (compute dtype) | float8 (e4m3 + row scales: half bf16)
@@ -2251,7 +2252,7 @@ def build_dit(args, cfg, sd, device, compute_dtype, lora_alpha=None, sp_group=No
     if one_gpu:
         memory.prepare(model, [model.blocks], sd, device, compute_dtype, args)
     parallelize(model, model.blocks, compute_dtype, ac=args.ac, compile=args.compile,
-                ac_interval=args.ac_interval)
+                ac_interval=args.ac_interval, shard=args.shard)
     if one_gpu:  # common/memory.py: the weights are in already
         return model
     model.to_empty(device=device)
@@ -2434,7 +2435,7 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
     res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac,
-               ac_interval=args.ac_interval, compile=args.compile, dtype=str(compute_dtype),
+               ac_interval=args.ac_interval, shard=args.shard, compile=args.compile, dtype=str(compute_dtype),
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,
                mfu=flops / dt / peak if peak else None, loss=loss.item(), mem_gb=peak_memory_gb(device),

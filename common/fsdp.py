@@ -1,5 +1,13 @@
 """FSDP2 in every run, one process included (a shard degree of 1 still installs the mixed-precision policy),
-so the 1-GPU path and the 8-GPU path are the same code. The torchtitan order: AC -> compile -> fully_shard."""
+so the 1-GPU path and the 8-GPU path are the same code. The torchtitan order: AC -> compile -> fully_shard.
+
+--shard N (every script): each weight is sharded over N consecutive ranks and the world / N groups of them hold
+replicas (HSDP: FSDP2 on a 2-D mesh (replicate, shard)); gradients are reduce-scattered in a group and all-reduced
+across groups, the same mean over all ranks. 0 (the default) = N = world: every rank holds 1/world. A LoRA of a
+model that fits one GPU is fastest at --shard 1 (every GPU holds the whole base, as DDP: no all-gather of the base
+in each forward and backward, only the adapters' gradients cross the network); a full fine-tune across nodes at
+--shard <GPUs per node> (the all-gathers stay inside a node). The math does not change: the tests compare losses
+and gradient norms with one process, and a checkpoint resumes at any other --shard or world size (DCP reshards)."""
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -7,6 +15,23 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common.offload import HostStack
+
+
+MESHES = {}  # shard degree -> its device mesh: built once a process (Wan 2.2's two experts share it)
+
+
+def fsdp_mesh(shard):
+    """The mesh fully_shard gets for --shard `shard` (common/sp.py data_parallel checks it divides the world):
+    None for 0 or the world size (FSDP2's default, every rank one shard), else (world / shard, shard) named
+    ("replicate", "shard") over consecutive ranks. Collective the first time (it makes process groups)."""
+    world = torch.distributed.get_world_size()
+    if not shard or shard == world:
+        return None
+    if shard not in MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+        MESHES[shard] = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world // shard, shard),
+                                         mesh_dim_names=("replicate", "shard"))
+    return MESHES[shard]
 
 
 PARKED = HostStack()  # one per process: the models parallelize() wraps share it (Wan 2.2's two experts, which take
@@ -49,7 +74,7 @@ def park_hidden_states(wrapper, block, stack):
     block.register_forward_pre_hook(to_device)
 
 
-def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False, ac_interval=1):
+def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False, ac_interval=1, shard=0):
     """Wrap each block of `blocks` (an nn.ModuleList inside `model`, or a list of them, e.g. HunyuanVideo's
     [double_blocks, single_blocks]) with activation checkpointing (ac 1; ac 2: with the saved block inputs in CPU
     memory, park_hidden_states); with ac_interval N only every N-th block (0, N, 2N, ... counted over all the lists:
@@ -57,7 +82,9 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
     compile it in place (optional; in place means no `_orig_mod.` in any key) and shard it; then shard the root.
     Blocks compute in `compute_dtype`; the root (embeddings, time MLP, head) computes in fp32, which keeps the
     models' fp32 islands exact. Gradients are reduced in fp32. Inputs are not cast on the way in
-    (cast_forward_inputs=False): the models cast explicitly, so the fp32 residual stream stays fp32."""
+    (cast_forward_inputs=False): the models cast explicitly, so the fp32 residual stream stays fp32. shard: --shard
+    (fsdp_mesh: 0 = over all ranks; N: over N ranks, replicated across the world / N groups)."""
+    mesh = fsdp_mesh(shard)
     block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     lists = [blocks] if isinstance(blocks, torch.nn.ModuleList) else list(blocks)
@@ -82,8 +109,8 @@ def parallelize(model, blocks, compute_dtype=torch.bfloat16, ac=0, compile=False
             elif compile:
                 block.compile(dynamic=False)
             blist.register_module(str(i), block)
-            fully_shard(block, mp_policy=block_mp)
-    fully_shard(model, mp_policy=root_mp)
+            fully_shard(block, mesh=mesh, mp_policy=block_mp)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)
     return model
 
 

@@ -49,6 +49,9 @@ def data_parallel(args, rank, world, heads):
     if world % args.sp or heads % args.sp:
         raise UserError(f"--sp {args.sp} must divide the number of processes ({world}) and the model's {heads} "
                         "attention heads")
+    if args.shard < 0 or (args.shard and world % args.shard):
+        raise UserError(f"--shard {args.shard} must divide the number of processes ({world}): each weight is sharded "
+                        "over that many ranks and replicated over the groups of them (0 = all ranks)")
     group = new_groups(args.sp)
     dp_rank, dp_world = rank // args.sp, world // args.sp
     micro = args.micro_batch or args.global_batch // dp_world

@@ -156,6 +156,21 @@ def check_resume_across_world_sizes(run, toy, tmp_path, pairs=((1, 2), (2, 1)), 
                 (first, then, s, a[s], b[s])
 
 
+def check_replicated_shards_agree_and_resume(run, toy, tmp_path, steps=6):
+    """--shard 1 on 2 processes (HSDP, a (2, 1) mesh: each rank holds every weight, as DDP) to step 3: losses and
+    gradient norms equal 1 process's; its checkpoint resumes on the same 2 processes fully sharded (--shard 0, a
+    1-D mesh: DCP reshards) to `steps`, still equal."""
+    run(toy, tmp_path / "one", "--max_steps", str(steps))
+    out = tmp_path / "hsdp"
+    p = run(toy, out, "--max_steps", "3", "--ckpt_every", "3", "--shard", "1", nproc=2)
+    run(toy, out, "--max_steps", str(steps), "--resume", "1", nproc=2)
+    a, b = records(tmp_path / "one"), records(out)
+    assert sorted(b) == list(range(1, steps + 1)), sorted(b)
+    for s in range(1, steps + 1):
+        assert close(a[s]["loss"], b[s]["loss"]) and close(a[s]["grad_norm"], b[s]["grad_norm"], 1e-3), (s, a[s], b[s])
+    return p
+
+
 def check_run_folder_is_never_another_runs(run, toy, tmp_path, changed, says):
     """A second run in a run's folder is refused (exit 2, pointing to --resume 1); --resume 1 with the `changed`
     flags is refused, its error naming each change in `says`; the folder's checkpoint is untouched."""

@@ -209,3 +209,32 @@ def test_mfu_peak_is_the_cards_own(monkeypatch, name, tflops):
     got = device_peak_flops(torch.device("cuda"))
     assert got == (tflops * 1e12 if tflops else None)
     assert device_peak_flops(torch.device("cuda"), 100.0) == 100e12  # --peak_tflops wins
+
+
+def _hsdp_rank():
+    import torch.distributed as dist
+    from common import fsdp
+    world = dist.get_world_size()
+    for shard, ndim, local in ((1, 2, (8, 4)), (0, 1, (4, 4)), (2, 1, (4, 4))):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 8)]))
+        fsdp.parallelize(m, m[0], torch.float32, shard=shard)
+        w = m[0][0].weight
+        assert w.device_mesh.ndim == ndim and tuple(w.to_local().shape) == local, (shard, w.device_mesh, w.shape)
+        assert tuple(w.shape) == (8, 4)
+    assert fsdp.fsdp_mesh(1) is fsdp.fsdp_mesh(1) and fsdp.fsdp_mesh(world) is None  # one mesh a degree
+
+
+def test_shard_degree_is_the_mesh():
+    """--shard (common/fsdp.py): 1 on 2 processes is a (2, 1) mesh where each rank holds the whole weight (HSDP as
+    DDP); 0 and the world size are FSDP2's 1-D mesh, each rank half. A degree that does not divide the world is a
+    UserError of common/sp.py data_parallel, before any work. (The end-to-end math: tests/test_wan_train.py.)"""
+    from common import sp
+    from tests.procs import spawn_gloo
+    spawn_gloo(_hsdp_rank)
+    from types import SimpleNamespace
+    base = dict(sp=1, micro_batch=1, global_batch=4, mode="train")
+    with pytest.raises(UserError, match=r"--shard 3 must divide the number of processes \(4\)"):
+        sp.data_parallel(SimpleNamespace(shard=3, **base), 0, 4, 8)
+    with pytest.raises(UserError, match="--shard -1"):
+        sp.data_parallel(SimpleNamespace(shard=-1, **base), 0, 4, 8)

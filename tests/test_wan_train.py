@@ -35,6 +35,10 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+def test_replicated_shards_agree_and_resume_fully_sharded(toy, tmp_path):
+    checks.check_replicated_shards_agree_and_resume(run, toy, tmp_path)
+
+
 def test_resume_across_world_sizes(toy, tmp_path):
     """1 process to step 3, then 2 from there (and 2 -> 1): weights, optimizer and data position carry over, and the
     losses and gradient norms equal an uninterrupted 1-process run (each step's samples do not depend on the
