@@ -652,21 +652,124 @@ class CausalVideoAutoencoder(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, latents, timestep=0.05, noise_scale=0.0, generator=None, clamp=True):
+    def decode(self, latents, timestep=0.05, noise_scale=0.0, generator=None, clamp=True, tone_map=0.0):
         """normalised latents (B, 128, f, h, w) -> video (B, 3, 1 + 8(f-1), 32h, 32w) fp32, clamped to [-1, 1].
         timestep: the decoder's conditioning (the official configs decode at 0.05). noise_scale: the pipeline's
         decode noise, z <- (1 - s) z + s eps on the NORMALISED latents, before the statistics are undone (its configs
-        use 0.025); 0 = none. (diffusers' LTXPipeline adds it after denormalising: noise x std-of-means.)"""
+        use 0.025); 0 = none. (diffusers' LTXPipeline adds it after denormalising: noise x std-of-means.) tone_map:
+        the pipeline's tone_map_compression_ratio (the 13B distilled config's second pass: 0.6), after the noise."""
         z = latents.float()  # (B, 128, f, h, w), the DiT's space
         if noise_scale:
             eps = torch.randn(z.shape, generator=generator, device="cpu").to(z.device)
             z = (1 - noise_scale) * z + noise_scale * eps
+        if tone_map:
+            z = tone_map_latents(z, tone_map)
         mean, std = self._stats()
         z = z * std + mean
         dt = self.decoder.conv_in.conv.weight.dtype
         t = torch.full((z.shape[0],), float(timestep), device=z.device, dtype=dt)
         x = self.decoder(z.to(dt), t).float()
         return x.clamp(-1, 1) if clamp else x
+
+
+def tone_map_latents(z, compression):
+    """The pipeline's tone mapping (LTXVideoPipeline.tone_map_latents): each value scaled by
+    1 - 0.8 a sigmoid(4 a (|z| - 1)), a = 0.75 compression: large values are pulled in, small ones kept."""
+    if not 0 <= compression <= 1:
+        raise ValueError(f"tone map compression {compression}: expected a value in [0, 1]")
+    a = 0.75 * compression
+    return z * (1 - 0.8 * a * torch.sigmoid(4 * a * (z.abs() - 1)))
+
+
+# -----------------------------------------------------------------------------------------------------
+# Latent upsampler (ltxv-spatial-upscaler-0.9.7 / -0.9.8.safetensors; ltx_video/models/autoencoders/
+# latent_upsampler.py), inference only: the second model of the multi-scale pipeline. It doubles the latent grid
+# (h, w -> 2h, 2w; a temporal variant doubles f - 1) in the VAE's RAW latent space (the per-channel statistics
+# undone), so that a second DiT pass can refine a first pass made at a smaller size:
+#   initial_conv -> GroupNorm(32) -> SiLU -> res_blocks -> upsampler.0 (a conv to 4x (2x, 8x) the channels) and a
+#   pixel shuffle -> post_upsample_res_blocks -> final_conv. Keys as the file stores them; its config is a JSON string
+#   in the safetensors metadata ("config"), as upstream reads it.
+
+
+@dataclass
+class UpsamplerConfig:
+    in_channels: int = 128  # the VAE's latent channels
+    mid_channels: int = 512
+    num_blocks_per_stage: int = 4
+    dims: int = 3  # 3: Conv3d blocks (upstream's and diffusers' default); 2: every conv per frame (Conv2d)
+    spatial_upsample: bool = True
+    temporal_upsample: bool = False
+
+
+class UpsamplerResBlock(nn.Module):
+    def __init__(self, c, dims):
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.conv1, self.norm1 = conv(c, c, 3, padding=1), nn.GroupNorm(32, c)
+        self.conv2, self.norm2 = conv(c, c, 3, padding=1), nn.GroupNorm(32, c)
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv1(x)))
+        return F.silu(self.norm2(self.conv2(h)) + x)  # the activation after the residual sum, as upstream
+
+
+def shuffle_up(x, pt, ps):
+    """(B, C pt ps ps, f, h, w) -> (B, C, f pt, h ps, w ps): the channel index is c pt ps ps + i ps ps + j ps + k for
+    the sub-position (i, j, k) in (time, height, width), upstream's PixelShuffleND."""
+    B, C, f, h, w = x.shape
+    x = x.view(B, C // (pt * ps * ps), pt, ps, ps, f, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, -1, f * pt, h * ps, w * ps)
+
+
+class LatentUpsampler(nn.Module):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or UpsamplerConfig()
+        if not (cfg.spatial_upsample or cfg.temporal_upsample) or (cfg.dims == 2 and cfg.temporal_upsample):
+            raise ValueError(f"latent upsampler {cfg}: expected a spatial and/or temporal upsample (temporal: dims 3)")
+        conv = nn.Conv3d if cfg.dims == 3 else nn.Conv2d
+        c, m = cfg.in_channels, cfg.mid_channels
+        self.initial_conv, self.initial_norm = conv(c, m, 3, padding=1), nn.GroupNorm(32, m)
+        self.res_blocks = nn.ModuleList(UpsamplerResBlock(m, cfg.dims) for _ in range(cfg.num_blocks_per_stage))
+        # spatial only: a per-frame Conv2d (also in a dims-3 model); with time: a Conv3d
+        pt, ps = (2 if cfg.temporal_upsample else 1), (2 if cfg.spatial_upsample else 1)
+        up = nn.Conv3d if cfg.temporal_upsample else nn.Conv2d
+        self.upsampler = nn.Sequential(up(m, pt * ps * ps * m, 3, padding=1))  # key upsampler.0 (.1: the shuffle)
+        self.post_upsample_res_blocks = nn.ModuleList(UpsamplerResBlock(m, cfg.dims)
+                                                      for _ in range(cfg.num_blocks_per_stage))
+        self.final_conv = conv(m, c, 3, padding=1)
+
+    def forward(self, z):
+        """RAW latents (B, C, f, h, w) -> (B, C, f, 2h, 2w) (temporal: 1 + 2(f - 1) frames, the first dropped as
+        upstream), in the weights' dtype."""
+        B = z.shape[0]
+        frames = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, C, f, h, w) -> (B f, C, h, w)
+        video = lambda x: x.unflatten(0, (B, -1)).transpose(1, 2)  # noqa: E731  and back
+        x = z.to(self.initial_conv.weight.dtype)
+        x = frames(x) if self.cfg.dims == 2 else x
+        x = F.silu(self.initial_norm(self.initial_conv(x)))
+        for blk in self.res_blocks:
+            x = blk(x)
+        if self.cfg.temporal_upsample:
+            x = shuffle_up(self.upsampler[0](x), 2, 2 if self.cfg.spatial_upsample else 1)[:, :, 1:]
+        elif self.cfg.dims == 3:
+            x = video(F.pixel_shuffle(self.upsampler[0](frames(x)), 2))
+        else:
+            x = F.pixel_shuffle(self.upsampler[0](x), 2)
+        for blk in self.post_upsample_res_blocks:
+            x = blk(x)
+        x = self.final_conv(x)
+        return video(x) if self.cfg.dims == 2 else x
+
+
+def adain_latents(z, ref):
+    """Each (sample, channel) of z given ref's mean and std over (f, h, w) (the pipeline's adain_filter_latent at
+    factor 1; torch.std_mean, the unbiased std). The multi-scale pipeline applies it to the upsampled latents with
+    the first pass's as ref."""
+    dims = (2, 3, 4)
+    r_std, r_mean = torch.std_mean(ref.float(), dim=dims, keepdim=True)
+    z_std, z_mean = torch.std_mean(z.float(), dim=dims, keepdim=True)
+    return (z.float() - z_mean) / z_std * r_std + r_mean
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1037,6 +1140,44 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
     return model.to(device).eval().requires_grad_(False)
 
 
+def upsampler_config_from(sd, path, meta=None):
+    """The upsampler's config: the JSON the file carries (upstream's from_pretrained reads metadata["config"]; a
+    diffusers folder's config.json has the same fields), else read off the tensor shapes."""
+    if meta:
+        fields = {f.name for f in dataclasses.fields(UpsamplerConfig)}
+        return UpsamplerConfig(**{k: v for k, v in meta.items() if k in fields})
+    w = sd.get("initial_conv.weight")
+    up = sd.get("upsampler.0.weight")
+    if w is None or up is None:
+        raise ValueError(f"{path}: no initial_conv.weight / upsampler.0.weight: not an LTX-Video latent upsampler")
+    m = w.shape[0]
+    mult = up.shape[0] // m  # 4: spatial, 2: temporal, 8: both
+    return UpsamplerConfig(in_channels=w.shape[1], mid_channels=m, dims=w.ndim - 2,
+                           num_blocks_per_stage=len({k.split(".")[1] for k in sd if k.startswith("res_blocks.")}),
+                           spatial_upsample=mult in (4, 8), temporal_upsample=mult in (2, 8))
+
+
+def load_upsampler(path, dtype=torch.float32, device="cpu"):
+    """The latent upsampler (eval, frozen) of ltxv-spatial-upscaler-*.safetensors, or of a diffusers folder
+    (config.json + diffusion_pytorch_model.safetensors, the same keys)."""
+    path = str(path)
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            meta = json.load(f)
+        sd = read_prefixed(safetensors_files(path, "diffusion_pytorch_model"), "", dtype)
+    else:
+        meta = json.loads(safetensors_header(path)[0].get("config", "null"))
+        sd = read_prefixed([path], "", dtype)
+    cfg = upsampler_config_from(sd, path, meta)
+    with torch.device("meta"):
+        model = LatentUpsampler(cfg)
+    expected = model.state_dict()
+    check_keys(expected.keys(), sd, path, hint="Expected an LTX-Video latent upsampler (ltxv-spatial-upscaler-*).")
+    check_shapes(expected, sd, path)
+    model.load_state_dict(sd, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_text_encoder(path, dtype=torch.bfloat16, device="cpu"):
     """T5-v1.1-XXL from a Hugging Face folder: the model root (text_encoder/ + tokenizer/, as PixArt-alpha's and
     Lightricks/LTX-Video's) or text_encoder/ itself (config.json + model*.safetensors, one file or shards) with the
@@ -1200,8 +1341,8 @@ def linear_quadratic_schedule(steps, threshold=0.025, linear_steps=None):
 
 # The distilled checkpoints (ltxv-13b-0.9.8-distilled, ltxv-2b-0.9.8-distilled) sample with a fixed list of timesteps,
 # no guidance and no STG (LTX-Video's 0.9.8-distilled configs, first pass; the final step goes to 0). Those configs
-# run it as the first pass of a multi-scale pipeline (a latent upsampler, then a second pass from 0.9094): that
-# second pass needs the upsampler model, which this file does not implement (README).
+# run it as the first pass of a multi-scale pipeline (a latent upsampler, then a second pass from 0.9094):
+# --sample_config ltxv-13b-0.9.8-distilled runs both; --sample_schedule distilled the first pass alone, at full size.
 DISTILLED_TIMESTEPS = (1.0, 0.9937, 0.9875, 0.9812, 0.9750, 0.9094, 0.7250)
 
 
@@ -1226,11 +1367,14 @@ def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
     return t
 
 
-def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None, keyframe=None):
+def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None, keyframe=None,
+             cfg_star=False):
     """One guided velocity, as the official pipeline combines them. context = (ctx (B,L,D), mask (B,L)); neg likewise
-    or None. CFG (only when g > 1): u + g (c - u). stg = (scale, skip blocks, rescale) or None: spatio-temporal
-    guidance adds scale * (c - p), p the conditional prediction with those blocks' self-attention replaced by its
-    values, and then matches the result's std to the conditional's by a factor r std(c)/std(v) + (1 - r) per sample.
+    or None. CFG (only when g > 1): u + g (c - u); with cfg_star (the 13B configs' cfg_star_rescale) u is first
+    replaced by its scaled copy closest to c, u <- (<c, u> / (|u|^2 + 1e-8)) u per sample. stg = (scale, skip
+    blocks, rescale) or None: spatio-temporal guidance adds scale * (c - p), p the conditional prediction with those
+    blocks' self-attention replaced by its values, and then matches the result's std to the conditional's by a
+    factor r std(c)/std(v) + (1 - r) per sample.
     cond_latent (B,C,1,H,W): image conditioning; its tokens are the clean latent with timestep 0. keyframe (z, p):
     the model's keyframe conditioning (e.g. the last frame), the same in every branch of the batch."""
     B, C, f, h, w = x.shape
@@ -1258,7 +1402,11 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
         for i in stg[1] if stg else ():
             model.transformer_blocks[i].attn1.stg_skip = 0
     cond = v[1] if cfg else v[0]
-    out = v[0] + guidance * (cond - v[0]) if cfg else cond
+    uncond = v[0]
+    if cfg and cfg_star:
+        c, u = cond.reshape(B, -1), uncond.reshape(B, -1)
+        uncond = uncond * ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).view(B, 1, 1, 1, 1)
+    out = uncond + guidance * (cond - uncond) if cfg else cond
     if stg:
         scale, _, r = stg
         out = out + scale * (cond - v[-1])
@@ -1272,11 +1420,14 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
 @torch.no_grad()
 def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1.0, (19,), 0.7),
                  sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None,
-                 renoise=None, keyframe=None, cond_noise=None):
+                 renoise=None, keyframe=None, cond_noise=None, timesteps=None, cfg_star=False, init=None):
     """The official first-order sampler (RectifiedFlowScheduler.step): x <- x - (t - t_next) v, from t = 1 (noise)
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
-    0.7). With cond_latent the first latent frame is the conditioning image's latent throughout (timestep 0); with
-    keyframe (z, p) the model attends to that keyframe's tokens at every step (first + last frame: both).
+    0.7). timesteps: the schedule itself (then steps / sampler / shifting / terminal are unused); guidance and stg
+    may be lists, one entry a step (the configs' per-timestep values, pass_plan). init: latents to start from, noised
+    to the first timestep, t0 noise + (1 - t0) init (the multi-scale pipeline's second pass). With cond_latent the
+    first latent frame is the conditioning image's latent throughout (timestep 0); with keyframe (z, p) the model
+    attends to that keyframe's tokens at every step (first + last frame: both).
     renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
     x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0.
     cond_noise = (scale, CPU generator) or None: the pipeline's image_cond_noise_scale (inference.py's default 0.15;
@@ -1284,9 +1435,14 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     keyframe) as clean + scale * eps * t^2, fresh eps each step, their timestep still 0; the result keeps the clean
     first frame (upstream's keeps the last step's, off by scale * t_last^2: 1e-4 at 40 steps)."""
     B, C, f, h, w = noise.shape
-    ts = sampling_sigmas(steps, sampler, f * h * w, shifting, terminal).tolist() + [0.0]
-    x = noise.float()
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    if timesteps is None:
+        timesteps = sampling_sigmas(steps, sampler, f * h * w, shifting, terminal).tolist()
+    ts = list(timesteps) + [0.0]
+    n = len(timesteps)
+    guidance = guidance if isinstance(guidance, (list, tuple)) else [guidance] * n
+    stg = stg if isinstance(stg, list) else [stg] * n
+    x = noise.float() if init is None else ts[0] * noise.float() + (1 - ts[0]) * init.float()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         c, k = cond_latent, keyframe
         if cond_noise is not None and cond_noise[0] > 0:
             scale, gen = cond_noise
@@ -1294,7 +1450,7 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
                 c = c + scale * t**2 * torch.randn(c.shape, generator=gen).to(c)
             if k is not None:
                 k = (k[0] + scale * t**2 * torch.randn(k[0].shape, generator=gen).to(k[0]), k[1])
-        v = velocity(model, x, t, context, neg, guidance, stg, frame_rate, c, k)
+        v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, k, cfg_star)
         if renoise is not None and t_next > 0:
             eps = torch.randn(x.shape, generator=renoise).to(x.device)
             x = (1 - t_next) * (x - t * v) + t_next * eps
@@ -1303,6 +1459,77 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     if cond_latent is not None:
         x = torch.cat([cond_latent.to(x), x[:, :, 1:]], dim=2)
     return x
+
+
+# The official sampling configs (LTX-Video configs/*.yaml: the fields sampling reads), for --sample_config NAME (or a
+# .json file of the same fields). "base": one pass. "multi-scale": first_pass at downscale_factor of the size (each
+# side floored to the VAE's stride), the latents doubled by the spatial upsampler (--sample_upscaler), matched to
+# the first pass's statistics (adain), then second_pass at twice the first pass's size from its first timestep, and
+# the decoded video resized (bilinear) to the asked size. A pass gives its schedule as `timesteps`, or as
+# num_inference_steps of the checkpoint's schedule (--sample_schedule, default the header's) less
+# skip_initial / skip_final_inference_steps; guidance_scale, stg_scale and rescaling_scale are numbers or lists
+# picked per step by guidance_timesteps (pass_plan), skip_block_list one list or a list of lists.
+_LTX_DECODE = dict(decode_timestep=0.05, decode_noise_scale=0.025, stg_mode="attention_values")
+_DISTILLED_098 = dict(pipeline_type="multi-scale", downscale_factor=0.6666666, **_LTX_DECODE,
+                      first_pass=dict(timesteps=[1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725],
+                                      guidance_scale=1, stg_scale=0, rescaling_scale=1, skip_block_list=[42]),
+                      second_pass=dict(timesteps=[0.9094, 0.725, 0.4219], guidance_scale=1, stg_scale=0,
+                                       rescaling_scale=1, skip_block_list=[42]))
+SAMPLE_CONFIGS = {
+    "ltxv-2b-0.9.6-dev": dict(pipeline_type="base", guidance_scale=3, stg_scale=1, rescaling_scale=0.7,
+                              skip_block_list=[19], num_inference_steps=40, **_LTX_DECODE),
+    "ltxv-2b-0.9.6-distilled": dict(pipeline_type="base", guidance_scale=1, stg_scale=0, rescaling_scale=1,
+                                    num_inference_steps=8, stochastic_sampling=True, **_LTX_DECODE),
+    "ltxv-13b-0.9.8-dev": dict(
+        pipeline_type="multi-scale", downscale_factor=0.6666666, **_LTX_DECODE,
+        first_pass=dict(guidance_scale=[1, 1, 6, 8, 6, 1, 1], stg_scale=[0, 0, 4, 4, 4, 2, 1],
+                        rescaling_scale=[1, 1, 0.5, 0.5, 1, 1, 1],
+                        guidance_timesteps=[1.0, 0.996, 0.9933, 0.9850, 0.9767, 0.9008, 0.6180],
+                        skip_block_list=[[], [11, 25, 35, 39], [22, 35, 39], [28], [28], [28], [28]],
+                        num_inference_steps=30, skip_final_inference_steps=3, cfg_star_rescale=True),
+        second_pass=dict(guidance_scale=[1], stg_scale=[1], rescaling_scale=[1], guidance_timesteps=[1.0],
+                         skip_block_list=[27], num_inference_steps=30, skip_initial_inference_steps=17,
+                         cfg_star_rescale=True)),
+    "ltxv-13b-0.9.8-distilled": {**_DISTILLED_098, "second_pass": {**_DISTILLED_098["second_pass"],
+                                                                   "tone_map_compression_ratio": 0.6}},
+    "ltxv-2b-0.9.8-distilled": _DISTILLED_098,
+}
+UPSCALER_FILE = "ltxv-spatial-upscaler-0.9.8.safetensors"  # the configs' spatial_upscaler_model_path
+
+
+def pass_timesteps(p, schedule, n_tokens):
+    """One pass's timesteps (python floats, fp32 values): its `timesteps`, or num_inference_steps of
+    sampling_sigmas(schedule = (sampler, shifting, terminal), n_tokens of this pass) with the first
+    skip_initial_inference_steps and the last skip_final_inference_steps left out (retrieve_timesteps); the
+    sampler steps from the last of them to 0."""
+    if "timesteps" in p:
+        return torch.tensor(p["timesteps"], dtype=torch.float32).tolist()
+    n = p["num_inference_steps"]
+    a, b = p.get("skip_initial_inference_steps", 0), p.get("skip_final_inference_steps", 0)
+    if a < 0 or b < 0 or a + b >= n:
+        raise ValueError(f"skip_initial_inference_steps {a} + skip_final_inference_steps {b}: must be >= 0 and "
+                         f"together fewer than num_inference_steps {n}")
+    return sampling_sigmas(n, *schedule, n_tokens)[a: n - b].tolist()
+
+
+def pass_plan(p, ts):
+    """-> (guidance, stg), one entry per timestep of ts, as the pipeline spreads a pass's values: a number applies
+    at every step; a list is indexed per step by guidance_timesteps, the first entry <= t (else the last one).
+    skip_block_list: one list of blocks for every step, or a list of lists indexed the same way. stg entries:
+    (stg_scale, blocks, rescaling_scale), None where stg_scale is 0."""
+    gt = torch.tensor(p["guidance_timesteps"], dtype=torch.float32).tolist() if p.get("guidance_timesteps") else None
+    idx = [next((j for j, g in enumerate(gt) if g <= t), len(gt) - 1) for t in ts] if gt else None
+
+    def per_step(v, nested=False):
+        if not isinstance(v, list) or (nested and not (v and isinstance(v[0], list))):
+            return [v] * len(ts)
+        if idx is None:
+            raise ValueError(f"a per-timestep list {v} needs guidance_timesteps")
+        return [v[j] for j in idx]
+    g = [float(x) for x in per_step(p.get("guidance_scale", 1.0))]
+    scale, rescale = per_step(p.get("stg_scale", 0.0)), per_step(p.get("rescaling_scale", 1.0))
+    blocks = per_step(p.get("skip_block_list", []), nested=True)
+    return g, [(float(s), tuple(b), float(r)) if s > 0 else None for s, b, r in zip(scale, blocks, rescale)]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1381,6 +1608,8 @@ class Args:
     sample_rescale: float = 0.7  # the guidance rescaling of the official configs (with STG)
     sample_schedule: str = "checkpoint"  # checkpoint (header) | LinearQuadratic | Uniform | distilled (no CFG/STG)
     sample_stochastic: bool = False  # re-noise between steps (the 0.9.6-distilled config's stochastic sampling)
+    sample_config: str = ""  # an official config (ltxv-13b-0.9.8-dev, ...) or its .json: replaces --sample_*/--decode_*
+    sample_upscaler: str = ""  # the multi-scale configs' latent upsampler (default: ltxv-spatial-upscaler-0.9.8 there)
     sample_cond_noise: float = 0.15  # noise on the image / keyframe latents, x t^2 each step (inference.py's default)
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     decode_timestep: float = 0.05  # the VAE decoder's timestep (the official configs)
@@ -1447,6 +1676,10 @@ def check_args(args):
     except ValueError:
         stg_blocks = None
     need(stg_blocks is not None, f"--sample_stg_blocks {args.sample_stg_blocks!r}: expected block numbers like 19,20")
+    need(not args.sample_config or args.sample_config in SAMPLE_CONFIGS or os.path.isfile(args.sample_config),
+         f"--sample_config {args.sample_config!r}: expected one of {', '.join(SAMPLE_CONFIGS)} or a .json file")
+    need(not (args.sample_config and args.sample_schedule == "distilled"), "--sample_schedule distilled is the "
+         "distilled configs' first pass; with --sample_config the config's own timesteps apply: pass one of them")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
     for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_last_image"):
@@ -1502,7 +1735,9 @@ def toy_encoders(cfg):
         x = words(prompts)  # (B, 32, D) zero-padded after the <end> row
         n = int((x.abs().sum(-1) > 0).sum(1).max())
         return x[:, :n]
-    return (lambda v: patchify(v, 4)), (lambda z: unpatchify(z.float(), 4).clamp(-1, 1)), enc_t, \
+    def dec_v(z, tone_map=0.0):
+        return unpatchify(tone_map_latents(z.float(), tone_map) if tone_map else z.float(), 4).clamp(-1, 1)
+    return (lambda v: patchify(v, 4)), dec_v, enc_t, \
         {**settings, "model": "ltx-toy", "vae": "pixels-4x4"}
 
 
@@ -1545,8 +1780,9 @@ def build_encoders(args, cfg, device, video=True, text=True):
     if video:
         vae = load_vae(ckpt_file(args), dtype=torch.float32, device=device)  # fp32, as the tests check it
         enc_v = lambda v: vae.encode(v.to(device)).cpu()  # noqa: E731
-        dec_v = lambda z: vae.decode(z.float().to(device), args.decode_timestep, args.decode_noise,  # noqa: E731
-                                     generator=torch.Generator().manual_seed(args.seed))
+        dec_v = lambda z, tone_map=0.0: vae.decode(z.float().to(device), args.decode_timestep,  # noqa: E731
+                                                   args.decode_noise, torch.Generator().manual_seed(args.seed),
+                                                   tone_map=tone_map)
     if text:
         te = load_text_encoder(args.text_encoder or args.ckpt_dir, device=device,
                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -1726,53 +1962,163 @@ def sample_schedule(args):
     return sch.get("sampler", "Uniform"), shifting, sch.get("target_shift_terminal")
 
 
+def sample_config(args):
+    """The sampling recipe: --sample_config (an official config by name, SAMPLE_CONFIGS, or a .json file of the same
+    fields), or one pass made of the --sample_* and --decode_* flags."""
+    if args.sample_config in SAMPLE_CONFIGS:
+        return SAMPLE_CONFIGS[args.sample_config]
+    if args.sample_config:
+        with open(args.sample_config) as f:
+            return json.load(f)
+    c = dict(pipeline_type="base", num_inference_steps=args.sample_steps, guidance_scale=args.sample_guidance,
+             stg_scale=args.sample_stg, rescaling_scale=args.sample_rescale,
+             skip_block_list=[int(b) for b in args.sample_stg_blocks.split(",") if b.strip()],
+             stochastic_sampling=args.sample_stochastic, decode_timestep=args.decode_timestep,
+             decode_noise_scale=args.decode_noise)
+    if args.sample_schedule == "distilled":  # the distilled configs' first pass: no CFG, no STG, their timesteps
+        c.update(timesteps=list(DISTILLED_TIMESTEPS), guidance_scale=1.0, stg_scale=0.0)
+    return c
+
+
+def sample_passes(args, conf):
+    """[(pass, (height, width))]: one pass at the asked size, or a multi-scale config's two (the first at
+    downscale_factor of each side, floored to the encoder's stride; the second at twice that)."""
+    if conf.get("pipeline_type", "base") != "multi-scale":
+        return [(conf, (args.height, args.width))]
+    s = LATENT_STRIDE[args.encoders][1]
+    h, w = (int(n * conf["downscale_factor"]) // s * s for n in (args.height, args.width))
+    if not (h and w):
+        raise UserError(f"--height {args.height} --width {args.width}: too small for the multi-scale pipeline (its "
+                        f"first pass is {conf['downscale_factor']:.3f} of each side, a multiple of {s})")
+    return [(conf["first_pass"], (h, w)), (conf["second_pass"], (2 * h, 2 * w))]
+
+
+def upscaler_file(args):
+    """--sample_upscaler, or the release's file beside the --ckpt_dir file (or in the folder)."""
+    if args.sample_upscaler:
+        return args.sample_upscaler
+    base = args.ckpt_dir if os.path.isdir(args.ckpt_dir) else os.path.dirname(args.ckpt_dir)
+    return os.path.join(base, UPSCALER_FILE)
+
+
+def latent_stats(args):
+    """(mean, std), each (1, C, 1, 1, 1), of the VAE's per-channel latent statistics: the upsampler works on raw
+    latents. The toy encoders have none: (0, 1)."""
+    if args.encoders == "toy":
+        return 0.0, 1.0
+    path, pre = ckpt_file(args), "per_channel_statistics."
+    sd = (read_vae_checkpoint(path)[1] if os.path.isdir(path) else
+          {pre + k: v for k, v in read_prefixed([path], VAE_PREFIX + pre).items()})
+    return tuple(sd[pre + k].float().view(1, -1, 1, 1, 1) for k in ("mean-of-means", "std-of-means"))
+
+
+def upsample_latents(up, z, stats):
+    """The multi-scale pipeline between its passes: normalised latents -> raw -> the upsampler -> normalised ->
+    each (sample, channel) given the statistics of z (adain, factor 1)."""
+    mean, std = stats
+    x = up(z.float() * std + mean).float()
+    return adain_latents((x - mean) / std, z)
+
+
+def check_sample_config(args, cfg):
+    """The sampling recipe's mistakes as one UserError, before any work (only when there are prompts to sample):
+    a config that does not parse, STG on blocks the DiT lacks, a multi-scale config without its upsampler file."""
+    if not prompts_from(args.sample_prompts):
+        return
+    src = f"--sample_config {args.sample_config}" if args.sample_config else "--sample_stg_blocks " + \
+        args.sample_stg_blocks
+    try:
+        conf = sample_config(args)
+        passes = sample_passes(args, conf)
+        bad = set()
+        for p, (h, w) in passes:
+            shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), args.sample_frames or args.frames)
+            _, stg = pass_plan(p, pass_timesteps(p, sample_schedule(args), shape[1] * shape[2] * shape[3]))
+            bad |= {b for st in stg if st for b in st[1] if not 0 <= b < cfg.num_layers}
+        if bad:
+            raise UserError(f"{src}: STG on block(s) {sorted(bad)}: the DiT has {cfg.num_layers} blocks")
+    except (ValueError, KeyError, TypeError) as e:  # a .json with a field missing or of the wrong kind
+        raise UserError(f"{src}: {type(e).__name__} {e}") from None
+    if len(passes) > 1 and not os.path.isfile(upscaler_file(args)):
+        raise UserError(f"{src} is multi-scale: its latent upsampler {upscaler_file(args)} is not there (pass "
+                        "--sample_upscaler, the ltxv-spatial-upscaler-0.9.8.safetensors file)")
+
+
 def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     """One video per --sample_prompts prompt, seeded by (seed, prompt index), through the official sampler with
-    guidance against `negative` (--sample_image as the first frame, --sample_last_image as a keyframe at the last).
-    Collective; rank 0 decodes and writes samples/step_XXXXXXXX_i.mp4."""
+    guidance against `negative` (--sample_image as the first frame, --sample_last_image as a keyframe at the last),
+    in one pass or the two of a multi-scale --sample_config. Collective; rank 0 decodes and writes
+    samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
-    enc_v, decode, _ = build_encoders(args, cfg, device, video=True, text=False) if rank == 0 else (None, None, None)
+    conf = sample_config(args)
+    passes = sample_passes(args, conf)
+    dargs = dataclasses.replace(args, decode_timestep=conf.get("decode_timestep", args.decode_timestep),
+                                decode_noise=conf.get("decode_noise_scale", args.decode_noise))
+    enc_v, decode, _ = build_encoders(dargs, cfg, device, video=True, text=False) if rank == 0 else (None, None, None)
+    up = stats = None
+    if len(passes) > 1 and rank == 0:
+        up = load_upsampler(upscaler_file(args), device=device)
+        stats = tuple(s.to(device) if torch.is_tensor(s) else s for s in latent_stats(args))
     was_training = model.training
     model.eval()
-    sampler, shifting, terminal = sample_schedule(args)
-    stg_blocks = tuple(int(b) for b in args.sample_stg_blocks.split(",") if b.strip())
-    stg = (args.sample_stg, stg_blocks, args.sample_rescale) if args.sample_stg > 0 else None
-    guidance, steps = args.sample_guidance, args.sample_steps
-    if sampler == "distilled":  # the distilled configs: no CFG, no STG, their own timesteps
-        guidance, stg, steps = 1.0, None, len(DISTILLED_TIMESTEPS)
+    schedule = sample_schedule(args)
     frames = args.sample_frames or args.frames
-    shape = latent_shape(cfg, args, frames)
-    ts = sampling_sigmas(steps, sampler, shape[1] * shape[2] * shape[3], shifting, terminal)
-    cdist.print0("sample schedule: " + json.dumps(dict(sampler=sampler, timesteps=[round(t, 6) for t in ts.tolist()],
-                                                       guidance=guidance, stg=stg and stg[0],
-                                                       stochastic=args.sample_stochastic)))
-    def encode_image(path):  # resized and centre-cropped to the sample's size, encoded alone by rank 0, broadcast
+    stochastic = conf.get("stochastic_sampling", False)
+    plans = []  # per pass: (latent shape, timesteps, guidance, stg, cfg_star)
+    for k, (p, (h, w)) in enumerate(passes):
+        shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), frames)
+        ts = pass_timesteps(p, schedule, shape[1] * shape[2] * shape[3])
+        g, stg = pass_plan(p, ts)
+        plans.append((shape, ts, g, stg, bool(p.get("cfg_star_rescale", False))))
+        cdist.print0("sample schedule: " + json.dumps({
+            "pass": k + 1, "size": [h, w], "timesteps": [round(t, 6) for t in ts], "guidance": g,
+            "stg": [st and st[0] for st in stg], "stg_blocks": sorted({b for st in stg if st for b in st[1]}),
+            "cfg_star": plans[-1][4], "stochastic": stochastic}))
+
+    def encode_image(path, size):  # resized and centre-cropped to the asked size, resized to the pass's (as the
+        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), frames)  # pipeline)
         z = torch.zeros(1, shape[0], 1, *shape[2:])
         if rank == 0:
             img = read_clip(path, 0.0, 1, args.fps, (args.height, args.width))  # (3, 1, H, W)
+            if tuple(size) != (args.height, args.width):
+                img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
+                img = img.transpose(0, 1)
             z = enc_v(img[None].float()).float()
         z = z.to(device)
         torch.distributed.broadcast(z, 0)
         return z
-    cond = encode_image(args.sample_image) if args.sample_image else None  # the first latent frame, in place
-    keyframe = (encode_image(args.sample_last_image), last_frame_index(shape[1])) if args.sample_last_image else None
+    conds = [encode_image(args.sample_image, size) if args.sample_image else None for _, size in passes]
+    keyframes = [(encode_image(args.sample_last_image, size), last_frame_index(plan[0][1]))
+                 if args.sample_last_image else None for (_, size), plan in zip(passes, plans)]
     paths = []
-    for i, p in enumerate(prompts_from(args.sample_prompts)):
-        x = noise.randn(shape, args.seed, "sample", i)[None].to(device)  # CPU noise: the same on every device
-        ctx, neg = text_ctx[p][None].to(device).float(), text_ctx[negative][None].to(device).float()
+    for i, prompt in enumerate(prompts_from(args.sample_prompts)):
+        ctx, neg = text_ctx[prompt][None].to(device).float(), text_ctx[negative][None].to(device).float()
         context = (ctx, torch.ones(1, ctx.shape[1], device=device))
         neg_context = (neg, torch.ones(1, neg.shape[1], device=device))
         L = max(ctx.shape[1], neg.shape[1])  # one batch for cond and uncond: pad the shorter, mask its padding
         context, neg_context = ((F.pad(c, (0, 0, 0, L - c.shape[1])), F.pad(m, (0, L - m.shape[1])))
                                 for c, m in (context, neg_context))
-        z = sample_euler(model, x, context, neg_context, steps=steps, guidance=guidance,
-                         stg=stg, sampler=sampler, shifting=shifting, terminal=terminal, frame_rate=float(args.fps),
-                         cond_latent=cond, renoise=noise.generator(args.seed, "renoise", i) if args.sample_stochastic
-                         else None, keyframe=keyframe, cond_noise=(args.sample_cond_noise,
-                                                                   noise.generator(args.seed, "cond_noise", i)))
+        z = None
+        for k, (shape, ts, g, stg, cfg_star) in enumerate(plans):
+            key = ("sample", i) if k == 0 else ("sample", i, "pass", k + 1)  # CPU noise: the same on every device
+            x = noise.randn(shape, args.seed, *key)[None].to(device)
+            init = None
+            if k:  # the upsampled first pass, made by rank 0
+                init = torch.zeros(x.shape, device=device)
+                if rank == 0:
+                    init = upsample_latents(up, z, stats)
+                torch.distributed.broadcast(init, 0)
+            z = sample_euler(model, x, context, neg_context, timesteps=ts, guidance=g, stg=stg, cfg_star=cfg_star,
+                             frame_rate=float(args.fps), cond_latent=conds[k], init=init, keyframe=keyframes[k],
+                             renoise=noise.generator(args.seed, "renoise", *key[1:]) if stochastic else None,
+                             cond_noise=(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key[1:])))
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
-            write_video(paths[-1], decode(z)[0].float().cpu(), args.fps)
+            video = decode(z, tone_map=passes[-1][0].get("tone_map_compression_ratio", 0.0))[0].float().cpu()
+            if video.shape[-2:] != (args.height, args.width):  # the multi-scale pipeline's last resize
+                video = F.interpolate(video.transpose(0, 1), size=(args.height, args.width), mode="bilinear",
+                                      align_corners=False).transpose(0, 1)
+            write_video(paths[-1], video, args.fps)
     model.train(was_training)
     return paths
 
@@ -1875,9 +2221,7 @@ def main(argv=None):
     sp_group, dp_rank, dp_world, micro, accum = sp.data_parallel(args, rank, world, cfg.num_attention_heads)
     compute_dtype = torch.float32 if args.dtype == "fp32" or (args.dtype == "auto" and device.type == "cpu") \
         else torch.bfloat16
-    bad = [b for b in args.sample_stg_blocks.split(",") if b.strip() and int(b) >= cfg.num_layers]
-    if args.sample_stg > 0 and args.sample_schedule != "distilled" and prompts_from(args.sample_prompts) and bad:
-        raise UserError(f"--sample_stg_blocks {args.sample_stg_blocks}: the DiT has {cfg.num_layers} blocks")
+    check_sample_config(args, cfg)
     print0(f"ltx: {args.mode} preset={args.preset} world={world} device={device} compute={compute_dtype} "
            f"batch={args.global_batch} (micro {micro} x {dp_world} ranks x {accum} accumulation)"
            + (f", sequence parallel: {args.sp} ranks a sample" if args.sp > 1 else ""))

@@ -107,6 +107,53 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     assert (d - c).abs().float().mean() > 0.01
 
 
+def sample_video(out):
+    """The one sample of a --mode sample run in `out`: its frames (F, H, W, 3) uint8, read whole (no resize)."""
+    import av
+    with av.open(str(out / "samples" / "step_00000000_0.mp4")) as f:
+        return torch.stack([torch.from_numpy(fr.to_ndarray(format="rgb24")) for fr in f.decode(video=0)])
+
+
+def test_sample_configs_through_main(folder, tmp_path):
+    """--sample_config: a .json of the official fields that says what the flags say gives the flags' sample; a
+    multi-scale one samples its first pass at 2/3 of each side (floored to 32), doubles the latents with the
+    upsampler (--sample_upscaler: a test-made ltxv-spatial-upscaler file), samples the second pass at twice the
+    first from the tail of its schedule, and resizes the decoded video to the asked size."""
+    from tests.test_ltx_multiscale import reference
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors"],
+                            os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), folder["cache"], 9, "--fps", "16",
+                            "--sample_stg_blocks", "1")
+    ltx(*s, "--out_dir", str(tmp_path / "flags"))
+    base = dict(pipeline_type="base", num_inference_steps=3, guidance_scale=3, stg_scale=1, rescaling_scale=0.7,
+                skip_block_list=[1], decode_timestep=0.05, decode_noise_scale=0.0)
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    ltx(*s, "--out_dir", str(tmp_path / "base"), "--sample_config", str(tmp_path / "base.json"))
+    assert torch.equal(sample_video(tmp_path / "flags"), sample_video(tmp_path / "base"))
+
+    up = reference(dict(dims=3, spatial_upsample=True, temporal_upsample=False), in_channels=8, mid_channels=32)
+    save_file({k: v.contiguous() for k, v in up.state_dict().items()}, tmp_path / "up.safetensors",
+              metadata={"config": json.dumps(dict(in_channels=8, mid_channels=32, num_blocks_per_stage=2, dims=3,
+                                                  spatial_upsample=True, temporal_upsample=False))})
+    ms = dict(pipeline_type="multi-scale", downscale_factor=0.6666666, decode_timestep=0.05, decode_noise_scale=0.025,
+              first_pass=dict(guidance_scale=[1, 3], stg_scale=[0, 1], rescaling_scale=[1, 0.7],
+                              guidance_timesteps=[1.0, 0.9], skip_block_list=[[], [1]], num_inference_steps=4,
+                              skip_final_inference_steps=1, cfg_star_rescale=True),
+              second_pass=dict(guidance_scale=1, stg_scale=1, rescaling_scale=1, skip_block_list=[0],
+                               num_inference_steps=4, skip_initial_inference_steps=2, tone_map_compression_ratio=0.6))
+    (tmp_path / "ms.json").write_text(json.dumps(ms))
+    p = ltx(*s, "--out_dir", str(tmp_path / "ms"), "--sample_config", str(tmp_path / "ms.json"),
+            "--sample_upscaler", str(tmp_path / "up.safetensors"), "--height", "96", "--width", "64")
+    plans = [json.loads(line.split("sample schedule: ", 1)[1]) for line in p.stdout.splitlines()
+             if "sample schedule: " in line]
+    lq = L.sampling_sigmas(4, "LinearQuadratic", 1).tolist()  # the header's scheduler: LinearQuadratic, no shift
+    assert [q["pass"] for q in plans] == [1, 2] and [q["size"] for q in plans] == [[32, 32], [64, 64]]
+    assert plans[0]["timesteps"] == [round(t, 6) for t in lq[:3]]
+    assert plans[1]["timesteps"] == [round(t, 6) for t in lq[2:]]
+    assert plans[0]["guidance"] == [1, 3, 3] and plans[0]["cfg_star"] and plans[1]["stg"] == [1, 1]
+    v = sample_video(tmp_path / "ms")
+    assert v.shape == (9, 96, 64, 3) and v.float().std() > 1
+
+
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(ltx, os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), CLIP, 2 * 2)
 
@@ -121,6 +168,14 @@ def test_bench_in_bf16(folder):
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
     (["--sp", "0"], "--sp 0 must be >= 1"),
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
+    (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),
+    (["--sample_config", "ltxv-13b-0.9.8-dev", "--sample_prompts", "a", "--height", "64", "--width", "64"],
+     "STG on block(s) [22, 27, 28, 35, 39]: the DiT has 2 blocks"),
+    (["--sample_config", "ltxv-2b-0.9.8-distilled", "--sample_prompts", "a", "--height", "64", "--width", "64"],
+     "is multi-scale: its latent upsampler"),
+    (["--sample_config", "ltxv-2b-0.9.8-distilled", "--sample_prompts", "a"], "too small for the multi-scale"),
+    (["--sample_config", "ltxv-2b-0.9.8-distilled", "--sample_schedule", "distilled"],
+     "--sample_schedule distilled is the distilled configs' first pass"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],

@@ -1,0 +1,172 @@
+"""LTX-Video's multi-scale sampling pieces (the 13B 0.9.7 / 0.9.8 configs): the latent upsampler against diffusers'
+LTXLatentUpsamplerModel (every variant, fp32, tiny), its loading from the released single file (config in the
+metadata, or read off the shapes) and from a diffusers folder, the full-size model on meta; adain and tone mapping
+against diffusers' LTXLatentUpsamplePipeline; the per-timestep guidance mapping, the skipped steps and CFG-star."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train_ltx as L
+
+VARIANTS = [dict(dims=3, spatial_upsample=True, temporal_upsample=False),
+            dict(dims=2, spatial_upsample=True, temporal_upsample=False),
+            dict(dims=3, spatial_upsample=False, temporal_upsample=True),
+            dict(dims=3, spatial_upsample=True, temporal_upsample=True)]
+
+
+def reference(variant, seed=0, in_channels=8, mid_channels=32, blocks=2):
+    """diffusers' upsampler with random weights (the GroupNorm affines too, so that they are tested)."""
+    from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
+    torch.manual_seed(seed)
+    ref = LTXLatentUpsamplerModel(in_channels=in_channels, mid_channels=mid_channels, num_blocks_per_stage=blocks,
+                                  **variant).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if n.endswith("weight") else 0.0))
+    return ref
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"dims{v['dims']}-s{int(v['spatial_upsample'])}"
+                                                            f"t{int(v['temporal_upsample'])}")
+def test_upsampler_matches_diffusers(variant):
+    ref = reference(variant)
+    ours = L.LatentUpsampler(L.UpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=2, **variant))
+    ours.load_state_dict(ref.state_dict())  # strict: the same keys and shapes
+    z = torch.randn(2, 8, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(z), ref(z)
+    f, s = (1 + 2 * 2 if variant["temporal_upsample"] else 3), (2 if variant["spatial_upsample"] else 1)
+    assert a.shape == b.shape == (2, 8, f, 4 * s, 5 * s)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+
+
+def test_upsampler_loads_from_the_file_and_a_diffusers_folder(tmp_path):
+    variant = VARIANTS[0]
+    ref = reference(variant, seed=3)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    z = torch.randn(1, 8, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(z)
+    cfg = dict(in_channels=8, mid_channels=32, num_blocks_per_stage=2, **variant)
+    # the release: the config as a JSON string in the metadata (upstream's from_pretrained reads it)
+    save_file(sd, tmp_path / "up.safetensors", metadata={"config": json.dumps({"_class_name": "LatentUpsampler",
+                                                                               **cfg})})
+    save_file(sd, tmp_path / "bare.safetensors")  # no metadata: read off the shapes
+    ref.save_pretrained(tmp_path / "folder")  # diffusers: config.json + diffusion_pytorch_model.safetensors
+    for src in ("up.safetensors", "bare.safetensors", "folder"):
+        m = L.load_upsampler(tmp_path / src)
+        assert L.dataclasses.asdict(m.cfg) == cfg, src
+        assert torch.allclose(m(z), want, atol=1e-5, rtol=1e-5), src
+    for variant in VARIANTS[1:]:  # the other variants read off their shapes too
+        r = reference(variant)
+        save_file({k: v.contiguous() for k, v in r.state_dict().items()}, tmp_path / "v.safetensors")
+        assert L.dataclasses.asdict(L.load_upsampler(tmp_path / "v.safetensors").cfg) == \
+            dict(in_channels=8, mid_channels=32, num_blocks_per_stage=2, **variant)
+    save_file({k: v for k, v in sd.items() if k != "final_conv.bias"}, tmp_path / "short.safetensors")
+    with pytest.raises(KeyError, match="final_conv.bias"):
+        L.load_upsampler(tmp_path / "short.safetensors")
+
+
+def test_full_size_upsampler_on_meta():
+    """The released upsampler's config (the diffusers default, 128 -> 512 channels, 4 blocks a stage, Conv3d,
+    spatial): the same keys and shapes as diffusers' model; 126,250,624 parameters = the convs 128 -> 512
+    (1,769,984) and 512 -> 128 (1,769,600) of 3x3x3, 8 res blocks of two 512 -> 512 convs and two GroupNorms
+    (8 x 14,158,848), the per-frame 3x3 conv to 4 x 512 channels (9,439,232) and the first GroupNorm (1,024)."""
+    from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
+    with torch.device("meta"):
+        ours, ref = L.LatentUpsampler(), LTXLatentUpsamplerModel()
+    a, b = ours.state_dict(), ref.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert sum(v.numel() for v in a.values()) == 126_250_624 == 1_769_984 + 1_769_600 + 8 * 14_158_848 + 9_439_232 + 1_024
+
+
+def test_adain_tone_map_and_the_upsampling_step_match_diffusers():
+    from diffusers.pipelines.ltx.pipeline_ltx_latent_upsample import LTXLatentUpsamplePipeline as P
+    g = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(2, 8, 3, 4, 4, generator=g) * 3, torch.randn(2, 8, 3, 2, 2, generator=g) + 1
+    assert torch.allclose(L.adain_latents(z, ref), P.adain_filter_latent(None, z, ref, 1.0), atol=1e-5)
+    for c in (0.0, 0.6, 1.0):
+        assert torch.allclose(L.tone_map_latents(z, c), P.tone_map_latents(None, z, c), atol=1e-6)
+    with pytest.raises(ValueError):
+        L.tone_map_latents(z, 1.5)
+    # upstream adains the NORMALISED upsampled latents to the normalised first pass; diffusers' pipeline does it in
+    # the raw space. A per-channel affine map commutes with a per-channel adain, so both give one result.
+    up = L.LatentUpsampler(L.UpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=1)).eval()
+    mean, std = torch.randn(1, 8, 1, 1, 1, generator=g), torch.rand(1, 8, 1, 1, 1, generator=g) + 0.5
+    x = torch.randn(1, 8, 2, 2, 3, generator=g)
+    with torch.no_grad():
+        ours = L.upsample_latents(up, x, (mean, std))
+        raw = x * std + mean
+        theirs = (P.adain_filter_latent(None, up(raw), raw, 1.0) - mean) / std
+    assert ours.shape == (1, 8, 2, 4, 6) and torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_13b_dev_config_spreads_its_values_per_timestep():
+    """pipeline_ltx_video.py: a list is indexed per step by the first guidance_timesteps entry <= t (else the last);
+    skip_block_list per step as well. The expected values are read off configs/ltxv-13b-0.9.8-dev.yaml by hand."""
+    first = L.SAMPLE_CONFIGS["ltxv-13b-0.9.8-dev"]["first_pass"]
+    ts = [1.0, 0.998, 0.995, 0.99, 0.98, 0.95, 0.8, 0.5]
+    g, stg = L.pass_plan(first, ts)
+    assert g == [1, 1, 6, 8, 6, 1, 1, 1]
+    assert stg == [None, None, (4, (22, 35, 39), 0.5), (4, (28,), 0.5), (4, (28,), 1), (2, (28,), 1),
+                   (1, (28,), 1), (1, (28,), 1)]
+    second = L.SAMPLE_CONFIGS["ltxv-13b-0.9.8-dev"]["second_pass"]
+    assert L.pass_plan(second, [0.4, 0.2]) == ([1, 1], [(1, (27,), 1), (1, (27,), 1)])
+    # a number applies at every step; one list of blocks too
+    assert L.pass_plan(dict(guidance_scale=3, stg_scale=1, rescaling_scale=0.7, skip_block_list=[19]), [1, .5]) == \
+        ([3, 3], [(1, (19,), 0.7)] * 2)
+    with pytest.raises(ValueError, match="guidance_timesteps"):
+        L.pass_plan(dict(guidance_scale=[1, 3]), [1.0])
+    # the schedule: 30 steps of the checkpoint's, less the last 3 (first pass) or the first 17 (second)
+    lq = L.sampling_sigmas(30, "LinearQuadratic", 64).tolist()
+    assert L.pass_timesteps(first, ("LinearQuadratic", "", None), 64) == lq[:27]
+    assert L.pass_timesteps(second, ("LinearQuadratic", "", None), 64) == lq[17:]
+    dist = L.SAMPLE_CONFIGS["ltxv-13b-0.9.8-distilled"]
+    assert L.pass_timesteps(dist["second_pass"], None, 64) == torch.tensor([0.9094, 0.725, 0.4219]).tolist()
+    assert dist["second_pass"]["tone_map_compression_ratio"] == 0.6
+    assert "tone_map_compression_ratio" not in L.SAMPLE_CONFIGS["ltxv-2b-0.9.8-distilled"]["second_pass"]
+    with pytest.raises(ValueError, match="fewer than num_inference_steps"):
+        L.pass_timesteps(dict(num_inference_steps=4, skip_initial_inference_steps=2, skip_final_inference_steps=2),
+                         ("Uniform", "", None), 64)
+
+
+def test_cfg_star_rescales_the_unconditional_prediction():
+    class Lin(torch.nn.Module):  # cond and uncond predictions that are not parallel
+        def forward(self, x, t, ctx, mask, fps, keyframe=None):
+            return x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + ctx[:, :1, :1].view(-1, 1, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 2, 2, 2, generator=g)
+    ctx = (torch.full((1, 2, 3), 2.0), torch.ones(1, 2))
+    neg = (torch.randn(1, 2, 3, generator=g), torch.ones(1, 2))
+    c = x * 2.0 + 2.0
+    u = x * neg[0].mean() + neg[0][0, 0, 0]
+    alpha = (c * u).sum() / ((u * u).sum() + 1e-8)
+    v = L.velocity(Lin(), x, 0.5, ctx, neg, 4.0, None, 25.0, cfg_star=True)
+    assert torch.allclose(v, alpha * u + 4.0 * (c - alpha * u), atol=1e-5)
+    plain = L.velocity(Lin(), x, 0.5, ctx, neg, 4.0, None, 25.0)
+    assert torch.allclose(plain, u + 4.0 * (c - u), atol=1e-5) and not torch.allclose(v, plain, atol=1e-3)
+
+
+def test_sampler_per_step_guidance_and_a_second_pass_start():
+    """sample_euler with per-step lists runs each step's own batch (CFG where g > 1, STG where given) and, from init
+    latents, starts at t0 noise + (1 - t0) init."""
+    seen = []
+
+    class Rec(torch.nn.Module):
+        transformer_blocks = [type("B", (), {"attn1": type("A", (), {"stg_skip": 0})()})() for _ in range(2)]
+
+        def forward(self, x, t, ctx, mask, fps, keyframe=None):
+            seen.append((x.shape[0], x[:1].clone(), t[0, 0].item()))
+            return x.clone()  # every branch alike: the guided velocity is x itself
+    g = torch.Generator().manual_seed(0)
+    noise, init = torch.randn(1, 4, 2, 2, 2, generator=g), torch.randn(1, 4, 2, 2, 2, generator=g)
+    ctx, neg = (torch.zeros(1, 2, 3), torch.ones(1, 2)), (torch.ones(1, 2, 3), torch.ones(1, 2))
+    out = L.sample_euler(Rec(), noise, ctx, neg, timesteps=[0.6, 0.4, 0.2], guidance=[1.0, 3.0, 3.0],
+                         stg=[(1.0, (1,), 1.0), None, (2.0, (0,), 0.5)], init=init)
+    assert [b for b, _, _ in seen] == [2, 2, 3]  # cond + STG; uncond + cond; all three
+    assert torch.allclose(seen[0][1], 0.6 * noise + 0.4 * init)
+    assert [t for _, _, t in seen] == pytest.approx([600, 400, 200], rel=1e-6)
+    assert torch.allclose(out, (0.6 * noise + 0.4 * init) * 0.8**3)  # x <- x - 0.2 x, three times
