@@ -30,6 +30,9 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+# slow (55 s on CI): the default run keeps Wan's compile test (tests/test_wan_train.py: --compile 1 --ac 2
+# --ac_interval 2, the same common/fsdp.py wrapping, here over two block lists)
+@pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
     """--compile 1 --ac 1 (both block lists wrapped, compiled and sharded) give the plain run's losses, and the
     exported keys carry no wrapper names."""

@@ -16,7 +16,7 @@ from tests.test_ltx_train import run
 SPEC_DISTILLED = [1.0, 0.9937, 0.9875, 0.9812, 0.9750, 0.9094, 0.7250]
 
 
-# slow (inductor's CPU compile): the default run keeps Wan's and HunyuanVideo's (two block lists), the same parallelize path
+# slow (inductor's CPU compile): the default run keeps Wan's (--ac 2 --ac_interval 2), the same parallelize path
 @pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
     """--compile 1 --ac 1 give the plain run's losses (within 1e-4) and the export has the official keys only."""

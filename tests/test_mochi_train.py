@@ -38,7 +38,7 @@ def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     checks.check_bench(run, toy, tmp_path / "b")
 
 
-# slow (inductor's CPU compile): the default run keeps Wan's and HunyuanVideo's (two block lists), the same parallelize path
+# slow (inductor's CPU compile): the default run keeps Wan's (--ac 2 --ac_interval 2), the same parallelize path
 @pytest.mark.slow
 def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tmp_path):
     """--compile 1 --ac 1 give the same losses as the plain run, and the exported keys carry no wrapper names."""
