@@ -1980,17 +1980,34 @@ def sample_config(args):
     return c
 
 
-def sample_passes(args, conf):
+def sample_passes(conf, height, width, stride=32):
     """[(pass, (height, width))]: one pass at the asked size, or a multi-scale config's two (the first at
     downscale_factor of each side, floored to the encoder's stride; the second at twice that)."""
     if conf.get("pipeline_type", "base") != "multi-scale":
-        return [(conf, (args.height, args.width))]
-    s = LATENT_STRIDE[args.encoders][1]
-    h, w = (int(n * conf["downscale_factor"]) // s * s for n in (args.height, args.width))
+        return [(conf, (height, width))]
+    h, w = (int(n * conf["downscale_factor"]) // stride * stride for n in (height, width))
     if not (h and w):
-        raise UserError(f"--height {args.height} --width {args.width}: too small for the multi-scale pipeline (its "
-                        f"first pass is {conf['downscale_factor']:.3f} of each side, a multiple of {s})")
+        raise UserError(f"--height {height} --width {width}: too small for the multi-scale pipeline (its first "
+                        f"pass is {conf['downscale_factor']:.3f} of each side, a multiple of {stride})")
     return [(conf["first_pass"], (h, w)), (conf["second_pass"], (2 * h, 2 * w))]
+
+
+def sample_multiscale(model, plans, noises, context, neg, upsample=None, frame_rate=25.0, conds=None,
+                      keyframes=None, renoise=None, cond_noise=None):
+    """The passes of a sampling recipe, one after the other (LTXMultiScalePipeline; one pass: sample_euler alone).
+    plans: per pass (timesteps, guidance, stg, cfg_star) (pass_timesteps, pass_plan); noises: per pass, the
+    noise (B, C, f, h, w) at that pass's size; upsample: normalised latents -> the next pass's start
+    (upsample_latents). conds, keyframes, renoise, cond_noise: per pass, as sample_euler takes them, or None.
+    -> the last pass's latents."""
+    n = len(plans)
+    conds, keyframes, renoise, cond_noise = ([None] * n if v is None else v
+                                             for v in (conds, keyframes, renoise, cond_noise))
+    z = None
+    for k, (ts, g, stg, cfg_star) in enumerate(plans):
+        z = sample_euler(model, noises[k], context, neg, timesteps=ts, guidance=g, stg=stg, cfg_star=cfg_star,
+                         frame_rate=frame_rate, cond_latent=conds[k], init=upsample(z) if k else None,
+                         keyframe=keyframes[k], renoise=renoise[k], cond_noise=cond_noise[k])
+    return z
 
 
 def upscaler_file(args):
@@ -2029,7 +2046,7 @@ def check_sample_config(args, cfg):
         args.sample_stg_blocks
     try:
         conf = sample_config(args)
-        passes = sample_passes(args, conf)
+        passes = sample_passes(conf, args.height, args.width, LATENT_STRIDE[args.encoders][1])
         bad = set()
         for p, (h, w) in passes:
             shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), args.sample_frames or args.frames)
@@ -2051,34 +2068,37 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
     conf = sample_config(args)
-    passes = sample_passes(args, conf)
+    passes = sample_passes(conf, args.height, args.width, LATENT_STRIDE[args.encoders][1])
     dargs = dataclasses.replace(args, decode_timestep=conf.get("decode_timestep", args.decode_timestep),
                                 decode_noise=conf.get("decode_noise_scale", args.decode_noise))
     enc_v, decode, _ = build_encoders(dargs, cfg, device, video=True, text=False) if rank == 0 else (None, None, None)
     up = stats = None
     if len(passes) > 1 and rank == 0:
         up = load_upsampler(upscaler_file(args), device=device)
+        if up.cfg.temporal_upsample or not up.cfg.spatial_upsample:
+            raise UserError(f"{upscaler_file(args)}: a temporal latent upsampler; the multi-scale configs take the "
+                            "spatial one (ltxv-spatial-upscaler-*)", this_rank=True)
         stats = tuple(s.to(device) if torch.is_tensor(s) else s for s in latent_stats(args))
     was_training = model.training
     model.eval()
     schedule = sample_schedule(args)
     frames = args.sample_frames or args.frames
     stochastic = conf.get("stochastic_sampling", False)
-    plans = []  # per pass: (latent shape, timesteps, guidance, stg, cfg_star)
+    shapes, plans = [], []  # per pass: the latent shape; (timesteps, guidance, stg, cfg_star)
     for k, (p, (h, w)) in enumerate(passes):
-        shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), frames)
-        ts = pass_timesteps(p, schedule, shape[1] * shape[2] * shape[3])
-        g, stg = pass_plan(p, ts)
-        plans.append((shape, ts, g, stg, bool(p.get("cfg_star_rescale", False))))
+        shapes.append(latent_shape(cfg, dataclasses.replace(args, height=h, width=w), frames))
+        ts = pass_timesteps(p, schedule, shapes[-1][1] * shapes[-1][2] * shapes[-1][3])
+        plans.append((ts, *pass_plan(p, ts), bool(p.get("cfg_star_rescale", False))))
         cdist.print0("sample schedule: " + json.dumps({
-            "pass": k + 1, "size": [h, w], "timesteps": [round(t, 6) for t in ts], "guidance": g,
-            "stg": [st and st[0] for st in stg], "stg_blocks": sorted({b for st in stg if st for b in st[1]}),
-            "cfg_star": plans[-1][4], "stochastic": stochastic}))
+            "pass": k + 1, "size": [h, w], "timesteps": [round(t, 6) for t in ts], "guidance": plans[-1][1],
+            "stg": [st and st[0] for st in plans[-1][2]],
+            "stg_blocks": sorted({b for st in plans[-1][2] if st for b in st[1]}), "cfg_star": plans[-1][3],
+            "stochastic": stochastic}))
 
-    def encode_image(path, size):  # resized and centre-cropped to the asked size, resized to the pass's (as the
-        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), frames)  # pipeline)
+    def encode_image(path, size):  # resized and centre-cropped to the asked size, then resized to the pass's (as
+        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), frames)  # the pipeline)
         z = torch.zeros(1, shape[0], 1, *shape[2:])
-        if rank == 0:
+        if rank == 0:  # encoded alone by rank 0, broadcast
             img = read_clip(path, 0.0, 1, args.fps, (args.height, args.width))  # (3, 1, H, W)
             if tuple(size) != (args.height, args.width):
                 img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
@@ -2087,9 +2107,16 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         z = z.to(device)
         torch.distributed.broadcast(z, 0)
         return z
+
+    def upsample(z):  # between the passes: made by rank 0, broadcast
+        x = upsample_latents(up, z, stats) if rank == 0 else torch.zeros(z.shape[0], z.shape[1], z.shape[2],
+                                                                          2 * z.shape[3], 2 * z.shape[4])
+        x = x.to(device)
+        torch.distributed.broadcast(x, 0)
+        return x
     conds = [encode_image(args.sample_image, size) if args.sample_image else None for _, size in passes]
-    keyframes = [(encode_image(args.sample_last_image, size), last_frame_index(plan[0][1]))
-                 if args.sample_last_image else None for (_, size), plan in zip(passes, plans)]
+    keyframes = [(encode_image(args.sample_last_image, size), last_frame_index(shape[1]))
+                 if args.sample_last_image else None for (_, size), shape in zip(passes, shapes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
         ctx, neg = text_ctx[prompt][None].to(device).float(), text_ctx[negative][None].to(device).float()
@@ -2098,20 +2125,13 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         L = max(ctx.shape[1], neg.shape[1])  # one batch for cond and uncond: pad the shorter, mask its padding
         context, neg_context = ((F.pad(c, (0, 0, 0, L - c.shape[1])), F.pad(m, (0, L - m.shape[1])))
                                 for c, m in (context, neg_context))
-        z = None
-        for k, (shape, ts, g, stg, cfg_star) in enumerate(plans):
-            key = ("sample", i) if k == 0 else ("sample", i, "pass", k + 1)  # CPU noise: the same on every device
-            x = noise.randn(shape, args.seed, *key)[None].to(device)
-            init = None
-            if k:  # the upsampled first pass, made by rank 0
-                init = torch.zeros(x.shape, device=device)
-                if rank == 0:
-                    init = upsample_latents(up, z, stats)
-                torch.distributed.broadcast(init, 0)
-            z = sample_euler(model, x, context, neg_context, timesteps=ts, guidance=g, stg=stg, cfg_star=cfg_star,
-                             frame_rate=float(args.fps), cond_latent=conds[k], init=init, keyframe=keyframes[k],
-                             renoise=noise.generator(args.seed, "renoise", *key[1:]) if stochastic else None,
-                             cond_noise=(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key[1:])))
+        keys = [(i,) if k == 0 else (i, "pass", k + 1) for k in range(len(passes))]  # the first: as one pass
+        z = sample_multiscale(  # CPU noise and generators: the same on every device
+            model, plans, [noise.randn(shape, args.seed, "sample", *key)[None].to(device)
+                           for shape, key in zip(shapes, keys)],
+            context, neg_context, upsample, float(args.fps), conds, keyframes,
+            [noise.generator(args.seed, "renoise", *key) if stochastic else None for key in keys],
+            [(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key)) for key in keys])
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             video = decode(z, tone_map=passes[-1][0].get("tone_map_compression_ratio", 0.0))[0].float().cpu()

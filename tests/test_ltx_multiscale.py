@@ -1,11 +1,14 @@
 """LTX-Video's multi-scale sampling pieces (the 13B 0.9.7 / 0.9.8 configs): the latent upsampler against diffusers'
 LTXLatentUpsamplerModel (every variant, fp32, tiny), its loading from the released single file (config in the
 metadata, or read off the shapes) and from a diffusers folder, the full-size model on meta; adain and tone mapping
-against diffusers' LTXLatentUpsamplePipeline; the per-timestep guidance mapping, the skipped steps and CFG-star."""
+against diffusers' LTXLatentUpsamplePipeline; the per-timestep guidance mapping, the skipped steps and CFG-star;
+the two passes together against the official LTXMultiScalePipeline (golden tensors)."""
 import json
+import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import train_ltx as L
@@ -170,3 +173,40 @@ def test_sampler_per_step_guidance_and_a_second_pass_start():
     assert torch.allclose(seen[0][1], 0.6 * noise + 0.4 * init)
     assert [t for _, _, t in seen] == pytest.approx([600, 400, 200], rel=1e-6)
     assert torch.allclose(out, (0.6 * noise + 0.4 * init) * 0.8**3)  # x <- x - 0.2 x, three times
+
+
+def test_two_passes_match_the_official_multiscale_pipeline():
+    """tests/fixtures/make_ltx_multiscale_golden.py ran upstream's LTXMultiScalePipeline (a 3-block DiT, a latent
+    upsampler, per-timestep CFG / STG / blocks / rescale, CFG-star, skipped first and last steps) and recorded the
+    noise each pass drew. The same weights and noise through pass_timesteps, pass_plan, sample_multiscale and
+    upsample_latents give the official first-pass and final latents."""
+    from tests.test_ltx_golden import part
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "ltx_multiscale_golden.safetensors")
+    with safe_open(path, "pt") as f:
+        sd, meta = {k: f.get_tensor(k).float() for k in f.keys()}, f.metadata()
+    model = L.Transformer3DModel(L.dit_config_from(json.loads(meta["dit_config"]))).eval()
+    model.load_state_dict(part(sd, "dit."), strict=True)
+    up = L.LatentUpsampler(L.UpsamplerConfig(**json.loads(meta["upsampler_config"]))).eval()
+    up.load_state_dict(part(sd, "up."), strict=True)
+    stats = tuple(sd["vae.per_channel_statistics." + k].view(1, -1, 1, 1, 1) for k in ("mean-of-means",
+                                                                                       "std-of-means"))
+    conf = json.loads(meta["config"])
+    H, W, frames = json.loads(meta["size"])
+    passes = L.sample_passes(conf, H, W)
+    plans = []
+    for (p, _), k in zip(passes, (1, 2)):
+        n = sd[f"pass{k}.noise"]
+        ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), n[0, 0].numel())
+        plans.append((ts, *L.pass_plan(p, ts), p["cfg_star_rescale"]))
+        assert n.shape[2:] == (1 + (frames - 1) // 8, passes[k - 1][1][0] // 32, passes[k - 1][1][1] // 32)
+    assert [len(p[0]) for p in plans] == [6, 3]  # 8 - 2 last, 8 - 5 first
+    ctx, neg = (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"])
+    fps = float(meta["fps"])
+    with torch.no_grad():
+        z1 = L.sample_multiscale(model, plans[:1], [sd["pass1.noise"]], ctx, neg, frame_rate=fps)
+        err1 = (z1 - sd["pass1.latents"]).abs().max().item()
+        z = L.sample_multiscale(model, plans, [sd["pass1.noise"], sd["pass2.noise"]], ctx, neg,
+                                lambda z: L.upsample_latents(up, z, stats), fps)
+    err = (z - sd["pass2.latents"]).abs().max().item()
+    assert err1 <= 1e-4 * sd["pass1.latents"].abs().max().item(), err1
+    assert err <= 1e-4 * sd["pass2.latents"].abs().max().item(), err
