@@ -304,13 +304,14 @@ class Transformer3DModel(nn.Module):
             return out[0][0][None], out[0][1][None]
         return torch.stack([c for c, _ in out]), torch.stack([s for _, s in out])
 
-    def forward(self, x, t, context, context_mask=None, frame_rate=25.0, keyframe=None):
+    def forward(self, x, t, context, context_mask=None, frame_rate=25.0, keyframe=None, return_keyframe=False):
         """x (B, C, f, h, w) latents; t (B,) or per token (B, f*h*w) in [0, 1000]; context (B, L, caption_channels),
         context_mask (B, L) 1/0; frame_rate (the RoPE time axis) a number or (B,). keyframe = (z, p) or None: z
         (B, C, k, h, w) a clip encoded ON ITS OWN (k = 1: one image) that sits at pixel frame p of the video, as the
         0.9.5+ pipeline conditions on a keyframe away from frame 0 (prepare_conditioning): its tokens go in front of
         the video's, with the RoPE time of their own grid + p and timestep 0 (strength 1), every token attends to
-        every token, and they are dropped from the output. -> (B, C_out, f, h, w) velocity."""
+        every token, and they are dropped from the output (return_keyframe: also returned, (B, C_out, k, h, w), for
+        the sampler's guidance statistics). -> (B, C_out, f, h, w) velocity."""
         cfg = self.cfg
         B, C, f, h, w = x.shape
         wdt = self.patchify_proj.weight.dtype
@@ -347,8 +348,10 @@ class Transformer3DModel(nn.Module):
         x = self.proj_out(x.to(self.proj_out.weight.dtype)).float()  # (B, N, C)
         if self.sp is not None:
             x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
-        x = x[:, M:]  # the video's tokens (the keyframe's, in front, are conditioning only)
-        return x.transpose(1, 2).reshape(B, cfg.out_channels, f, h, w).contiguous()  # not a view (FSDP2 hooks)
+        out = x[:, M:].transpose(1, 2).reshape(B, cfg.out_channels, f, h, w).contiguous()  # not a view (FSDP2)
+        if return_keyframe:  # the keyframe's tokens: conditioning only, but the pipeline's guidance counts them
+            return out, x[:, :M].transpose(1, 2).reshape(B, cfg.out_channels, *keyframe[0].shape[2:])
+        return out
 
     @torch.no_grad()
     def init_weights(self):
@@ -1394,27 +1397,30 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
         xs, ts, cs, ms = xs + [x], ts + [t], cs + [ctx], ms + [cmask]
         for i in stg[1]:
             model.transformer_blocks[i].attn1.stg_skip = B
+    # the pipeline's guidance statistics (CFG-star's projection, the rescale's stds) run over every token of a
+    # sample, the keyframe's too: then the model gives its keyframe tokens' predictions as well
+    whole = keyframe is not None and ((cfg and cfg_star) or (stg and stg[0] > 0 and stg[2] != 1.0))
     try:
         kf = None if keyframe is None else (keyframe[0].to(x).repeat(len(xs), 1, 1, 1, 1), keyframe[1])
-        v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate,
-                  keyframe=kf).float().chunk(len(xs))
+        v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate, keyframe=kf,
+                  **({"return_keyframe": True} if whole else {}))
     finally:
         for i in stg[1] if stg else ():
             model.transformer_blocks[i].attn1.stg_skip = 0
+    # (B, n) per branch: the video's predictions, after the keyframe's when `whole`
+    v = torch.cat([v[1].float().flatten(1), v[0].float().flatten(1)], 1) if whole else v.float().flatten(1)
+    v = v.chunk(len(xs))
     cond = v[1] if cfg else v[0]
     uncond = v[0]
     if cfg and cfg_star:
-        c, u = cond.reshape(B, -1), uncond.reshape(B, -1)
-        uncond = uncond * ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).view(B, 1, 1, 1, 1)
+        uncond = uncond * ((cond * uncond).sum(1, keepdim=True) / ((uncond * uncond).sum(1, keepdim=True) + 1e-8))
     out = uncond + guidance * (cond - uncond) if cfg else cond
     if stg:
         scale, _, r = stg
         out = out + scale * (cond - v[-1])
         if r != 1.0 and scale > 0:
-            std_c = cond.reshape(B, -1).std(dim=1).view(B, 1, 1, 1, 1)
-            std_o = out.reshape(B, -1).std(dim=1).view(B, 1, 1, 1, 1)
-            out = out * (r * std_c / std_o + (1 - r))
-    return out
+            out = out * (r * cond.std(dim=1, keepdim=True) / out.std(dim=1, keepdim=True) + (1 - r))
+    return out[:, -C * f * h * w:].reshape(B, C, f, h, w)
 
 
 @torch.no_grad()

@@ -175,17 +175,22 @@ def test_sampler_per_step_guidance_and_a_second_pass_start():
     assert torch.allclose(out, (0.6 * noise + 0.4 * init) * 0.8**3)  # x <- x - 0.2 x, three times
 
 
-def test_two_passes_match_the_official_multiscale_pipeline():
-    """tests/fixtures/make_ltx_multiscale_golden.py ran upstream's LTXMultiScalePipeline (a 3-block DiT, a latent
-    upsampler, per-timestep CFG / STG / blocks / rescale, CFG-star, skipped first and last steps) and recorded the
-    noise each pass drew. The same weights and noise through pass_timesteps, pass_plan, sample_multiscale and
-    upsample_latents give the official first-pass and final latents."""
+def multiscale_golden():
     from tests.test_ltx_golden import part
     path = os.path.join(os.path.dirname(__file__), "fixtures", "ltx_multiscale_golden.safetensors")
     with safe_open(path, "pt") as f:
         sd, meta = {k: f.get_tensor(k).float() for k in f.keys()}, f.metadata()
     model = L.Transformer3DModel(L.dit_config_from(json.loads(meta["dit_config"]))).eval()
     model.load_state_dict(part(sd, "dit."), strict=True)
+    return sd, meta, model, part
+
+
+def test_two_passes_match_the_official_multiscale_pipeline():
+    """tests/fixtures/make_ltx_multiscale_golden.py ran upstream's LTXMultiScalePipeline (a 3-block DiT, a latent
+    upsampler, per-timestep CFG / STG / blocks / rescale, CFG-star, skipped first and last steps) and recorded the
+    noise each pass drew. The same weights and noise through pass_timesteps, pass_plan, sample_multiscale and
+    upsample_latents give the official first-pass and final latents."""
+    sd, meta, model, part = multiscale_golden()
     up = L.LatentUpsampler(L.UpsamplerConfig(**json.loads(meta["upsampler_config"]))).eval()
     up.load_state_dict(part(sd, "up."), strict=True)
     stats = tuple(sd["vae.per_channel_statistics." + k].view(1, -1, 1, 1, 1) for k in ("mean-of-means",
@@ -210,3 +215,29 @@ def test_two_passes_match_the_official_multiscale_pipeline():
     err = (z - sd["pass2.latents"]).abs().max().item()
     assert err1 <= 1e-4 * sd["pass1.latents"].abs().max().item(), err1
     assert err <= 1e-4 * sd["pass2.latents"].abs().max().item(), err
+
+
+def test_first_and_last_frame_sampling_matches_the_official_pipeline():
+    """The same golden file: upstream's LTXVideoPipeline, one pass (CFG 3, STG on block 1, rescale 0.7, 4 steps)
+    conditioned on an image at frame 0 and one at the last frame. Ours: both images through our VAE (posterior
+    mean), the first in place (cond_latent), the last as the keyframe at last_frame_index, the recorded noise."""
+    sd, meta, model, part = multiscale_golden()
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(meta["vae_config"]))).eval()
+    vae.load_state_dict(part(sd, "vae."), strict=True)
+    p = json.loads(meta["cond_config"])
+    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
+    g, stg = L.pass_plan(p, ts)
+    noise, want = sd["cond.noise"], sd["cond.latents"]
+    with torch.no_grad():
+        first, last = vae.encode(sd["cond.first"]), vae.encode(sd["cond.last"])
+        z = L.sample_euler(model, noise, (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
+                           timesteps=ts, guidance=g, stg=stg, frame_rate=float(meta["fps"]), cond_latent=first,
+                           keyframe=(last, L.last_frame_index(noise.shape[2])))
+    assert json.loads(meta["cond_size"])[2] - 1 == L.last_frame_index(noise.shape[2])
+    err = (z - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
+    # without the keyframe the result is another one: the comparison sees it
+    with torch.no_grad():
+        z0 = L.sample_euler(model, noise, (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
+                            timesteps=ts, guidance=g, stg=stg, frame_rate=float(meta["fps"]), cond_latent=first)
+    assert (z0 - want).abs().max() > 100 * max(err, 1e-6)
