@@ -220,10 +220,13 @@ def test_two_passes_match_the_official_multiscale_pipeline():
 def test_first_and_last_frame_sampling_matches_the_official_pipeline():
     """The same golden file: upstream's LTXVideoPipeline, one pass (CFG 3, STG on block 1, rescale 0.7, 4 steps)
     conditioned on an image at frame 0 and one at the last frame. Ours: both images through our VAE (posterior
-    mean), the first in place (cond_latent), the last as the keyframe at last_frame_index, the recorded noise."""
+    mean), the first in place (cond_latent), the last as the keyframe at last_frame_index, the recorded noise; then
+    the pipeline's decode (noise, tone map, timestep)."""
+    from tests.test_ltx_golden import golden
     sd, meta, model, part = multiscale_golden()
-    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(meta["vae_config"]))).eval()
-    vae.load_state_dict(part(sd, "vae."), strict=True)
+    vae_sd, vae_meta = golden()  # the generator took the VAE of the DiT / VAE golden file
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
+    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
     p = json.loads(meta["cond_config"])
     ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
     g, stg = L.pass_plan(p, ts)
@@ -236,6 +239,12 @@ def test_first_and_last_frame_sampling_matches_the_official_pipeline():
     assert json.loads(meta["cond_size"])[2] - 1 == L.last_frame_index(noise.shape[2])
     err = (z - want).abs().max().item()
     assert err <= 1e-4 * want.abs().max().item(), err
+    # decoded as the pipeline does (decode timestep 0.05, decode noise 0.025 from the same numbers, tone map 0.6):
+    # the video in [0, 1], frames 0, 8, 16
+    with torch.no_grad():
+        video = vae.decode(want, 0.05, 0.025, generator=torch.Generator().manual_seed(5), tone_map=0.6)
+    err_v = ((video[:, :, ::8] * 0.5 + 0.5) - sd["cond.video"]).abs().max().item()
+    assert err_v <= 1e-5, err_v
     # without the keyframe the result is another one: the comparison sees it
     with torch.no_grad():
         z0 = L.sample_euler(model, noise, (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
