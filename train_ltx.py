@@ -1568,6 +1568,7 @@ class Args:
     caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (what guidance contrasts)
     first_frame_p: float = 0.1  # image-to-video: probability that a sample's first latent frame is given clean
     last_frame_p: float = 0.0  # keyframe: probability that a step's samples see their last frame as a keyframe
+    keyframe_p: float = 0.0  # keyframe: probability that a step's samples see frame 8j (j random, 1..f-1) as one
     # LoRA (rank 0 = full fine-tune)
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
@@ -1607,6 +1608,7 @@ class Args:
     sample_negative: str = "official"  # negative prompt for guidance: official (LTX-Video's own) or any text
     sample_image: str = ""  # image-to-video samples: an image (or video: its first frame) as the first frame
     sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
+    sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
@@ -1668,8 +1670,11 @@ def check_args(args):
     for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
-    for k in ("caption_dropout", "ema", "first_frame_p", "last_frame_p", "decode_noise", "sample_cond_noise"):
+    for k in ("caption_dropout", "ema", "first_frame_p", "last_frame_p", "keyframe_p", "decode_noise",
+              "sample_cond_noise"):
         need(0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
+    need(args.last_frame_p + args.keyframe_p <= 1, f"--last_frame_p {args.last_frame_p} + --keyframe_p "
+         f"{args.keyframe_p}: one step draws one of them, so together at most 1")
     st, sh, sw = LATENT_STRIDE[args.encoders]
     need(args.height % sh == 0 and args.width % sw == 0 and args.height > 0 and args.width > 0,
          f"--height {args.height} --width {args.width}: both must be positive multiples of {sh} (the encoder's stride)")
@@ -1691,6 +1696,10 @@ def check_args(args):
     for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_last_image"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
+    frames = args.sample_frames or args.frames
+    need(args.sample_keyframe_frame == -1 or 0 < args.sample_keyframe_frame < frames, f"--sample_keyframe_frame "
+         f"{args.sample_keyframe_frame}: expected -1 (the last frame) or a frame 1..{frames - 1} of the "
+         f"{frames}-frame samples (frame 0 is --sample_image's)")
     weights = args.dit_path or args.ckpt_dir
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
@@ -1749,14 +1758,16 @@ def toy_encoders(cfg):
 
 def encoder_settings(args, cfg, device):
     """What identifies the encoding of a clip or caption, for the cache key (data/cache.py). With --last_frame_p the
-    entries also hold the last frame encoded alone ("latents.last"): another key, so an older cache is not mixed in."""
+    entries also hold the last frame encoded alone ("latents.last"), with --keyframe_p every frame 8j alone
+    ("latents.frames"): other keys, so an older cache is not mixed in."""
     if args.encoders == "toy":
         s = toy_encoders(cfg)[3]
     else:
         s = dict(model="ltx-video-0.9.5+", vae=os.path.abspath(ckpt_file(args)), text="t5-v1_1-xxl", text_len=TEXT_LEN,
                  text_encoder=os.path.abspath(args.text_encoder or args.ckpt_dir),
                  text_dtype="bf16" if device.type == "cuda" else "fp32")
-    return {**s, "keyframe": "last"} if args.last_frame_p else s
+    kinds = "+".join(k for k, p in (("last", args.last_frame_p), ("frames", args.keyframe_p)) if p)
+    return {**s, "keyframe": kinds} if kinds else s
 
 
 def last_frame_index(f):
@@ -1766,14 +1777,23 @@ def last_frame_index(f):
     return (f - 1) * VAE_TEMPORAL
 
 
-def with_last_frame(enc_v):
-    """encode_video -> one that also encodes the clip's last frame alone, {None: latents, "last": (1, C, 1, h, w)},
-    stored as "latents" and "latents.last" (data/cache.py): the keyframe of --last_frame_p. A causal VAE encodes a
-    lone frame as an image, which is what a keyframe is at sampling time (prepare_conditioning encodes the image
-    alone), and not what the clip's own last latent frame holds (8 frames, after the ones before them)."""
+def with_keyframes(enc_v, last=True, frames=False, stride=VAE_TEMPORAL):
+    """encode_video -> one that also encodes single frames of the clip ALONE: its last frame, {"last": (1, C, 1, h,
+    w)} (--last_frame_p), and/or the frame at each latent-frame boundary, pixel frame stride * j for j = 1..f-1,
+    {"frames": (1, C, f - 1, h, w)}, frame j - 1 of it being pixel frame stride * j (--keyframe_p; its last is the
+    clip's last frame); with {None: the clip's latents}. Stored as "latents", "latents.last", "latents.frames"
+    (data/cache.py). A causal VAE encodes a lone frame as an image, which is what a keyframe is at sampling time
+    (prepare_conditioning encodes the image alone), and not what the clip's own latent frame holds (8 frames, after
+    the ones before them). A one-frame clip has no keyframe: its entries are the clip itself."""
     def enc(v):  # (1, 3, F, H, W)
         z = enc_v(v)
-        return {None: z, "last": z if v.shape[2] == 1 else enc_v(v[:, :, -1:])}
+        out = {None: z}
+        if last:
+            out["last"] = z if v.shape[2] == 1 else enc_v(v[:, :, -1:])
+        if frames:
+            out["frames"] = z if z.shape[2] == 1 else torch.cat([enc_v(v[:, :, stride * j: stride * j + 1])
+                                                                 for j in range(1, z.shape[2])], dim=2)
+        return out
     return enc
 
 
@@ -1885,18 +1905,29 @@ def training_draws(args, step, index, n, n_tokens, device):
 
 
 def keyframe_draw(args, step):
-    """Whether step `step` trains with the last-frame keyframe (--last_frame_p): one draw per step, not per sample,
-    because the keyframe's tokens lengthen the sequence and one batch has one length; a pure function of (seed,
-    step), so every rank, micro-batch and resumed run agrees."""
-    return bool(args.last_frame_p) and bool(torch.rand(1, generator=noise.generator(args.seed, step, "keyframe"))
-                                            < args.last_frame_p)
+    """The keyframe step `step` trains with: None, "last" (--last_frame_p) or a number u in [0, 1) that picks the
+    frame (--keyframe_p; batch_keyframe). One draw per step, not per sample, because the keyframe's tokens lengthen
+    the sequence and one batch has one length; a pure function of (seed, step), so every rank, micro-batch and
+    resumed run agrees."""
+    if not (args.last_frame_p or args.keyframe_p):
+        return None
+    u = torch.rand(2, generator=noise.generator(args.seed, step, "keyframe")).tolist()
+    if u[0] < args.last_frame_p:
+        return "last"
+    return u[1] if u[0] < args.last_frame_p + args.keyframe_p else None
 
 
-def batch_keyframe(b, x0, device):
-    """The keyframe of a cached batch: its clips' last frames (B, C, 1, h, w), each encoded alone, at the last
-    frame's pixel index; None for one-frame clips (the last frame is the whole clip)."""
+def batch_keyframe(b, x0, device, draw="last"):
+    """The keyframe of a cached batch for the step's draw (keyframe_draw): "last", its clips' last frames
+    (B, C, 1, h, w), each encoded alone, at the last frame's pixel index; u, the frame at boundary j = 1 + floor(u
+    (f - 1)), pixel frame 8j, from "latents.frames". None for no draw and for one-frame clips."""
     f = x0.shape[2]
-    return None if f == 1 else (b["latents.last"].to(device, non_blocking=True).float(), last_frame_index(f))
+    if draw is None or f == 1:
+        return None
+    if draw == "last":
+        return b["latents.last"].to(device, non_blocking=True).float(), last_frame_index(f)
+    j = 1 + int(draw * (f - 1))
+    return b["latents.frames"][:, :, j - 1: j].to(device, non_blocking=True).float(), VAE_TEMPORAL * j
 
 
 def training_noise(args, step, index, shape, n, device):
@@ -2121,7 +2152,10 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         torch.distributed.broadcast(x, 0)
         return x
     conds = [encode_image(args.sample_image, size) if args.sample_image else None for _, size in passes]
-    keyframes = [(encode_image(args.sample_last_image, size), last_frame_index(shape[1]))
+    # the keyframe's RoPE frame: pixel frames, the toy encoders' latent frames counted as 8 (rope_grid's units)
+    at = lambda f: last_frame_index(f) if args.sample_keyframe_frame < 0 else \
+        args.sample_keyframe_frame * VAE_TEMPORAL // LATENT_STRIDE[args.encoders][0]  # noqa: E731
+    keyframes = [(encode_image(args.sample_last_image, size), at(shape[1]))
                  if args.sample_last_image else None for (_, size), shape in zip(passes, shapes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
@@ -2280,7 +2314,9 @@ def main(argv=None):
     if need.item():
         encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
         if todo:
-            enc = with_last_frame(encode_video) if args.last_frame_p else encode_video
+            enc = with_keyframes(encode_video, bool(args.last_frame_p), bool(args.keyframe_p),
+                                 LATENT_STRIDE[args.encoders][0]) if args.last_frame_p or args.keyframe_p \
+                else encode_video
             entries = encode_dataset(records, enc, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
             os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
@@ -2331,6 +2367,7 @@ def main(argv=None):
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
                        caption_dropout=args.caption_dropout, first_frame_p=args.first_frame_p, ema=args.ema,
                        encoders=args.encoders, **({"last_frame_p": args.last_frame_p} if args.last_frame_p else {}),
+                       **({"keyframe_p": args.keyframe_p} if args.keyframe_p else {}),
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -2360,9 +2397,10 @@ def main(argv=None):
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     pin = device.type == "cuda"
     if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (common/preflight.py)
-        def loss(b, x0, sigma, eps):  # with --last_frame_p the longer sequence, with the keyframe
+        def loss(b, x0, sigma, eps):  # with --last_frame_p / --keyframe_p the longer sequence, with a keyframe
             ctx, mask = text_batch(b, device)
-            kf = batch_keyframe(b, x0, device) if args.last_frame_p else None
+            kf = batch_keyframe(b, x0, device, "last" if args.last_frame_p else 0.0) \
+                if args.last_frame_p or args.keyframe_p else None
             return flow_loss(model, x0, ctx, mask, sigma, eps, b["fps"], keyframe=kf)
         preflight.check(train, micro, lambda idx: {**load_batch([train[i]["file"] for i in idx], pin=pin), "fps":
                         torch.tensor([float(train[i]["fps"]) for i in idx])}, loss, model, device, args.sp, print0)
@@ -2407,7 +2445,7 @@ def main(argv=None):
                 ctx, mask = drop_captions(ctx, mask, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
-            kf = batch_keyframe(b, x0, device) if key else None
+            kf = batch_keyframe(b, x0, device, key)
             loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p else None, kf)
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)

@@ -62,7 +62,7 @@ def test_flow_loss_target_and_i2v_conditioning():
     assert m3.seen[-1][1].shape == (2,)
 
 
-def test_last_frame_keyframe_in_the_loss_the_draws_and_the_cache():
+def test_keyframes_in_the_loss_the_draws_and_the_cache():
     model = tiny_dit()
     c = model.cfg
     g = torch.Generator().manual_seed(3)
@@ -76,26 +76,38 @@ def test_last_frame_keyframe_in_the_loss_the_draws_and_the_cache():
     # the loss is over the video's tokens only, whatever the keyframe tokens' outputs (the model drops them)
     o = Oracle(x0, eps)
     assert L.flow_loss(o, x0, None, None, sigma, eps, keyframe=(z, 16)) == 0 and o.seen[-1][2][1] == 16
-    # one draw per step, a pure function of (seed, step), at the asked rate
-    a = L.Args(last_frame_p=0.25, seed=5)
+    # one draw per step, a pure function of (seed, step), at the asked rates: "last", or u for a frame (--keyframe_p)
+    a = L.Args(last_frame_p=0.25, keyframe_p=0.5, seed=5)
     draws = [L.keyframe_draw(a, s) for s in range(4000)]
-    assert draws == [L.keyframe_draw(a, s) for s in range(4000)] and abs(sum(draws) / 4000 - 0.25) < 0.03
+    assert draws == [L.keyframe_draw(a, s) for s in range(4000)]
+    assert abs(draws.count("last") / 4000 - 0.25) < 0.03 and abs(draws.count(None) / 4000 - 0.25) < 0.03
+    us = [d for d in draws if isinstance(d, float)]
+    assert all(0 <= u < 1 for u in us) and abs(sum(us) / len(us) - 0.5) < 0.03
+    only_last = [L.keyframe_draw(L.Args(last_frame_p=0.25, seed=5), s) for s in range(4000)]
+    assert [d == "last" for d in only_last] == [d == "last" for d in draws]  # --keyframe_p keeps the last-frame draws
     assert not any(L.keyframe_draw(L.Args(last_frame_p=0.0), s) for s in range(100))
-    # the cache's encoder: the clip, and its last frame encoded ALONE (a one-frame clip: itself)
+    # the cache's encoder: the clip, its last frame encoded ALONE (a one-frame clip: itself), and (--keyframe_p) each
+    # frame at a latent-frame boundary alone: pixel frames 8 and 16 of a 17-frame clip
     calls = []
 
     def enc(v):
         calls.append(v.shape[2])
-        return v[:, :, :1] * v.shape[2]  # a stand-in whose output depends on how many frames it was given
-    v = torch.randn(1, 3, 9, 4, 4, generator=g)
-    out = L.with_last_frame(enc)(v)
-    assert calls == [9, 1] and torch.equal(out["last"], v[:, :, -1:]) and torch.equal(out[None], v[:, :, :1] * 9)
+        n = 1 + (v.shape[2] - 1) // 8
+        return v[:, :, :n] * v.shape[2]  # a stand-in whose output depends on how many frames it was given
+    v = torch.randn(1, 3, 17, 4, 4, generator=g)
+    out = L.with_keyframes(enc, last=True, frames=True)(v)
+    assert calls == [17, 1, 1, 1] and torch.equal(out["last"], v[:, :, -1:]) and torch.equal(out[None], v[:, :, :3] * 17)
+    assert torch.equal(out["frames"], v[:, :, [8, 16]])
     calls.clear()
-    one = L.with_last_frame(enc)(v[:, :, :1])
-    assert calls == [1] and one["last"] is one[None]
-    b = {"latents.last": out["last"]}
-    assert L.batch_keyframe(b, torch.zeros(1, 8, 2, 1, 1), "cpu")[1] == 8 and \
-        L.batch_keyframe(b, torch.zeros(1, 8, 1, 1, 1), "cpu") is None
+    one = L.with_keyframes(enc, last=True, frames=True)(v[:, :, :1])
+    assert calls == [1] and one["last"] is one[None] and one["frames"] is one[None]
+    b = {"latents.last": out["last"], "latents.frames": out["frames"]}
+    x0 = torch.zeros(1, 8, 3, 1, 1)
+    assert L.batch_keyframe(b, x0, "cpu")[1] == 16 and L.batch_keyframe(b, x0[:, :, :1], "cpu") is None
+    assert L.batch_keyframe(b, x0, "cpu", None) is None
+    for u, j in ((0.0, 1), (0.49, 1), (0.5, 2), (0.99, 2)):  # boundary j = 1 + floor(u (f - 1)), pixel frame 8j
+        z, p = L.batch_keyframe(b, x0, "cpu", u)
+        assert p == 8 * j and torch.equal(z, v[:, :, 8 * j: 8 * j + 1]), u
 
 
 def test_the_model_learns_from_the_keyframe():

@@ -68,12 +68,14 @@ ltx = script_runner("train_ltx.py")
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
-              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", *CLIP]
+              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", "--keyframe_p", "0.3", *CLIP]
     t, meta = checks.check_cache(ltx, common, folder["cache"])
     assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
     # --last_frame_p: the clip's last frame encoded alone by the VAE (an image latent), beside the clip's latents
-    assert t["latents.last"].shape == (8, 1, 1, 1) and meta["settings"]["keyframe"] == "last"
+    assert t["latents.last"].shape == (8, 1, 1, 1) and meta["settings"]["keyframe"] == "last+frames"
     assert not torch.equal(t["latents.last"][:, 0], t["latents"][:, -1])
+    # --keyframe_p: each latent-frame boundary's pixel frame alone (9 frames: frame 8, the last)
+    assert t["latents.frames"].shape == (8, 1, 1, 1) and torch.equal(t["latents.frames"], t["latents.last"])
 
     # full fine-tune, 4 steps with a checkpoint at 2; then the same run to 6 with --resume 1
     out = tmp_path / "full"
@@ -105,6 +107,10 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     ltx(*s, "--out_dir", str(tmp_path / "s3"), "--sample_image", clip, "--sample_last_image", clip)  # + a last frame
     d = read_clip(str(tmp_path / "s3" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (d - c).abs().float().mean() > 0.01
+    ltx(*s, "--out_dir", str(tmp_path / "s4"), "--sample_image", clip, "--sample_last_image", clip,
+        "--sample_keyframe_frame", "4")  # the keyframe at frame 4: another sample
+    e = read_clip(str(tmp_path / "s4" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (e - d).abs().float().mean() > 0.01
 
 
 def sample_video(out):
@@ -168,6 +174,8 @@ def test_bench_in_bf16(folder):
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
     (["--sp", "0"], "--sp 0 must be >= 1"),
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
+    (["--keyframe_p", "0.6", "--last_frame_p", "0.5"], "together at most 1"),
+    (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),
     (["--sample_config", "ltxv-13b-0.9.8-dev", "--sample_prompts", "a", "--height", "64", "--width", "64"],
      "STG on block(s) [22, 27, 28, 35, 39]: the DiT has 2 blocks"),
