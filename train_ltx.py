@@ -1299,8 +1299,10 @@ def sample_sigmas(n, method, n_tokens, shift=1.0, generator=None, device="cpu"):
 
 def flow_loss(model, x0, context, mask, sigma, noise, frame_rate=25.0, cond=None, keyframe=None):
     """MSE between the predicted and the true velocity over the tokens that are not conditioning. x0, noise
-    (B,C,F,H,W); sigma (B,); cond (B,) bool or None: image-to-video first-frame conditioning for those samples, whose
-    latent frame 0 is given clean (x_t = x0 there), gets timestep 0 and is left out of the loss (LTX-Video-Trainer).
+    (B,C,F,H,W); sigma (B,); cond (B,) or None: per sample, how many leading latent frames are conditioning (bool:
+    1, image-to-video's first frame, as LTX-Video-Trainer; k > 1: video extension from a k-frame prefix); they are
+    given clean (x_t = x0 there), get timestep 0 and are left out of the loss. (The causal VAE encodes a clip's
+    prefix alone to the clip's own first latents, so the cached latents are what a prefix video encodes to.)
     keyframe (z, p) or None: the model's keyframe conditioning (Transformer3DModel.forward), e.g. the clip's last
     frame encoded alone at its pixel frame; its tokens are not the model's output, so never in the loss."""
     B, C, f, h, w = x0.shape
@@ -1309,12 +1311,11 @@ def flow_loss(model, x0, context, mask, sigma, noise, frame_rate=25.0, cond=None
     t = (sigma * 1000).view(B, 1).expand(B, f * h * w)
     keep = torch.ones(B, 1, f, 1, 1, device=x0.device)
     if cond is not None and f > 1 and bool(cond.any()):
-        c = cond.to(x0.device).view(B, 1, 1, 1, 1)
-        first = torch.zeros(1, 1, f, 1, 1, dtype=torch.bool, device=x0.device)
-        first[:, :, 0] = True
-        xt = torch.where(c & first, x0, xt)
-        t = torch.where((c & first).view(B, 1, f, 1, 1).expand(B, 1, f, h, w).reshape(B, -1), 0.0, t)
-        keep = (~(c & first)).float()
+        k = cond.to(x0.device).long().clamp(max=f - 1).view(B, 1, 1, 1, 1)
+        clean = torch.arange(f, device=x0.device).view(1, 1, f, 1, 1) < k  # (B, 1, f, 1, 1)
+        xt = torch.where(clean, x0, xt)
+        t = torch.where(clean.expand(B, 1, f, h, w).reshape(B, -1), 0.0, t)
+        keep = (~clean).float()
     else:
         t = sigma * 1000  # one timestep per sample: the cheaper (B, 6D) modulation
     v = model(xt, t, context, mask, frame_rate, keyframe=keyframe)
@@ -1378,13 +1379,15 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
     blocks, rescale) or None: spatio-temporal guidance adds scale * (c - p), p the conditional prediction with those
     blocks' self-attention replaced by its values, and then matches the result's std to the conditional's by a
     factor r std(c)/std(v) + (1 - r) per sample.
-    cond_latent (B,C,1,H,W): image conditioning; its tokens are the clean latent with timestep 0. keyframe (z, p):
+    cond_latent (B,C,k,H,W): the first k latent frames given (an image: k = 1; a video prefix); its tokens are the
+    clean latent with timestep 0. keyframe (z, p):
     the model's keyframe conditioning (e.g. the last frame), the same in every branch of the batch."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
     if cond_latent is not None:
-        x = torch.cat([cond_latent.to(x), x[:, :, 1:]], dim=2)
-        t[:, : h * w] = 0.0
+        k = cond_latent.shape[2]
+        x = torch.cat([cond_latent.to(x), x[:, :, k:]], dim=2)
+        t[:, : k * h * w] = 0.0
     ctx, cmask = context
     # CFG only above 1, as the official pipeline (guidance_scale > 1): a scale <= 1 means no negative pass at all,
     # not an extrapolation towards the negative prompt
@@ -1431,8 +1434,9 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
     0.7). timesteps: the schedule itself (then steps / sampler / shifting / terminal are unused); guidance and stg
     may be lists, one entry a step (the configs' per-timestep values, pass_plan). init: latents to start from, noised
-    to the first timestep, t0 noise + (1 - t0) init (the multi-scale pipeline's second pass). With cond_latent the
-    first latent frame is the conditioning image's latent throughout (timestep 0); with keyframe (z, p) the model
+    to the first timestep, t0 noise + (1 - t0) init (the multi-scale pipeline's second pass). With cond_latent (B, C,
+    k, h, w) the first k latent frames are the conditioning image's or video prefix's latents throughout (timestep
+    0); with keyframe (z, p) the model
     attends to that keyframe's tokens at every step (first + last frame: both).
     renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
     x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0.
@@ -1463,7 +1467,7 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
         else:
             x = x - (t - t_next) * v
     if cond_latent is not None:
-        x = torch.cat([cond_latent.to(x), x[:, :, 1:]], dim=2)
+        x = torch.cat([cond_latent.to(x), x[:, :, cond_latent.shape[2]:]], dim=2)
     return x
 
 
@@ -1567,6 +1571,7 @@ class Args:
     val_count: int = 0  # source files held out for the validation loss
     caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (what guidance contrasts)
     first_frame_p: float = 0.1  # image-to-video: probability that a sample's first latent frame is given clean
+    prefix_p: float = 0.0  # video extension: probability that a sample's first k latent frames (k random) are clean
     last_frame_p: float = 0.0  # keyframe: probability that a step's samples see their last frame as a keyframe
     keyframe_p: float = 0.0  # keyframe: probability that a step's samples see frame 8j (j random, 1..f-1) as one
     # LoRA (rank 0 = full fine-tune)
@@ -1607,6 +1612,8 @@ class Args:
     sample_prompts: str = ""  # prompts separated by |, or a text file with one per line
     sample_negative: str = "official"  # negative prompt for guidance: official (LTX-Video's own) or any text
     sample_image: str = ""  # image-to-video samples: an image (or video: its first frame) as the first frame
+    sample_video: str = ""  # video-extension samples: the first --sample_video_frames frames of this video, given
+    sample_video_frames: int = 9  # how many frames of --sample_video the samples continue (1 + 8k)
     sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_steps: int = 40  # sampler steps
@@ -1670,7 +1677,7 @@ def check_args(args):
     for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
-    for k in ("caption_dropout", "ema", "first_frame_p", "last_frame_p", "keyframe_p", "decode_noise",
+    for k in ("caption_dropout", "ema", "first_frame_p", "prefix_p", "last_frame_p", "keyframe_p", "decode_noise",
               "sample_cond_noise"):
         need(0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
     need(args.last_frame_p + args.keyframe_p <= 1, f"--last_frame_p {args.last_frame_p} + --keyframe_p "
@@ -1693,10 +1700,15 @@ def check_args(args):
          "distilled configs' first pass; with --sample_config the config's own timesteps apply: pass one of them")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
-    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_last_image"):
+    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_video", "sample_last_image"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
     frames = args.sample_frames or args.frames
+    need(not (args.sample_image and args.sample_video), "--sample_image and --sample_video both give the first "
+         "frames: pass one")
+    n = args.sample_video_frames
+    need(not args.sample_video or (0 < n < frames and (n - 1) % st == 0), f"--sample_video_frames {n}: expected "
+         f"1 + {st}k frames, fewer than the samples' {frames}")
     need(args.sample_keyframe_frame == -1 or 0 < args.sample_keyframe_frame < frames, f"--sample_keyframe_frame "
          f"{args.sample_keyframe_frame}: expected -1 (the last frame) or a frame 1..{frames - 1} of the "
          f"{frames}-frame samples (frame 0 is --sample_image's)")
@@ -1891,17 +1903,21 @@ def count_flops(cfg: LTXConfig, n, text_len=TEXT_LEN):
     return cfg.num_layers * per_block + rest
 
 
-def training_draws(args, step, index, n, n_tokens, device):
-    """sigma (n,) on `device`, caption-dropout and first-frame flags (n,) bool on CPU for the samples index, index+1,
-    ... of the global batch of `step`: a pure function of (seed, step, index), so 1 or N ranks and a resumed run
-    agree. n_tokens: the token count of the batch's bucket (the shifted sampler's mean depends on it)."""
-    sig, drop, first = [], [], []
+def training_draws(args, step, index, n, n_tokens, device, frames=1):
+    """sigma (n,) on `device`, caption-dropout flags (n,) bool and conditioning frames (n,) long on CPU for the samples
+    index, index+1, ... of the global batch of `step`: a pure function of (seed, step, index), so 1 or N ranks and a
+    resumed run agree. n_tokens: the token count of the batch's bucket (the shifted sampler's mean depends on it);
+    frames: its latent frames. Conditioning frames: k in 1..frames-1 with --prefix_p (video extension), else 1 with
+    --first_frame_p (image-to-video), else 0 (the first-frame draw is the same with or without --prefix_p)."""
+    sig, drop, cond = [], [], []
     for j in range(n):
         g = noise.generator(args.seed, step, index + j)
         sig.append(sample_sigmas(1, args.timestep_sampling, n_tokens, args.shift, generator=g))
         drop.append(torch.rand(1, generator=g) < args.caption_dropout)
-        first.append(torch.rand(1, generator=g) < args.first_frame_p)
-    return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop), torch.cat(first)
+        first = torch.rand(1, generator=g) < args.first_frame_p
+        prefix, u = torch.rand(2, generator=g).tolist()
+        cond.append(torch.tensor([1 + int(u * (frames - 1)) if prefix < args.prefix_p and frames > 1 else int(first)]))
+    return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop), torch.cat(cond)
 
 
 def keyframe_draw(args, step):
@@ -2132,11 +2148,11 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             "stg_blocks": sorted({b for st in plans[-1][2] if st for b in st[1]}), "cfg_star": plans[-1][3],
             "stochastic": stochastic}))
 
-    def encode_image(path, size):  # resized and centre-cropped to the asked size, then resized to the pass's (as
-        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), frames)  # the pipeline)
-        z = torch.zeros(1, shape[0], 1, *shape[2:])
-        if rank == 0:  # encoded alone by rank 0, broadcast
-            img = read_clip(path, 0.0, 1, args.fps, (args.height, args.width))  # (3, 1, H, W)
+    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size, then
+        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)  # to the pass's
+        z = torch.zeros(1, *shape)
+        if rank == 0:  # (as the pipeline), encoded alone by rank 0, broadcast
+            img = read_clip(path, 0.0, n, args.fps, (args.height, args.width))  # (3, n, H, W)
             if tuple(size) != (args.height, args.width):
                 img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
                 img = img.transpose(0, 1)
@@ -2151,7 +2167,8 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         x = x.to(device)
         torch.distributed.broadcast(x, 0)
         return x
-    conds = [encode_image(args.sample_image, size) if args.sample_image else None for _, size in passes]
+    first = (args.sample_image, 1) if args.sample_image else (args.sample_video, args.sample_video_frames)
+    conds = [encode_image(first[0], size, first[1]) if first[0] else None for _, size in passes]
     # the keyframe's RoPE frame: pixel frames, the toy encoders' latent frames counted as 8 (rope_grid's units)
     at = lambda f: last_frame_index(f) if args.sample_keyframe_frame < 0 else \
         args.sample_keyframe_frame * VAE_TEMPORAL // LATENT_STRIDE[args.encoders][0]  # noqa: E731
@@ -2368,6 +2385,7 @@ def main(argv=None):
                        caption_dropout=args.caption_dropout, first_frame_p=args.first_frame_p, ema=args.ema,
                        encoders=args.encoders, **({"last_frame_p": args.last_frame_p} if args.last_frame_p else {}),
                        **({"keyframe_p": args.keyframe_p} if args.keyframe_p else {}),
+                       **({"prefix_p": args.prefix_p} if args.prefix_p else {}),
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -2440,13 +2458,14 @@ def main(argv=None):
             ctx, mask = text_batch(b, device)
             n_tok = math.prod(x0.shape[2:])
             first = (m * dp_world + dp_rank) * micro  # this micro-batch's first sample, as an index in the global batch
-            sigma, drop, cond = training_draws(args, step, first, len(x0), n_tok, device)
+            sigma, drop, cond = training_draws(args, step, first, len(x0), n_tok, device, x0.shape[2])
             if args.caption_dropout:
                 ctx, mask = drop_captions(ctx, mask, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             kf = batch_keyframe(b, x0, device, key)
-            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p else None, kf)
+            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p or args.prefix_p
+                             else None, kf)
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
             (loss * args.sp / accum).backward()

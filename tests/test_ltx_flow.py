@@ -36,7 +36,7 @@ class Oracle(torch.nn.Module):
         return self.noise - self.x0
 
 
-def test_flow_loss_target_and_i2v_conditioning():
+def test_flow_loss_target_i2v_and_video_extension():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
     m = Oracle(x0, noise)
@@ -56,6 +56,26 @@ def test_flow_loss_target_and_i2v_conditioning():
     assert torch.equal(xt[1, :, 0], x0[1, :, 0])
     assert torch.allclose(xt[0, :, 0], 0.7 * x0[0, :, 0] + 0.3 * noise[0, :, 0])
     assert t.shape == (2, 12) and torch.all(t[1, :4] == 0) and torch.all(t[1, 4:] == 800) and torch.all(t[0] == 300)
+    # video extension: sample 0 continues its first 2 latent frames (clean, timestep 0, out of the loss); the loss is
+    # the mean over the other tokens (a known error on them: its mean)
+    m4 = Oracle(x0, noise)
+    err = torch.zeros_like(noise)
+    err[0, :, :2] = 100.0
+    err[0, :, 2], err[1] = 1.0, 2.0
+    loss = L.flow_loss(lambda x, t, c, k, f, keyframe: m4(x, t, c, k, f) + err, x0, None, None, sigma, noise,
+                       cond=torch.tensor([2, 0]))
+    assert torch.isclose(loss, torch.tensor((4 * 1.0 + 12 * 4.0) / 16))  # 1 frame of sample 0 + 3 of sample 1
+    xt, t, _ = m4.seen[-1]
+    assert torch.equal(xt[0, :, :2], x0[0, :, :2]) and torch.all(t[0, :8] == 0) and torch.all(t[0, 8:] == 300)
+    assert torch.all(t[1] == 800)
+    # the draws: k in 1..f-1 at --prefix_p; the first-frame and other draws as without it
+    a, b = L.Args(prefix_p=0.5, first_frame_p=0.3, seed=2), L.Args(first_frame_p=0.3, seed=2)
+    s_a, d_a, k_a = L.training_draws(a, 7, 0, 4000, 64, "cpu", 5)
+    s_b, d_b, k_b = L.training_draws(b, 7, 0, 4000, 64, "cpu", 5)
+    assert torch.equal(s_a, s_b) and torch.equal(d_a, d_b) and set(k_b.tolist()) == {0, 1}
+    assert abs((k_b == 1).float().mean() - 0.3) < 0.03 and set(k_a.tolist()) == {0, 1, 2, 3, 4}
+    assert abs((k_a >= 2).float().mean() - 0.5 * 3 / 4) < 0.03  # half prefix, three of its four k above 1
+    assert torch.equal(k_a[k_b == 1].clamp(max=1), torch.ones_like(k_a[k_b == 1]))  # i2v samples keep a frame
     # one latent frame: nothing to condition
     m3 = Oracle(x0[:, :, :1], noise[:, :, :1])
     L.flow_loss(m3, x0[:, :, :1], None, None, sigma, noise[:, :, :1], cond=torch.tensor([True, True]))

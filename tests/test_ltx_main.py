@@ -68,7 +68,7 @@ ltx = script_runner("train_ltx.py")
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
-              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", "--keyframe_p", "0.3", *CLIP]
+              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", "--keyframe_p", "0.3", "--prefix_p", "0.3", *CLIP]
     t, meta = checks.check_cache(ltx, common, folder["cache"])
     assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
     # --last_frame_p: the clip's last frame encoded alone by the VAE (an image latent), beside the clip's latents
@@ -111,6 +111,13 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
         "--sample_keyframe_frame", "4")  # the keyframe at frame 4: another sample
     e = read_clip(str(tmp_path / "s4" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (e - d).abs().float().mean() > 0.01
+    # video extension: 17-frame samples continuing the clip's first 9 frames
+    ltx(*s, "--out_dir", str(tmp_path / "s5"), "--sample_video", clip, "--sample_video_frames", "9",
+        "--sample_frames", "17")
+    f = read_clip(str(tmp_path / "s5" / "samples" / "step_00000000_0.mp4"), 0, 17, 16, (32, 32))
+    ltx(*s, "--out_dir", str(tmp_path / "s6"), "--sample_frames", "17")  # the same without the prefix
+    t2v = read_clip(str(tmp_path / "s6" / "samples" / "step_00000000_0.mp4"), 0, 17, 16, (32, 32))
+    assert f.shape == t2v.shape == (3, 17, 32, 32) and (f - t2v).abs().float().mean() > 0.01
 
 
 def sample_video(out):
@@ -175,6 +182,7 @@ def test_bench_in_bf16(folder):
     (["--sp", "0"], "--sp 0 must be >= 1"),
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
     (["--keyframe_p", "0.6", "--last_frame_p", "0.5"], "together at most 1"),
+    (["--sample_video_frames", "8", "--sample_video", __file__], "--sample_video_frames 8: expected 1 + 8k frames"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),
     (["--sample_config", "ltxv-13b-0.9.8-dev", "--sample_prompts", "a", "--height", "64", "--width", "64"],

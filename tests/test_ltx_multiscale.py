@@ -250,3 +250,38 @@ def test_first_and_last_frame_sampling_matches_the_official_pipeline():
         z0 = L.sample_euler(model, noise, (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
                             timesteps=ts, guidance=g, stg=stg, frame_rate=float(meta["fps"]), cond_latent=first)
     assert (z0 - want).abs().max() > 100 * max(err, 1e-6)
+
+
+def test_video_extension_sampling_matches_the_official_pipeline():
+    """The same golden file: upstream's LTXVideoPipeline conditioned on a 9-frame clip at frame 0 (its two latent
+    frames in place, strength 1). Ours: the clip through our VAE as cond_latent (B, C, 2, h, w), the recorded noise."""
+    from tests.test_ltx_golden import golden
+    sd, meta, model, part = multiscale_golden()
+    vae_sd, vae_meta = golden()
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
+    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    p = json.loads(meta["cond_config"])
+    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
+    g, stg = L.pass_plan(p, ts)
+    want = sd["ext.latents"]
+    with torch.no_grad():
+        prefix = vae.encode(sd["ext.prefix"])
+        z = L.sample_euler(model, sd["ext.noise"], (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
+                           timesteps=ts, guidance=g, stg=stg, frame_rate=float(meta["fps"]), cond_latent=prefix)
+    assert prefix.shape[2] == 2 and torch.equal(z[:, :, :2], prefix)
+    err = (z - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
+
+
+def test_a_prefix_encodes_alone_to_the_clips_first_latents():
+    """Why --prefix_p can train from the cached latents: the causal VAE encodes a clip's first 1 + 8(k - 1) frames
+    alone to the clip's own first k latent frames (the official code's tiny VAE of tests/fixtures/ltx_golden)."""
+    from tests.test_ltx_golden import golden, part
+    vae_sd, vae_meta = golden()
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
+    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    v = torch.rand(1, 3, 25, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = vae.encode(v)
+    for n, k in ((1, 1), (9, 2), (17, 3)):
+        zp = vae.encode(v[:, :, :n])
+        assert zp.shape[2] == k and (zp - z[:, :, :k]).abs().max() <= 1e-5 * z.abs().max(), n

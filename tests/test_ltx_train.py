@@ -1,6 +1,6 @@
 """train_ltx.py as a user runs it (subprocesses, the toy preset): the loss falls on 1 and 2 processes and the two
-agree (losses and gradient norms, with per-sample caption dropout, first-frame conditioning and the per-step
-keyframes, last frame or another, in the draws), LoRA
+agree (losses and gradient norms, with per-sample caption dropout, first-frame and video-prefix conditioning and
+the per-step keyframes, last frame or another, in the draws), LoRA
 trains only the adapters, an interrupted run resumes exactly, the run folder is never another run's, the validation
 loss is fixed, --mode sample applies a LoRA, bench runs, AC keeps the math, --sp 2 on 2 processes = 1 process."""
 import pytest
@@ -9,9 +9,10 @@ from tests import checks
 from tests.procs import losses, toy_runner
 
 # SMALL (tests/procs.py) -> 48 x 5 x 4 x 4 "latents" -> 80 tokens per clip; with first-frame conditioning, caption
-# dropout and the keyframes in the draws (seed 0: steps 1-4 and 9-10 the last frame, 5-8 another frame j, from u =
-# 0.96, 0.31, 0.56, 0.64: j = 4, 2, 3, 3)
-EXTRA = ["--first_frame_p", "0.3", "--caption_dropout", "0.2", "--last_frame_p", "0.5", "--keyframe_p", "0.3"]
+# dropout, video-extension prefixes and the keyframes in the draws (seed 0: steps 1-4 and 9-10 the last frame, 5-8
+# another frame j, from u = 0.96, 0.31, 0.56, 0.64: j = 4, 2, 3, 3)
+EXTRA = ["--first_frame_p", "0.3", "--prefix_p", "0.2", "--caption_dropout", "0.2", "--last_frame_p", "0.5",
+         "--keyframe_p", "0.3"]
 run = toy_runner("train_ltx.py", *EXTRA)
 
 
