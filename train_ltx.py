@@ -2116,8 +2116,9 @@ def check_sample_config(args, cfg):
 
 def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     """One video per --sample_prompts prompt, seeded by (seed, prompt index), through the official sampler with
-    guidance against `negative` (--sample_image as the first frame, --sample_last_image as a keyframe at the last),
-    in one pass or the two of a multi-scale --sample_config. Collective; rank 0 decodes and writes
+    guidance against `negative` (--sample_image as the first frame or --sample_video's first frames in place,
+    --sample_last_image as a keyframe at the last frame or --sample_keyframe_frame), in one pass or the two of a
+    multi-scale --sample_config. Collective; rank 0 decodes and writes
     samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
     conf = sample_config(args)
