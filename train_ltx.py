@@ -306,26 +306,27 @@ class Transformer3DModel(nn.Module):
 
     def forward(self, x, t, context, context_mask=None, frame_rate=25.0, keyframe=None, return_keyframe=False):
         """x (B, C, f, h, w) latents; t (B,) or per token (B, f*h*w) in [0, 1000]; context (B, L, caption_channels),
-        context_mask (B, L) 1/0; frame_rate (the RoPE time axis) a number or (B,). keyframe = (z, p) or None: z
-        (B, C, k, h, w) a clip encoded ON ITS OWN (k = 1: one image) that sits at pixel frame p of the video, as the
-        0.9.5+ pipeline conditions on a keyframe away from frame 0 (prepare_conditioning): its tokens go in front of
-        the video's, with the RoPE time of their own grid + p and timestep 0 (strength 1), every token attends to
-        every token, and they are dropped from the output (return_keyframe: also returned, (B, C_out, k, h, w), for
-        the sampler's guidance statistics). -> (B, C_out, f, h, w) velocity."""
+        context_mask (B, L) 1/0; frame_rate (the RoPE time axis) a number or (B,). keyframe = (z, p), a list of
+        them, or None: z (B, C, k, h, w) a clip encoded ON ITS OWN (k = 1: one image) that sits at pixel frame p of
+        the video, as the 0.9.5+ pipeline conditions on a keyframe away from frame 0 (prepare_conditioning): its
+        tokens go in front of the video's (several: in list order), with the RoPE time of their own grid + p and
+        timestep 0 (strength 1), every token attends to every token, and they are dropped from the output
+        (return_keyframe: also returned, (B, M, C_out) in token order, for the sampler's guidance statistics).
+        -> (B, C_out, f, h, w) velocity."""
         cfg = self.cfg
         B, C, f, h, w = x.shape
         wdt = self.patchify_proj.weight.dtype
         x = self.patchify_proj(x.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, N, D), tokens in (f, h, w) order
         rope = self.rope(f, h, w, frame_rate, x.device)
+        keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
         M = 0  # keyframe tokens in front
-        if keyframe is not None:
-            kz, p = keyframe
-            k = self.patchify_proj(kz.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, M, D)
-            M = k.shape[1]
-            krope = self.rope(*kz.shape[2:], frame_rate, x.device, frame_offset=p)
-            x = torch.cat([k, x], dim=1)
-            rope = tuple(torch.cat([a, b], dim=1) for a, b in zip(krope, rope))  # the same frame_rate: same batch dim
-            t = t.float().reshape(B, -1).expand(B, f * h * w)  # (B,) or (B, N) -> per token, 0 on the keyframe's
+        if keys:
+            ks = [self.patchify_proj(kz.flatten(2).transpose(1, 2).to(wdt)).float() for kz, _ in keys]  # (B, M_i, D)
+            M = sum(k.shape[1] for k in ks)
+            kropes = [self.rope(*kz.shape[2:], frame_rate, x.device, frame_offset=p) for kz, p in keys]
+            x = torch.cat([*ks, x], dim=1)
+            rope = tuple(torch.cat([*parts], dim=1) for parts in zip(*kropes, rope))  # one frame_rate: one batch dim
+            t = t.float().reshape(B, -1).expand(B, f * h * w)  # (B,) or (B, N) -> per token, 0 on the keyframes'
             t = torch.cat([t.new_zeros(B, M), t], dim=1)
         N = x.shape[1]
         if self.sp is not None:  # --sp N: from here to proj_out each rank holds ceil(N/sp) of the tokens
@@ -350,7 +351,7 @@ class Transformer3DModel(nn.Module):
             x = sp.gather(x, self.sp, N)  # every rank of the group gets the whole output (the loss is computed whole)
         out = x[:, M:].transpose(1, 2).reshape(B, cfg.out_channels, f, h, w).contiguous()  # not a view (FSDP2)
         if return_keyframe:  # the keyframe's tokens: conditioning only, but the pipeline's guidance counts them
-            return out, x[:, :M].transpose(1, 2).reshape(B, cfg.out_channels, *keyframe[0].shape[2:])
+            return out, x[:, :M]
         return out
 
     @torch.no_grad()
@@ -1380,7 +1381,7 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
     blocks' self-attention replaced by its values, and then matches the result's std to the conditional's by a
     factor r std(c)/std(v) + (1 - r) per sample.
     cond_latent (B,C,k,H,W): the first k latent frames given (an image: k = 1; a video prefix); its tokens are the
-    clean latent with timestep 0. keyframe (z, p):
+    clean latent with timestep 0. keyframe (z, p) or a list:
     the model's keyframe conditioning (e.g. the last frame), the same in every branch of the batch."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
@@ -1404,7 +1405,9 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
     # sample, the keyframe's too: then the model gives its keyframe tokens' predictions as well
     whole = keyframe is not None and ((cfg and cfg_star) or (stg and stg[0] > 0 and stg[2] != 1.0))
     try:
-        kf = None if keyframe is None else (keyframe[0].to(x).repeat(len(xs), 1, 1, 1, 1), keyframe[1])
+        keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+        kf = [(z.to(x).repeat(len(xs), 1, 1, 1, 1), p) for z, p in keys]
+        kf = None if not kf else kf[0] if len(kf) == 1 else kf  # one keyframe: as the model's (z, p)
         v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate, keyframe=kf,
                   **({"return_keyframe": True} if whole else {}))
     finally:
@@ -1436,8 +1439,8 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     may be lists, one entry a step (the configs' per-timestep values, pass_plan). init: latents to start from, noised
     to the first timestep, t0 noise + (1 - t0) init (the multi-scale pipeline's second pass). With cond_latent (B, C,
     k, h, w) the first k latent frames are the conditioning image's or video prefix's latents throughout (timestep
-    0); with keyframe (z, p) the model
-    attends to that keyframe's tokens at every step (first + last frame: both).
+    0); with keyframe (z, p) (or a list of them) the model attends to the keyframes' tokens at every step (first +
+    last frame: both).
     renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
     x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0.
     cond_noise = (scale, CPU generator) or None: the pipeline's image_cond_noise_scale (inference.py's default 0.15;
@@ -1458,8 +1461,10 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
             scale, gen = cond_noise
             if c is not None:
                 c = c + scale * t**2 * torch.randn(c.shape, generator=gen).to(c)
-            if k is not None:
-                k = (k[0] + scale * t**2 * torch.randn(k[0].shape, generator=gen).to(k[0]), k[1])
+            if k is not None:  # one keyframe or a list: each noised, in order
+                k = [(z + scale * t**2 * torch.randn(z.shape, generator=gen).to(z), p)
+                     for z, p in (k if isinstance(k, list) else [k])]
+                k = k if isinstance(keyframe, list) else k[0]
         v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, k, cfg_star)
         if renoise is not None and t_next > 0:
             eps = torch.randn(x.shape, generator=renoise).to(x.device)
@@ -1616,6 +1621,7 @@ class Args:
     sample_video_frames: int = 9  # how many frames of --sample_video the samples continue (1 + 8k)
     sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
+    sample_keyframes: str = ""  # more keyframes for the samples: image@frame,image@frame (frame -1: the last)
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
@@ -1712,6 +1718,15 @@ def check_args(args):
     need(args.sample_keyframe_frame == -1 or 0 < args.sample_keyframe_frame < frames, f"--sample_keyframe_frame "
          f"{args.sample_keyframe_frame}: expected -1 (the last frame) or a frame 1..{frames - 1} of the "
          f"{frames}-frame samples (frame 0 is --sample_image's)")
+    try:
+        keys = sample_keyframes(args)
+    except ValueError:
+        keys = None
+    need(keys is not None, f"--sample_keyframes {args.sample_keyframes!r}: expected image@frame,image@frame")
+    for path, n in keys[1 if args.sample_last_image else 0:]:
+        need(os.path.exists(path), f"--sample_keyframes: {path}: no such file")
+        need(n == -1 or 0 < n < frames, f"--sample_keyframes: {path}@{n}: expected -1 (the last frame) or a frame "
+             f"1..{frames - 1} of the {frames}-frame samples")
     weights = args.dit_path or args.ckpt_dir
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
@@ -2114,11 +2129,24 @@ def check_sample_config(args, cfg):
                         "--sample_upscaler, the ltxv-spatial-upscaler-0.9.8.safetensors file)")
 
 
+def sample_keyframes(args):
+    """[(image, pixel frame or -1 for the last)]: --sample_last_image at --sample_keyframe_frame, then each
+    image@frame of --sample_keyframes, in that order (the order of the tokens, as the pipeline's conditioning
+    items)."""
+    keys = [(args.sample_last_image, args.sample_keyframe_frame)] if args.sample_last_image else []
+    for item in filter(None, (x.strip() for x in args.sample_keyframes.split(","))):
+        path, _, n = item.rpartition("@")
+        if not path:
+            raise ValueError(item)
+        keys.append((path, int(n)))
+    return keys
+
+
 def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     """One video per --sample_prompts prompt, seeded by (seed, prompt index), through the official sampler with
     guidance against `negative` (--sample_image as the first frame or --sample_video's first frames in place,
-    --sample_last_image as a keyframe at the last frame or --sample_keyframe_frame), in one pass or the two of a
-    multi-scale --sample_config. Collective; rank 0 decodes and writes
+    --sample_last_image as a keyframe at the last frame or --sample_keyframe_frame, --sample_keyframes), in one pass
+    or the two of a multi-scale --sample_config. Collective; rank 0 decodes and writes
     samples/step_XXXXXXXX_i.mp4."""
     rank = torch.distributed.get_rank()
     conf = sample_config(args)
@@ -2170,11 +2198,11 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         return x
     first = (args.sample_image, 1) if args.sample_image else (args.sample_video, args.sample_video_frames)
     conds = [encode_image(first[0], size, first[1]) if first[0] else None for _, size in passes]
-    # the keyframe's RoPE frame: pixel frames, the toy encoders' latent frames counted as 8 (rope_grid's units)
-    at = lambda f: last_frame_index(f) if args.sample_keyframe_frame < 0 else \
-        args.sample_keyframe_frame * VAE_TEMPORAL // LATENT_STRIDE[args.encoders][0]  # noqa: E731
-    keyframes = [(encode_image(args.sample_last_image, size), at(shape[1]))
-                 if args.sample_last_image else None for (_, size), shape in zip(passes, shapes)]
+    # a keyframe's RoPE frame: pixel frames, the toy encoders' latent frames counted as 8 (rope_grid's units)
+    at = lambda n, f: last_frame_index(f) if n < 0 else n * VAE_TEMPORAL // LATENT_STRIDE[args.encoders][0]  # noqa
+    keys = sample_keyframes(args)
+    keyframes = [[(encode_image(path, size), at(n, shape[1])) for path, n in keys] or None
+                 for (_, size), shape in zip(passes, shapes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
         ctx, neg = text_ctx[prompt][None].to(device).float(), text_ctx[negative][None].to(device).float()

@@ -111,6 +111,12 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
         "--sample_keyframe_frame", "4")  # the keyframe at frame 4: another sample
     e = read_clip(str(tmp_path / "s4" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (e - d).abs().float().mean() > 0.01
+    # --sample_keyframes image@frame: the same keyframe by the other flag gives the same sample; two keyframes another
+    ltx(*s, "--out_dir", str(tmp_path / "s7"), "--sample_image", clip, "--sample_keyframes", f"{clip}@4")
+    assert torch.equal(read_clip(str(tmp_path / "s7" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32)), e)
+    ltx(*s, "--out_dir", str(tmp_path / "s8"), "--sample_image", clip, "--sample_keyframes", f"{clip}@4,{clip}@-1")
+    k2 = read_clip(str(tmp_path / "s8" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (k2 - e).abs().float().mean() > 0.01 and (k2 - d).abs().float().mean() > 0.01
     # video extension: 17-frame samples continuing the clip's first 9 frames
     ltx(*s, "--out_dir", str(tmp_path / "s5"), "--sample_video", clip, "--sample_video_frames", "9",
         "--sample_frames", "17")
@@ -183,6 +189,9 @@ def test_bench_in_bf16(folder):
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
     (["--keyframe_p", "0.6", "--last_frame_p", "0.5"], "together at most 1"),
     (["--sample_video_frames", "8", "--sample_video", __file__], "--sample_video_frames 8: expected 1 + 8k frames"),
+    (["--sample_keyframes", "nope.png@4"], "--sample_keyframes: nope.png: no such file"),
+    (["--sample_keyframes", __file__ + "@x"], "expected image@frame,image@frame"),
+    (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),
     (["--sample_config", "ltxv-13b-0.9.8-dev", "--sample_prompts", "a", "--height", "64", "--width", "64"],

@@ -285,3 +285,28 @@ def test_a_prefix_encodes_alone_to_the_clips_first_latents():
     for n, k in ((1, 1), (9, 2), (17, 3)):
         zp = vae.encode(v[:, :, :n])
         assert zp.shape[2] == k and (zp - z[:, :, :k]).abs().max() <= 1e-5 * z.abs().max(), n
+
+
+def test_several_keyframes_match_the_official_pipeline():
+    """The same golden file: upstream's LTXVideoPipeline conditioned on the first frame and on images at frames 5
+    and 16 (extra tokens in that order). Ours: the first in place, the two as a list of keyframes."""
+    from tests.test_ltx_golden import golden
+    sd, meta, model, part = multiscale_golden()
+    vae_sd, vae_meta = golden()
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
+    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    p = json.loads(meta["cond_config"])
+    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
+    g, stg = L.pass_plan(p, ts)
+    want = sd["keys.latents"]
+    with torch.no_grad():
+        first, last = vae.encode(sd["cond.first"]), vae.encode(sd["cond.last"])
+        z = L.sample_euler(model, sd["keys.noise"], (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"]),
+                           timesteps=ts, guidance=g, stg=stg, frame_rate=float(meta["fps"]), cond_latent=first,
+                           keyframe=[(last, 5), (first, 16)])
+        swapped = L.sample_euler(model, sd["keys.noise"], (sd["in.ctx"], sd["in.mask"]),
+                                 (sd["in.neg"], sd["in.nmask"]), timesteps=ts, guidance=g, stg=stg,
+                                 frame_rate=float(meta["fps"]), cond_latent=first, keyframe=[(first, 5), (last, 16)])
+    err = (z - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
+    assert (swapped - want).abs().max() > 100 * max(err, 1e-6)  # which image sits where matters
