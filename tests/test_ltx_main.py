@@ -68,7 +68,8 @@ ltx = script_runner("train_ltx.py")
 
 def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
-              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", "--keyframe_p", "0.3", "--prefix_p", "0.3", *CLIP]
+              "--cache_dir", folder["cache"], "--first_frame_p", "0.5", "--last_frame_p", "0.5", "--keyframe_p", "0.3",
+              "--prefix_p", "0.3", *CLIP]
     t, meta = checks.check_cache(ltx, common, folder["cache"])
     assert t["latents"].shape == (8, 2, 1, 1) and t["text"].shape[1] == 32 and 2 <= t["text"].shape[0] <= 40
     # --last_frame_p: the clip's last frame encoded alone by the VAE (an image latent), beside the clip's latents

@@ -83,7 +83,8 @@ def test_full_size_upsampler_on_meta():
         ours, ref = L.LatentUpsampler(), LTXLatentUpsamplerModel()
     a, b = ours.state_dict(), ref.state_dict()
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert sum(v.numel() for v in a.values()) == 126_250_624 == 1_769_984 + 1_769_600 + 8 * 14_158_848 + 9_439_232 + 1_024
+    assert sum(v.numel() for v in a.values()) == 126_250_624
+    assert 126_250_624 == 1_769_984 + 1_769_600 + 8 * 14_158_848 + 9_439_232 + 1_024
 
 
 def test_adain_tone_map_and_the_upsampling_step_match_diffusers():
@@ -185,6 +186,18 @@ def multiscale_golden():
     return sd, meta, model, part
 
 
+def golden_vae_and_plan(meta):
+    """The VAE of tests/fixtures/ltx_golden (the generator took it) and the conditioned runs' one-pass plan:
+    (vae, timesteps, guidance, stg)."""
+    from tests.test_ltx_golden import golden, part
+    vae_sd, vae_meta = golden()
+    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
+    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    p = json.loads(meta["cond_config"])
+    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
+    return (vae, ts, *L.pass_plan(p, ts))
+
+
 def test_two_passes_match_the_official_multiscale_pipeline():
     """tests/fixtures/make_ltx_multiscale_golden.py ran upstream's LTXMultiScalePipeline (a 3-block DiT, a latent
     upsampler, per-timestep CFG / STG / blocks / rescale, CFG-star, skipped first and last steps) and recorded the
@@ -222,14 +235,8 @@ def test_first_and_last_frame_sampling_matches_the_official_pipeline():
     conditioned on an image at frame 0 and one at the last frame. Ours: both images through our VAE (posterior
     mean), the first in place (cond_latent), the last as the keyframe at last_frame_index, the recorded noise; then
     the pipeline's decode (noise, tone map, timestep)."""
-    from tests.test_ltx_golden import golden
-    sd, meta, model, part = multiscale_golden()
-    vae_sd, vae_meta = golden()  # the generator took the VAE of the DiT / VAE golden file
-    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
-    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
-    p = json.loads(meta["cond_config"])
-    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
-    g, stg = L.pass_plan(p, ts)
+    sd, meta, model, _ = multiscale_golden()
+    vae, ts, g, stg = golden_vae_and_plan(meta)
     noise, want = sd["cond.noise"], sd["cond.latents"]
     with torch.no_grad():
         first, last = vae.encode(sd["cond.first"]), vae.encode(sd["cond.last"])
@@ -255,14 +262,8 @@ def test_first_and_last_frame_sampling_matches_the_official_pipeline():
 def test_video_extension_sampling_matches_the_official_pipeline():
     """The same golden file: upstream's LTXVideoPipeline conditioned on a 9-frame clip at frame 0 (its two latent
     frames in place, strength 1). Ours: the clip through our VAE as cond_latent (B, C, 2, h, w), the recorded noise."""
-    from tests.test_ltx_golden import golden
-    sd, meta, model, part = multiscale_golden()
-    vae_sd, vae_meta = golden()
-    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
-    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
-    p = json.loads(meta["cond_config"])
-    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
-    g, stg = L.pass_plan(p, ts)
+    sd, meta, model, _ = multiscale_golden()
+    vae, ts, g, stg = golden_vae_and_plan(meta)
     want = sd["ext.latents"]
     with torch.no_grad():
         prefix = vae.encode(sd["ext.prefix"])
@@ -290,14 +291,8 @@ def test_a_prefix_encodes_alone_to_the_clips_first_latents():
 def test_several_keyframes_match_the_official_pipeline():
     """The same golden file: upstream's LTXVideoPipeline conditioned on the first frame and on images at frames 5
     and 16 (extra tokens in that order). Ours: the first in place, the two as a list of keyframes."""
-    from tests.test_ltx_golden import golden
-    sd, meta, model, part = multiscale_golden()
-    vae_sd, vae_meta = golden()
-    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
-    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
-    p = json.loads(meta["cond_config"])
-    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
-    g, stg = L.pass_plan(p, ts)
+    sd, meta, model, _ = multiscale_golden()
+    vae, ts, g, stg = golden_vae_and_plan(meta)
     want = sd["keys.latents"]
     with torch.no_grad():
         first, last = vae.encode(sd["cond.first"]), vae.encode(sd["cond.last"])
@@ -316,10 +311,8 @@ def test_stochastic_sampling_matches_the_official_pipeline():
     """The same golden file: upstream's LTXVideoPipeline with stochastic_sampling (x0 = x - t v re-noised to the next
     timestep each step), its re-noising draws taken from a generator seeded 7 in our layout: ours with that
     generator as renoise gives its latents."""
-    sd, meta, model, part = multiscale_golden()
-    p = json.loads(meta["cond_config"])
-    ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
-    g, stg = L.pass_plan(p, ts)
+    sd, meta, model, _ = multiscale_golden()
+    _, ts, g, stg = golden_vae_and_plan(meta)
     want = sd["stoch.latents"]
     ctx, neg = (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"])
     with torch.no_grad():
