@@ -165,6 +165,46 @@ def test_the_model_learns_from_the_keyframe():
     assert keyed < 0.4 * plain, (keyed, plain)
 
 
+def test_the_model_learns_where_a_keyframe_sits():
+    """--keyframe_p's signal is the keyframe's place: clips that are zero but for one latent frame j (random, 1..3)
+    of a random colour, the keyframe that colour at pixel frame 8j. A tiny DiT from scratch, trained so, predicts the
+    velocity at sigma 0.9 better given the keyframe at its frame than at another one (measured: 0.14 against 0.27
+    on average), so the keyframe's RoPE time is what tells it where the colour goes."""
+    import dataclasses
+    torch.manual_seed(0)
+    cfg = L.DIT_PRESETS["tiny"]
+    model = L.Transformer3DModel(dataclasses.replace(cfg))
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ctx = torch.zeros(1, 2, cfg.caption_channels)
+
+    def clips(g, B):  # (B, C, 4, 2, 2) zero but for frame j; the keyframe (B, C, 1, 2, 2); j
+        b = torch.randn(B, cfg.in_channels, 1, 1, 1, generator=g).expand(B, -1, 1, 2, 2)
+        j = int(torch.randint(1, 4, (1,), generator=g))
+        x0 = torch.zeros(B, cfg.in_channels, 4, 2, 2)
+        x0[:, :, j:j + 1] = b
+        return x0, b.contiguous(), j
+
+    def loss(x0, key, eps, j):
+        B = len(x0)
+        return L.flow_loss(model, x0, ctx.expand(B, -1, -1), None, torch.full((B,), 0.9), eps, keyframe=(key, 8 * j))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(1500):
+        x0, key, j = clips(g, 16)
+        opt.zero_grad()
+        loss(x0, key, torch.randn(x0.shape, generator=g), j).backward()
+        opt.step()
+    g = torch.Generator().manual_seed(2)
+    right = wrong = 0.0
+    for _ in range(6):
+        x0, key, j = clips(g, 32)
+        eps = torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            right += loss(x0, key, eps, j).item()
+            wrong += loss(x0, key, eps, 1 + j % 3).item()
+    assert right < 0.75 * wrong, (right, wrong)
+
+
 def test_linear_quadratic_matches_diffusers():
     from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule
     for n in (1, 8, 30, 40, 51):
