@@ -2114,6 +2114,11 @@ def check_sample_config(args, cfg):
         args.sample_stg_blocks
     try:
         conf = sample_config(args)
+        if conf.get("stg_mode", "attention_values").lower() not in ("attention_values", "stg_av"):
+            raise UserError(f"{src}: stg_mode {conf['stg_mode']!r}; train_ltx.py implements attention_values (the "
+                            "official configs' STG) only")
+        if conf.get("pipeline_type", "base") not in ("base", "multi-scale"):
+            raise UserError(f"{src}: pipeline_type {conf['pipeline_type']!r}: expected base or multi-scale")
         passes = sample_passes(conf, args.height, args.width, LATENT_STRIDE[args.encoders][1])
         bad = set()
         for p, (h, w) in passes:

@@ -194,6 +194,8 @@ def test_bench_in_bf16(folder):
     (["--sample_keyframes", __file__ + "@x"], "expected image@frame,image@frame"),
     (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
+    (["--sample_config", os.path.join(os.path.dirname(__file__), "fixtures", "stg_skip.json"), "--sample_prompts", "a"],
+     "stg_mode 'attention_skip'; train_ltx.py implements attention_values"),
     (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),
     (["--sample_config", "ltxv-13b-0.9.8-dev", "--sample_prompts", "a", "--height", "64", "--width", "64"],
      "STG on block(s) [22, 27, 28, 35, 39]: the DiT has 2 blocks"),
