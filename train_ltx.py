@@ -310,7 +310,8 @@ class Transformer3DModel(nn.Module):
         them, or None: z (B, C, k, h, w) a clip encoded ON ITS OWN (k = 1: one image) that sits at pixel frame p of
         the video, as the 0.9.5+ pipeline conditions on a keyframe away from frame 0 (prepare_conditioning): its
         tokens go in front of the video's (several: in list order), with the RoPE time of their own grid + p and
-        timestep 0 (strength 1), every token attends to every token, and they are dropped from the output
+        timestep 0 (strength 1; (z, p, t): timestep t, a conditioning strength below 1), every token attends to every
+        token, and they are dropped from the output
         (return_keyframe: also returned, (B, M, C_out) in token order, for the sampler's guidance statistics).
         -> (B, C_out, f, h, w) velocity."""
         cfg = self.cfg
@@ -321,13 +322,14 @@ class Transformer3DModel(nn.Module):
         keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
         M = 0  # keyframe tokens in front
         if keys:
-            ks = [self.patchify_proj(kz.flatten(2).transpose(1, 2).to(wdt)).float() for kz, _ in keys]  # (B, M_i, D)
+            ks = [self.patchify_proj(e[0].flatten(2).transpose(1, 2).to(wdt)).float() for e in keys]  # (B, M_i, D)
             M = sum(k.shape[1] for k in ks)
-            kropes = [self.rope(*kz.shape[2:], frame_rate, x.device, frame_offset=p) for kz, p in keys]
+            kropes = [self.rope(*e[0].shape[2:], frame_rate, x.device, frame_offset=e[1]) for e in keys]
             x = torch.cat([*ks, x], dim=1)
             rope = tuple(torch.cat([*parts], dim=1) for parts in zip(*kropes, rope))  # one frame_rate: one batch dim
-            t = t.float().reshape(B, -1).expand(B, f * h * w)  # (B,) or (B, N) -> per token, 0 on the keyframes'
-            t = torch.cat([t.new_zeros(B, M), t], dim=1)
+            t = t.float().reshape(B, -1).expand(B, f * h * w)  # (B,) or (B, N) -> per token; the keyframes': 0, or
+            t = torch.cat([*(t.new_full((B, k.shape[1]), float(e[2]) if len(e) > 2 else 0.0)  # their own (z, p, t)
+                             for k, e in zip(ks, keys)), t], dim=1)
         N = x.shape[1]
         if self.sp is not None:  # --sp N: from here to proj_out each rank holds ceil(N/sp) of the tokens
             x = sp.shard(x, self.sp)
@@ -1373,7 +1375,7 @@ def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
 
 
 def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None, keyframe=None,
-             cfg_star=False):
+             cfg_star=False, soft=None, return_keyframes=False):
     """One guided velocity, as the official pipeline combines them. context = (ctx (B,L,D), mask (B,L)); neg likewise
     or None. CFG (only when g > 1): u + g (c - u); with cfg_star (the 13B configs' cfg_star_rescale) u is first
     replaced by its scaled copy closest to c, u <- (<c, u> / (|u|^2 + 1e-8)) u per sample. stg = (scale, skip
@@ -1381,14 +1383,19 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
     blocks' self-attention replaced by its values, and then matches the result's std to the conditional's by a
     factor r std(c)/std(v) + (1 - r) per sample.
     cond_latent (B,C,k,H,W): the first k latent frames given (an image: k = 1; a video prefix); its tokens are the
-    clean latent with timestep 0. keyframe (z, p) or a list:
-    the model's keyframe conditioning (e.g. the last frame), the same in every branch of the batch."""
+    clean latent with timestep 0. soft = (k, s) or None: instead, x's first k latent frames are conditioning at
+    strength s < 1, their timestep min(sigma, 1 - s) (the pipeline's min(t, 1 - conditioning_mask)). keyframe (z, p),
+    (z, p, s) at strength s, or a list of them: the model's keyframe conditioning (e.g. the last frame), the same in
+    every branch of the batch. -> the velocity (B, C, f, h, w); with return_keyframes also the keyframes', a list of
+    (B, C, k, h, w) (the sampler moves the ones below strength 1)."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
     if cond_latent is not None:
         k = cond_latent.shape[2]
         x = torch.cat([cond_latent.to(x), x[:, :, k:]], dim=2)
         t[:, : k * h * w] = 0.0
+    if soft is not None:
+        t[:, : soft[0] * h * w] = min(float(sigma), 1 - soft[1]) * 1000
     ctx, cmask = context
     # CFG only above 1, as the official pipeline (guidance_scale > 1): a scale <= 1 means no negative pass at all,
     # not an extrapolation towards the negative prompt
@@ -1403,10 +1410,11 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
             model.transformer_blocks[i].attn1.stg_skip = B
     # the pipeline's guidance statistics (CFG-star's projection, the rescale's stds) run over every token of a
     # sample, the keyframe's too: then the model gives its keyframe tokens' predictions as well
-    whole = keyframe is not None and ((cfg and cfg_star) or (stg and stg[0] > 0 and stg[2] != 1.0))
-    try:
-        keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
-        kf = [(z.to(x).repeat(len(xs), 1, 1, 1, 1), p) for z, p in keys]
+    whole = keyframe is not None and (return_keyframes or (cfg and cfg_star) or (stg and stg[0] > 0 and stg[2] != 1))
+    keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+    try:  # strength 1: (z, p), timestep 0; below: (z, p, its timestep)
+        kf = [(e[0].to(x).repeat(len(xs), 1, 1, 1, 1), e[1],
+               *([min(float(sigma), 1 - e[2]) * 1000] if len(e) > 2 and e[2] < 1 else [])) for e in keys]
         kf = None if not kf else kf[0] if len(kf) == 1 else kf  # one keyframe: as the model's (z, p)
         v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate, keyframe=kf,
                   **({"return_keyframe": True} if whole else {}))
@@ -1426,13 +1434,19 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
         out = out + scale * (cond - v[-1])
         if r != 1.0 and scale > 0:
             out = out * (r * cond.std(dim=1, keepdim=True) / out.std(dim=1, keepdim=True) + (1 - r))
-    return out[:, -C * f * h * w:].reshape(B, C, f, h, w)
+    video = out[:, -C * f * h * w:].reshape(B, C, f, h, w)
+    if not return_keyframes:
+        return video
+    sizes = [math.prod(e[0].shape[2:]) for e in keys]  # the keyframes' tokens, in front, (B, M, C) in token order
+    kv = out[:, :-C * f * h * w].reshape(B, sum(sizes), C).split(sizes, dim=1)
+    return video, [v.transpose(1, 2).reshape(B, C, *e[0].shape[2:]) for v, e in zip(kv, keys)]
 
 
 @torch.no_grad()
 def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1.0, (19,), 0.7),
                  sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None,
-                 renoise=None, keyframe=None, cond_noise=None, timesteps=None, cfg_star=False, init=None):
+                 renoise=None, keyframe=None, cond_noise=None, timesteps=None, cfg_star=False, init=None,
+                 cond_strength=1.0, keyframe_noise=None):
     """The official first-order sampler (RectifiedFlowScheduler.step): x <- x - (t - t_next) v, from t = 1 (noise)
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
     0.7). timesteps: the schedule itself (then steps / sampler / shifting / terminal are unused); guidance and stg
@@ -1441,12 +1455,17 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     k, h, w) the first k latent frames are the conditioning image's or video prefix's latents throughout (timestep
     0); with keyframe (z, p) (or a list of them) the model attends to the keyframes' tokens at every step (first +
     last frame: both).
+    Strengths below 1 (cond_strength; a keyframe (z, p, s)), as the pipeline's conditioning_strengths: the tokens
+    start as (1 - s) noise + s z (the video's own noise for cond_latent, keyframe_noise[j] for keyframe j), have
+    timestep min(t, 1 - s), stay as they are while t > 1 - s and then move with the video; keyframes stay out of the
+    result, the first frames are what they became.
     renoise: a CPU torch.Generator for the stochastic variant (the configs' stochastic_sampling): each step goes to
     x0 = x - t v and re-noises it to the next t with fresh noise, (1 - t') x0 + t' eps; the last step (to 0) is x0.
     cond_noise = (scale, CPU generator) or None: the pipeline's image_cond_noise_scale (inference.py's default 0.15;
-    add_noise_to_image_conditioning_latents): at each step the model sees the conditioning latents (cond_latent, the
-    keyframe) as clean + scale * eps * t^2, fresh eps each step, their timestep still 0; the result keeps the clean
-    first frame (upstream's keeps the last step's, off by scale * t_last^2: 1e-4 at 40 steps)."""
+    add_noise_to_image_conditioning_latents): at each step the model sees the strength-1 conditioning latents
+    (cond_latent, the keyframes) as clean + scale * eps * t^2, fresh eps each step, their timestep still 0; the
+    result keeps the clean first frame (upstream's keeps the last step's, off by scale * t_last^2: 1e-4 at 40
+    steps)."""
     B, C, f, h, w = noise.shape
     if timesteps is None:
         timesteps = sampling_sigmas(steps, sampler, f * h * w, shifting, terminal).tolist()
@@ -1455,24 +1474,42 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     guidance = guidance if isinstance(guidance, (list, tuple)) else [guidance] * n
     stg = stg if isinstance(stg, list) else [stg] * n
     x = noise.float() if init is None else ts[0] * noise.float() + (1 - ts[0]) * init.float()
+    hard = cond_latent if cond_latent is not None and cond_strength >= 1 else None
+    soft = (cond_latent.shape[2], cond_strength) if cond_latent is not None and cond_strength < 1 else None
+    if soft:  # the pipeline's lerp(latents, media, strength) on the first frames, then they are part of the state
+        x[:, :, : soft[0]] = (1 - cond_strength) * x[:, :, : soft[0]] + cond_strength * cond_latent.to(x)
+    keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+    keys = [(e[0], e[1], e[2] if len(e) > 2 else 1.0) for e in keys]
+    if any(s < 1 for _, _, s in keys) and keyframe_noise is None:
+        raise ValueError("a keyframe below strength 1 starts from noise: pass keyframe_noise")
+    state = [z if s >= 1 else (1 - s) * keyframe_noise[j].to(z) + s * z for j, (z, _, s) in enumerate(keys)]
+    moving = any(s < 1 for _, _, s in keys)
+
+    def step(z, v, t, t_next):  # Euler, or (renoise) the stochastic step
+        if renoise is not None and t_next > 0:
+            return (1 - t_next) * (z - t * v) + t_next * torch.randn(z.shape, generator=renoise).to(z.device)
+        return z - (t - t_next) * v
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        c, k = cond_latent, keyframe
-        if cond_noise is not None and cond_noise[0] > 0:
+        c, ks = hard, [(z, p, s) for z, (_, p, s) in zip(state, keys)]
+        if cond_noise is not None and cond_noise[0] > 0:  # the strength-1 ones, in order
             scale, gen = cond_noise
             if c is not None:
                 c = c + scale * t**2 * torch.randn(c.shape, generator=gen).to(c)
-            if k is not None:  # one keyframe or a list: each noised, in order
-                k = [(z + scale * t**2 * torch.randn(z.shape, generator=gen).to(z), p)
-                     for z, p in (k if isinstance(k, list) else [k])]
-                k = k if isinstance(keyframe, list) else k[0]
-        v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, k, cfg_star)
-        if renoise is not None and t_next > 0:
-            eps = torch.randn(x.shape, generator=renoise).to(x.device)
-            x = (1 - t_next) * (x - t * v) + t_next * eps
-        else:
-            x = x - (t - t_next) * v
-    if cond_latent is not None:
-        x = torch.cat([cond_latent.to(x), x[:, :, cond_latent.shape[2]:]], dim=2)
+            ks = [(z + scale * t**2 * torch.randn(z.shape, generator=gen).to(z) if s >= 1 else z, p, s)
+                  for z, p, s in ks]
+        kf = [(z, p) if s >= 1 else (z, p, s) for z, p, s in ks]
+        kf = None if not kf else kf if isinstance(keyframe, list) else kf[0]
+        v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, kf, cfg_star, soft, moving)
+        v, kv = v if moving else (v, None)
+        x_next = step(x, v, t, t_next)
+        if soft and not t - 1e-6 < 1 - soft[1]:  # not yet at its noise level: held (the pipeline's denoise mask)
+            x_next[:, :, : soft[0]] = x[:, :, : soft[0]]
+        x = x_next
+        for j, (_, _, s) in enumerate(keys):
+            if s < 1 and t - 1e-6 < 1 - s:
+                state[j] = step(state[j], kv[j], t, t_next)
+    if hard is not None:
+        x = torch.cat([hard.to(x), x[:, :, hard.shape[2]:]], dim=2)
     return x
 
 
@@ -1621,7 +1658,8 @@ class Args:
     sample_video_frames: int = 9  # how many frames of --sample_video the samples continue (1 + 8k)
     sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
-    sample_keyframes: str = ""  # more keyframes for the samples: image@frame,image@frame (frame -1: the last)
+    sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
+    sample_image_strength: float = 1.0  # the conditioning strength of --sample_image / --sample_video (1: exact)
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
@@ -1722,11 +1760,14 @@ def check_args(args):
         keys = sample_keyframes(args)
     except ValueError:
         keys = None
-    need(keys is not None, f"--sample_keyframes {args.sample_keyframes!r}: expected image@frame,image@frame")
-    for path, n in keys[1 if args.sample_last_image else 0:]:
+    need(keys is not None, f"--sample_keyframes {args.sample_keyframes!r}: expected image@frame[:strength],...")
+    for path, n, strength in keys[1 if args.sample_last_image else 0:]:
         need(os.path.exists(path), f"--sample_keyframes: {path}: no such file")
         need(n == -1 or 0 < n < frames, f"--sample_keyframes: {path}@{n}: expected -1 (the last frame) or a frame "
              f"1..{frames - 1} of the {frames}-frame samples")
+        need(0 < strength <= 1, f"--sample_keyframes: {path}@{n}:{strength}: a strength in (0, 1]")
+    need(0 < args.sample_image_strength <= 1, f"--sample_image_strength {args.sample_image_strength}: expected a "
+         "strength in (0, 1]")
     weights = args.dit_path or args.ckpt_dir
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
@@ -2061,20 +2102,21 @@ def sample_passes(conf, height, width, stride=32):
 
 
 def sample_multiscale(model, plans, noises, context, neg, upsample=None, frame_rate=25.0, conds=None,
-                      keyframes=None, renoise=None, cond_noise=None):
+                      keyframes=None, renoise=None, cond_noise=None, cond_strength=1.0, keyframe_noise=None):
     """The passes of a sampling recipe, one after the other (LTXMultiScalePipeline; one pass: sample_euler alone).
     plans: per pass (timesteps, guidance, stg, cfg_star) (pass_timesteps, pass_plan); noises: per pass, the
     noise (B, C, f, h, w) at that pass's size; upsample: normalised latents -> the next pass's start
-    (upsample_latents). conds, keyframes, renoise, cond_noise: per pass, as sample_euler takes them, or None.
-    -> the last pass's latents."""
+    (upsample_latents). conds, keyframes, renoise, cond_noise, keyframe_noise: per pass, as sample_euler takes
+    them, or None. -> the last pass's latents."""
     n = len(plans)
-    conds, keyframes, renoise, cond_noise = ([None] * n if v is None else v
-                                             for v in (conds, keyframes, renoise, cond_noise))
+    conds, keyframes, renoise, cond_noise, keyframe_noise = (
+        [None] * n if v is None else v for v in (conds, keyframes, renoise, cond_noise, keyframe_noise))
     z = None
     for k, (ts, g, stg, cfg_star) in enumerate(plans):
         z = sample_euler(model, noises[k], context, neg, timesteps=ts, guidance=g, stg=stg, cfg_star=cfg_star,
                          frame_rate=frame_rate, cond_latent=conds[k], init=upsample(z) if k else None,
-                         keyframe=keyframes[k], renoise=renoise[k], cond_noise=cond_noise[k])
+                         keyframe=keyframes[k], renoise=renoise[k], cond_noise=cond_noise[k],
+                         cond_strength=cond_strength, keyframe_noise=keyframe_noise[k])
     return z
 
 
@@ -2135,15 +2177,16 @@ def check_sample_config(args, cfg):
 
 
 def sample_keyframes(args):
-    """[(image, pixel frame or -1 for the last)]: --sample_last_image at --sample_keyframe_frame, then each
-    image@frame of --sample_keyframes, in that order (the order of the tokens, as the pipeline's conditioning
-    items)."""
-    keys = [(args.sample_last_image, args.sample_keyframe_frame)] if args.sample_last_image else []
+    """[(image, pixel frame or -1 for the last, strength)]: --sample_last_image at --sample_keyframe_frame (strength
+    1), then each image@frame[:strength] of --sample_keyframes, in that order (the order of the tokens, as the
+    pipeline's conditioning items)."""
+    keys = [(args.sample_last_image, args.sample_keyframe_frame, 1.0)] if args.sample_last_image else []
     for item in filter(None, (x.strip() for x in args.sample_keyframes.split(","))):
-        path, _, n = item.rpartition("@")
+        path, _, at = item.rpartition("@")
+        n, _, strength = at.partition(":")
         if not path:
             raise ValueError(item)
-        keys.append((path, int(n)))
+        keys.append((path, int(n), float(strength or 1.0)))
     return keys
 
 
@@ -2205,8 +2248,8 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     conds = [encode_image(first[0], size, first[1]) if first[0] else None for _, size in passes]
     # a keyframe's RoPE frame: pixel frames, the toy encoders' latent frames counted as 8 (rope_grid's units)
     at = lambda n, f: last_frame_index(f) if n < 0 else n * VAE_TEMPORAL // LATENT_STRIDE[args.encoders][0]  # noqa
-    keys = sample_keyframes(args)
-    keyframes = [[(encode_image(path, size), at(n, shape[1])) for path, n in keys] or None
+    specs = sample_keyframes(args)
+    keyframes = [[(encode_image(path, size), at(n, shape[1]), strength) for path, n, strength in specs] or None
                  for (_, size), shape in zip(passes, shapes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
@@ -2222,7 +2265,10 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
                            for shape, key in zip(shapes, keys)],
             context, neg_context, upsample, float(args.fps), conds, keyframes,
             [noise.generator(args.seed, "renoise", *key) if stochastic else None for key in keys],
-            [(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key)) for key in keys])
+            [(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key)) for key in keys],
+            args.sample_image_strength,  # a keyframe below strength 1 starts from noise of its own, seeded
+            [[noise.randn(z.shape[1:], args.seed, "keyframe_noise", j, *key)[None].to(device) for j, (z, _, _) in
+              enumerate(kfs)] if kfs else None for kfs, key in zip(keyframes, keys)])
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             video = decode(z, tone_map=passes[-1][0].get("tone_map_compression_ratio", 0.0))[0].float().cpu()

@@ -118,6 +118,11 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     ltx(*s, "--out_dir", str(tmp_path / "s8"), "--sample_image", clip, "--sample_keyframes", f"{clip}@4,{clip}@-1")
     k2 = read_clip(str(tmp_path / "s8" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (k2 - e).abs().float().mean() > 0.01 and (k2 - d).abs().float().mean() > 0.01
+    # strengths below 1: another sample again
+    ltx(*s, "--out_dir", str(tmp_path / "s9"), "--sample_image", clip, "--sample_image_strength", "0.5",
+        "--sample_keyframes", f"{clip}@4:0.8,{clip}@-1")
+    k3 = read_clip(str(tmp_path / "s9" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (k3 - k2).abs().float().mean() > 0.01
     # video extension: 17-frame samples continuing the clip's first 9 frames
     ltx(*s, "--out_dir", str(tmp_path / "s5"), "--sample_video", clip, "--sample_video_frames", "9",
         "--sample_frames", "17")
@@ -191,7 +196,9 @@ def test_bench_in_bf16(folder):
     (["--keyframe_p", "0.6", "--last_frame_p", "0.5"], "together at most 1"),
     (["--sample_video_frames", "8", "--sample_video", __file__], "--sample_video_frames 8: expected 1 + 8k frames"),
     (["--sample_keyframes", "nope.png@4"], "--sample_keyframes: nope.png: no such file"),
-    (["--sample_keyframes", __file__ + "@x"], "expected image@frame,image@frame"),
+    (["--sample_keyframes", __file__ + "@x"], "expected image@frame[:strength],..."),
+    (["--sample_keyframes", __file__ + "@4:1.5"], "@4:1.5: a strength in (0, 1]"),
+    (["--sample_image_strength", "0"], "--sample_image_strength 0.0: expected a strength in (0, 1]"),
     (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_config", os.path.join(os.path.dirname(__file__), "fixtures", "stg_skip.json"), "--sample_prompts", "a"],

@@ -323,3 +323,27 @@ def test_stochastic_sampling_matches_the_official_pipeline():
     err = (z - want).abs().max().item()
     assert err <= 1e-4 * want.abs().max().item(), err
     assert (plain - want).abs().max() > 100 * max(err, 1e-6)
+
+
+def test_conditioning_strengths_below_one_match_the_official_pipeline():
+    """The same golden file: upstream's LTXVideoPipeline with the first frame at strength 0.02 and a last-frame
+    keyframe at 0.25 (both start as lerp(noise, latent, s), have timestep min(t, 1 - s), are held while t > 1 - s
+    and then move; over the 4 steps 1, 0.9875, 0.975, 0.725 the first frame moves from the third, the keyframe at the
+    last). Ours, given the same noise for the keyframe, gives its latents."""
+    sd, meta, model, _ = multiscale_golden()
+    vae, ts, g, stg = golden_vae_and_plan(meta)
+    assert ts[1] > 0.98 > ts[2] and ts[2] > 0.75 > ts[3]  # both thresholds crossed within the run
+    want = sd["soft.latents"]
+    ctx, neg = (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"])
+    with torch.no_grad():
+        first, last = vae.encode(sd["cond.first"]), vae.encode(sd["cond.last"])
+        z = L.sample_euler(model, sd["soft.noise"], ctx, neg, timesteps=ts, guidance=g, stg=stg,
+                           frame_rate=float(meta["fps"]), cond_latent=first, cond_strength=0.02,
+                           keyframe=(last, 16, 0.25), keyframe_noise=[sd["soft.knoise"]])
+        hard = L.sample_euler(model, sd["soft.noise"], ctx, neg, timesteps=ts, guidance=g, stg=stg,
+                              frame_rate=float(meta["fps"]), cond_latent=first, keyframe=(last, 16))
+    err = (z - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
+    assert (hard - want).abs().max() > 100 * max(err, 1e-6)
+    with pytest.raises(ValueError, match="keyframe_noise"):
+        L.sample_euler(model, sd["soft.noise"], ctx, neg, timesteps=ts, keyframe=(last, 16, 0.5))
