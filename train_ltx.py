@@ -41,7 +41,7 @@ from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_g
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
-from common.weights import check_keys, check_shapes, safetensors_files, safetensors_header
+from common.weights import check_keys, check_shapes, read_safetensors, safetensors_files, safetensors_header
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
 from data.loader import batches, split_val, val_batches, with_repeats
@@ -268,6 +268,11 @@ class CaptionProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+def keyframe_list(keyframe):
+    """A keyframe argument as a list: None -> [], one (z, p[, t or s]) -> [it], a list as it is."""
+    return [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+
+
 class Transformer3DModel(nn.Module):
     """LTX-Video DiT. forward(x (B,C,F,H,W) latents, t (B,) or per-token (B, F*H*W) timesteps = 1000 sigma,
     context (B,L,caption_channels) T5 states, context_mask (B,L) 0/1, frame_rate) -> velocity (B,C,F,H,W) fp32."""
@@ -319,7 +324,7 @@ class Transformer3DModel(nn.Module):
         wdt = self.patchify_proj.weight.dtype
         x = self.patchify_proj(x.flatten(2).transpose(1, 2).to(wdt)).float()  # (B, N, D), tokens in (f, h, w) order
         rope = self.rope(f, h, w, frame_rate, x.device)
-        keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+        keys = keyframe_list(keyframe)
         M = 0  # keyframe tokens in front
         if keys:
             ks = [self.patchify_proj(e[0].flatten(2).transpose(1, 2).to(wdt)).float() for e in keys]  # (B, M_i, D)
@@ -1170,10 +1175,10 @@ def load_upsampler(path, dtype=torch.float32, device="cpu"):
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
             meta = json.load(f)
-        sd = read_prefixed(safetensors_files(path, "diffusion_pytorch_model"), "", dtype)
+        sd = read_safetensors(safetensors_files(path, "diffusion_pytorch_model"), dtype)
     else:
         meta = json.loads(safetensors_header(path)[0].get("config", "null"))
-        sd = read_prefixed([path], "", dtype)
+        sd = read_safetensors([path], dtype)
     cfg = upsampler_config_from(sd, path, meta)
     with torch.device("meta"):
         model = LatentUpsampler(cfg)
@@ -1411,11 +1416,10 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
     # the pipeline's guidance statistics (CFG-star's projection, the rescale's stds) run over every token of a
     # sample, the keyframe's too: then the model gives its keyframe tokens' predictions as well
     whole = keyframe is not None and (return_keyframes or (cfg and cfg_star) or (stg and stg[0] > 0 and stg[2] != 1))
-    keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
+    keys = keyframe_list(keyframe)
     try:  # strength 1: (z, p), timestep 0; below: (z, p, its timestep)
         kf = [(e[0].to(x).repeat(len(xs), 1, 1, 1, 1), e[1],
-               *([min(float(sigma), 1 - e[2]) * 1000] if len(e) > 2 and e[2] < 1 else [])) for e in keys]
-        kf = None if not kf else kf[0] if len(kf) == 1 else kf  # one keyframe: as the model's (z, p)
+               *([min(float(sigma), 1 - e[2]) * 1000] if len(e) > 2 and e[2] < 1 else [])) for e in keys] or None
         v = model(torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(ms), frame_rate, keyframe=kf,
                   **({"return_keyframe": True} if whole else {}))
     finally:
@@ -1478,12 +1482,11 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     soft = (cond_latent.shape[2], cond_strength) if cond_latent is not None and cond_strength < 1 else None
     if soft:  # the pipeline's lerp(latents, media, strength) on the first frames, then they are part of the state
         x[:, :, : soft[0]] = (1 - cond_strength) * x[:, :, : soft[0]] + cond_strength * cond_latent.to(x)
-    keys = [] if keyframe is None else keyframe if isinstance(keyframe, list) else [keyframe]
-    keys = [(e[0], e[1], e[2] if len(e) > 2 else 1.0) for e in keys]
-    if any(s < 1 for _, _, s in keys) and keyframe_noise is None:
+    keys = [(e[0], e[1], e[2] if len(e) > 2 else 1.0) for e in keyframe_list(keyframe)]
+    moving = any(s < 1 for _, _, s in keys)  # keyframes that are part of the state
+    if moving and keyframe_noise is None:
         raise ValueError("a keyframe below strength 1 starts from noise: pass keyframe_noise")
     state = [z if s >= 1 else (1 - s) * keyframe_noise[j].to(z) + s * z for j, (z, _, s) in enumerate(keys)]
-    moving = any(s < 1 for _, _, s in keys)
 
     def step(z, v, t, t_next):  # Euler, or (renoise) the stochastic step
         if renoise is not None and t_next > 0:
@@ -1497,9 +1500,8 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
                 c = c + scale * t**2 * torch.randn(c.shape, generator=gen).to(c)
             ks = [(z + scale * t**2 * torch.randn(z.shape, generator=gen).to(z) if s >= 1 else z, p, s)
                   for z, p, s in ks]
-        kf = [(z, p) if s >= 1 else (z, p, s) for z, p, s in ks]
-        kf = None if not kf else kf if isinstance(keyframe, list) else kf[0]
-        v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, kf, cfg_star, soft, moving)
+        v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, ks or None, cfg_star, soft,
+                     moving)
         v, kv = v if moving else (v, None)
         x_next = step(x, v, t, t_next)
         if soft and not t - 1e-6 < 1 - soft[1]:  # not yet at its noise level: held (the pipeline's denoise mask)
@@ -2162,10 +2164,10 @@ def check_sample_config(args, cfg):
         if conf.get("pipeline_type", "base") not in ("base", "multi-scale"):
             raise UserError(f"{src}: pipeline_type {conf['pipeline_type']!r}: expected base or multi-scale")
         passes = sample_passes(conf, args.height, args.width, LATENT_STRIDE[args.encoders][1])
-        bad = set()
+        bad, schedule = set(), sample_schedule(args)
         for p, (h, w) in passes:
             shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), args.sample_frames or args.frames)
-            _, stg = pass_plan(p, pass_timesteps(p, sample_schedule(args), shape[1] * shape[2] * shape[3]))
+            _, stg = pass_plan(p, pass_timesteps(p, schedule, shape[1] * shape[2] * shape[3]))
             bad |= {b for st in stg if st for b in st[1] if not 0 <= b < cfg.num_layers}
         if bad:
             raise UserError(f"{src}: STG on block(s) {sorted(bad)}: the DiT has {cfg.num_layers} blocks")
@@ -2267,8 +2269,8 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             [noise.generator(args.seed, "renoise", *key) if stochastic else None for key in keys],
             [(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key)) for key in keys],
             args.sample_image_strength,  # a keyframe below strength 1 starts from noise of its own, seeded
-            [[noise.randn(z.shape[1:], args.seed, "keyframe_noise", j, *key)[None].to(device) for j, (z, _, _) in
-              enumerate(kfs)] if kfs else None for kfs, key in zip(keyframes, keys)])
+            [[noise.randn(z.shape[1:], args.seed, "keyframe_noise", j, *key)[None].to(device) if s < 1 else None
+              for j, (z, _, s) in enumerate(kfs)] if kfs else None for kfs, key in zip(keyframes, keys)])
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             video = decode(z, tone_map=passes[-1][0].get("tone_map_compression_ratio", 0.0))[0].float().cpu()
@@ -2412,8 +2414,7 @@ def main(argv=None):
         encode_video, _, encode_text = build_encoders(args, cfg, device, video=todo > 0)
         if todo:
             enc = with_keyframes(encode_video, bool(args.last_frame_p), bool(args.keyframe_p),
-                                 LATENT_STRIDE[args.encoders][0]) if args.last_frame_p or args.keyframe_p \
-                else encode_video
+                                 LATENT_STRIDE[args.encoders][0])  # neither: the clip's latents alone
             entries = encode_dataset(records, enc, encode_text, args.cache_dir, settings, log=print0)
         if texts and rank == 0:
             os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
@@ -2544,8 +2545,7 @@ def main(argv=None):
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
             kf = batch_keyframe(b, x0, device, key)
-            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond if args.first_frame_p or args.prefix_p
-                             else None, kf)
+            loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond, kf)  # cond all 0: no conditioning
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
             (loss * args.sp / accum).backward()

@@ -266,7 +266,7 @@ def test_conditioning_noise_is_the_pipelines():
         transformer_blocks = []
 
         def forward(self, x, t, ctx, mask, fps, keyframe=None):
-            seen.append((x[:, :, :1].clone(), keyframe[0].clone(), t))
+            seen.append((x[:, :, :1].clone(), keyframe[0][0].clone(), t))  # the sampler passes a list
             return torch.zeros_like(x)
     g = torch.Generator().manual_seed(0)
     noise, image, last = (torch.randn(1, 4, *s, generator=g) for s in ((3, 2, 2), (1, 2, 2), (1, 2, 2)))

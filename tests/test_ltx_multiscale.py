@@ -83,8 +83,11 @@ def test_full_size_upsampler_on_meta():
         ours, ref = L.LatentUpsampler(), LTXLatentUpsamplerModel()
     a, b = ours.state_dict(), ref.state_dict()
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    group = lambda pre: sum(v.numel() for k, v in a.items() if k.startswith(pre))  # noqa: E731
     assert sum(v.numel() for v in a.values()) == 126_250_624
-    assert 126_250_624 == 1_769_984 + 1_769_600 + 8 * 14_158_848 + 9_439_232 + 1_024
+    assert (group("initial_conv."), group("final_conv."), group("upsampler."), group("initial_norm.")) == \
+        (1_769_984, 1_769_600, 9_439_232, 1_024)
+    assert group("res_blocks.") == group("post_upsample_res_blocks.") == 4 * 14_158_848
 
 
 def test_adain_tone_map_and_the_upsampling_step_match_diffusers():
@@ -186,16 +189,20 @@ def multiscale_golden():
     return sd, meta, model, part
 
 
-def golden_vae_and_plan(meta):
-    """The VAE of tests/fixtures/ltx_golden (the generator took it) and the conditioned runs' one-pass plan:
-    (vae, timesteps, guidance, stg)."""
+def golden_vae():
+    """The official code's tiny VAE of tests/fixtures/ltx_golden (the multi-scale generator took it too)."""
     from tests.test_ltx_golden import golden, part
     vae_sd, vae_meta = golden()
     vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
     vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    return vae
+
+
+def golden_vae_and_plan(meta):
+    """golden_vae() and the conditioned runs' one-pass plan: (vae, timesteps, guidance, stg)."""
     p = json.loads(meta["cond_config"])
     ts = L.pass_timesteps(p, ("LinearQuadratic", "", None), 1)
-    return (vae, ts, *L.pass_plan(p, ts))
+    return (golden_vae(), ts, *L.pass_plan(p, ts))
 
 
 def test_two_passes_match_the_official_multiscale_pipeline():
@@ -277,10 +284,7 @@ def test_video_extension_sampling_matches_the_official_pipeline():
 def test_a_prefix_encodes_alone_to_the_clips_first_latents():
     """Why --prefix_p can train from the cached latents: the causal VAE encodes a clip's first 1 + 8(k - 1) frames
     alone to the clip's own first k latent frames (the official code's tiny VAE of tests/fixtures/ltx_golden)."""
-    from tests.test_ltx_golden import golden, part
-    vae_sd, vae_meta = golden()
-    vae = L.CausalVideoAutoencoder(L.vae_config_from(json.loads(vae_meta["vae_config"]))).eval()
-    vae.load_state_dict(part(vae_sd, "vae."), strict=True)
+    vae = golden_vae()
     v = torch.rand(1, 3, 25, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     z = vae.encode(v)
     for n, k in ((1, 1), (9, 2), (17, 3)):
