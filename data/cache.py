@@ -11,9 +11,13 @@ The caller builds the encoders only if todo > 0 on some rank, then calls encode_
 encode_video(video) gets float32 (1, 3, F, H, W) in [-1, 1] on the CPU (moving it to the GPU is the caller's job)
 and returns a (1, ...) tensor or a dict of them; encode_text(["caption"]) likewise. They are called under
 torch.no_grad(). The batch dim is dropped in the file; a dict {"mu": ..} is stored as "latents.mu" / "text.mu".
-An entry is its record (data/dataset.py) plus "file" (the safetensors path) and "key".
+An entry is its record (data/dataset.py) plus "file" (the safetensors path) and "key". A record with a
+"reference" (data/dataset.py: IC-LoRA's conditioning clip) also gets that clip, read at the record's start, bucket
+and fps ("frames" of them: 1 for an image) and encoded by encode_reference (default encode_video), as "reference"
+(a dict: "reference.<key>"); a reference that fails to decode marks the sample known-bad ("reference corrupt").
 
-Cache key (the file name): sha1 over (sha1 of the source file's bytes, clip start, bucket, fps, caption, settings).
+Cache key (the file name): sha1 over (sha1 of the source file's bytes, clip start, bucket, fps, caption, settings,
+and with a reference the sha1 of its bytes and its frame count).
 `settings` is whatever the script says changes the encoding (model name, VAE version, dtype, ...); it must be
 JSON-serialisable. So a re-run skips what is done, and an edited video, caption or setting gets a new file (the old
 one is left behind; delete the folder to reclaim space). The path is not in the key, so moving the data keeps the
@@ -84,11 +88,14 @@ def _file_hashes(paths, cache_dir):
 def _all_entries(records, cache_dir, settings):
     # the key leaves out the path (moving the data keeps the cache) and "source"/"repeats" (how often a sample is
     # seen does not change its encoding)
-    sha1 = _file_hashes([r["path"] for r in records], cache_dir)
+    sha1 = _file_hashes([r["path"] for r in records] + [r["reference"]["path"] for r in records if "reference" in r],
+                        cache_dir)
     entries = []
     for r in records:
+        ref = {"reference": dict(sha1=sha1[r["reference"]["path"]], frames=r["reference"]["frames"])} \
+            if "reference" in r else {}  # (a record without one keeps the key it always had)
         blob = json.dumps(dict(sha1=sha1[r["path"]], start=r["start"], bucket=r["bucket"], fps=r["fps"],
-                               caption=r["caption"], settings=settings), sort_keys=True)
+                               caption=r["caption"], settings=settings, **ref), sort_keys=True)
         key = hashlib.sha1(blob.encode()).hexdigest()
         entries.append(dict(r, key=key, file=os.path.join(cache_dir, key + ".safetensors"), sha1=sha1[r["path"]]))
     return entries
@@ -146,10 +153,11 @@ def _flat(x, name):
     return out
 
 
-def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=print):
+def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=print, encode_reference=None):
     """Encode the records that are neither cached nor known-bad (this rank's share), wait for all ranks, return all
     entries that are cached now, in the order of `records`. A clip that fails to decode is marked known-bad
-    (<key>.bad.json), listed (by rank 0, whichever rank hit it) and left out."""
+    (<key>.bad.json), listed (by rank 0, whichever rank hit it) and left out. encode_reference: the encoder of the
+    records' references (None: encode_video)."""
     os.makedirs(cache_dir, exist_ok=True)
     rank, world = rank_world()
     entries = _all_entries(records, cache_dir, settings)
@@ -160,20 +168,30 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
     for i in tqdm(todo[rank::world], desc=f"encoding (rank {rank})", disable=rank != 0):
         e = entries[i]
         H, W, F = e["bucket"]
+        ref = e.get("reference")
+        reading = (e["start"], F, "corrupt", "")  # what was being read: for the known-bad marker
         try:
             video = read_clip(e["path"], e["start"], F, e["fps"], (H, W))  # (3, F, H, W)
+            if ref:  # at the clip's start, size and rate: frame k of the reference goes with frame k of the clip
+                start = e["start"] if ref["frames"] > 1 else 0.0  # an image: its one frame
+                reading = (start, ref["frames"], "reference corrupt", ref["path"] + ": ")
+                ref_video = read_clip(ref["path"], start, ref["frames"], e["fps"], (H, W))
         except Exception as ex:  # the probe decodes one frame only; the rest can still be broken
-            done_here[i] = dict(path=e["path"], start=e["start"], reason="corrupt",
-                                detail=f"decoding {F} frames from {e['start']:.3f}s: {ex}")
+            start, n, reason, who = reading
+            done_here[i] = dict(path=e["path"], start=e["start"], reason=reason,
+                                detail=f"{who}decoding {n} frames from {start:.3f}s: {ex}")
             write_json(_bad_file(cache_dir, e["key"]), done_here[i])
             continue
         with torch.no_grad():
             tensors = _flat(encode_video(video[None]), "latents")
+            if ref:
+                tensors.update(_flat((encode_reference or encode_video)(ref_video[None]), "reference"))
             if e["caption"] != last_caption:  # clips of one video are consecutive and share the caption
                 last_caption, last_text = e["caption"], _flat(encode_text([e["caption"]]), "text")
         tensors.update(last_text)
         meta = dict(path=e["path"], caption=e["caption"], start=repr(e["start"]), bucket=json.dumps(e["bucket"]),
-                    fps=repr(e["fps"]), sha1=e["sha1"], settings=json.dumps(settings, sort_keys=True))
+                    fps=repr(e["fps"]), sha1=e["sha1"], settings=json.dumps(settings, sort_keys=True),
+                    **({"reference": ref["path"]} if ref else {}))
         tmp = os.path.join(cache_dir, f".{e['key']}.{os.getpid()}.tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, e["file"])

@@ -11,7 +11,13 @@ A record is plain JSON-serialisable data (the cache hashes it, checkpoints may s
     {"path": absolute path, "caption": str, "start": clip start (s), "clip": index of the clip in its file,
      "bucket": [H, W, F] (pixels, pixels, frames), "fps": the target fps,
      "src": {"width", "height", "frames", "duration", "fps"} of the source file, as probed,
-     "source": the source it came from, as written in `data` (without "*N"), "repeats": N (1 if not given)}
+     "source": the source it came from, as written in `data` (without "*N"), "repeats": N (1 if not given),
+     with reference=True also "reference": {"path", "frames": F, or 1 for an image}}
+
+References (reference=True: LTX-Video's IC-LoRA trains on a (video, reference video) pair; data/sources.py says
+where they are found): every sample must have one, a video covering the clip's frames from its start at the same
+fps, or an image; it is resized and cropped to the sample's bucket. Reasons to skip: no reference (none named or
+found), missing reference, reference unreadable/corrupt, reference too short (then only the clips it covers).
 
 Bucketing. Spatial buckets are every (H, W) with H and W multiples of `multiple` (Wan: VAE 8 x patch 2 = 16;
 LTX: 32), H*W <= `area` and as large as possible for that aspect ratio, between 1:max_ratio and max_ratio:1.
@@ -71,20 +77,21 @@ def frames_available(duration, start, fps):
 
 
 def load_dataset(data, area, fps, max_frames, multiple=16, frame_step=4, min_frames=5, max_ratio=3.0,
-                 clips_per_video=1, log=print, cache_dir=None):
+                 clips_per_video=1, log=print, cache_dir=None, reference=False, reference_dir=None):
     """Scan `data` and return the list of sample records (see the module docstring), in a fixed order: the
-    sources in the order given, each in its listing order. cache_dir: where probe.json lives (None: no memo)."""
+    sources in the order given, each in its listing order. cache_dir: where probe.json lives (None: no memo).
+    reference: each sample needs its reference (a folder source's in reference_dir)."""
     sources = parse_sources(data)  # [(source, repeats)]
     items = []  # (index of its source, item)
     for s, (src, _) in enumerate(sources):
-        listed = list_items(src)
+        listed = list_items(src, reference_dir)
         if not listed:
             raise ValueError(f"no videos or images found in {src} (extensions: {' '.join(sorted(MEDIA_EXTS))})")
         items += [(s, it) for it in listed]
     memo_file = os.path.join(cache_dir, "probe.json") if cache_dir is not None else None
     memo = read_json(memo_file, {}) if memo_file else {}  # path -> {"stamp": [size, mtime_ns], "info" | "error"}
     opts = dict(buckets=make_buckets(area, multiple, max_ratio), fps=fps, max_frames=max_frames,
-                frame_step=frame_step, min_frames=min_frames, clips_per_video=clips_per_video)
+                frame_step=frame_step, min_frames=min_frames, clips_per_video=clips_per_video, reference=reference)
     rank, world = rank_world()
     mine = {i: _item_records(items[i][1], memo, **opts) for i in range(rank, len(items), world)}
     if world > 1:  # probing opens every file: split it, then share the results
@@ -95,8 +102,7 @@ def load_dataset(data, area, fps, max_frames, multiple=16, frame_step=4, min_fra
     updates = {}  # new memo values
     for i, (s, item) in enumerate(items):
         r, new = mine[i]
-        if new is not None:
-            updates[item["path"]] = new
+        updates.update(new)
         if isinstance(r, tuple):  # (reason, detail)
             per[s][1][r[0]] += 1
             if rank == 0:
@@ -165,39 +171,73 @@ def _probe(path, memo):
     return info, dict(stamp=stamp, info=info)
 
 
-def _item_records(item, memo, buckets, fps, max_frames, frame_step, min_frames, clips_per_video):
-    """One item -> (its records, or (reason, detail)), and the new probe memo value or None."""
-    path = item["path"]
-    if item["error"]:
-        return item["error"], None
+def _readable(path, what=""):
+    """(reason, detail) when `path` is missing, unreadable or empty, else None; what: "" or "reference "."""
     if not os.path.exists(path):
-        return ("missing file", ""), None
+        return ("missing reference", path) if what else ("missing file", "")
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
-        return ("unreadable", str(e)), None
+        return (f"{what}unreadable", str(e))
     if os.path.getsize(path) == 0:
-        return ("empty file", "0 bytes"), None
+        return (f"{what}empty file", "0 bytes")
+    return None
+
+
+def _item_records(item, memo, buckets, fps, max_frames, frame_step, min_frames, clips_per_video, reference=False):
+    """One item -> (its records, or (reason, detail)), and {path: new probe memo value} for what it probed."""
+    path = item["path"]
+    if item["error"]:
+        return item["error"], {}
+    ref = item.get("reference")
+    if reference and not isinstance(ref, str):
+        return ref or ("no reference", "no reference field" if item["txt"] is None else "no reference folder given"), {}
+    bad = _readable(path)
+    if bad:
+        return bad, {}
     caption, err = _caption(item)
     if err:
-        return err, None
-    info, new = _probe(path, memo)
+        return err, {}
+    info, memo_value = _probe(path, memo)
+    new = {path: memo_value} if memo_value is not None else {}
     if isinstance(info, tuple):
         return info, new
     H, W = nearest_bucket(info["height"], info["width"], buckets)
     src = {k: info[k] for k in ("width", "height", "frames", "duration", "fps")}
+    rinfo = None
+    if reference:
+        bad = _readable(ref, "reference ")
+        if bad:
+            return bad, new
+        rinfo, memo_value = _probe(ref, memo)
+        if memo_value is not None:
+            new[ref] = memo_value
+        if isinstance(rinfo, tuple):  # the reference's own failure, named as the reference's
+            return ("reference " + rinfo[0], f"{ref}: {rinfo[1]}" if rinfo[1] else ref), new
+
+    def record(start, clip, F):
+        r = dict(path=path, caption=caption, start=start, clip=clip, bucket=[H, W, F], fps=fps, src=src)
+        if reference:  # an image reference: one frame whatever F; a video: the clip's F frames from its start
+            r["reference"] = dict(path=ref, frames=1 if rinfo["is_image"] else F)
+        return r
+
+    def available(start):  # frames from `start` that the clip and (a video) its reference both hold
+        n = frames_available(info["duration"], start, fps)
+        return n if rinfo is None or rinfo["is_image"] else min(n, frames_available(rinfo["duration"], start, fps))
     if info["is_image"]:
-        return [dict(path=path, caption=caption, start=0.0, clip=0, bucket=[H, W, 1], fps=fps, src=src)], new
-    n = min(frames_available(info["duration"], 0.0, fps), max_frames)
+        return [record(0.0, 0, 1)], new
+    n = min(available(0.0), max_frames)
     F = (n - 1) // frame_step * frame_step + 1 if n >= 1 else 0  # largest 1 + frame_step*k <= n
     if F < max(min_frames, 1):
+        if n < min(frames_available(info["duration"], 0.0, fps), max_frames):  # the reference is what is short
+            return ("reference too short", f"{ref}: {rinfo['duration']:.3f}s holds {n} frames at {fps} fps, "
+                    f"need {min_frames}"), new
         return ("too short", f"{info['duration']:.3f}s holds {n} frames at {fps} fps, need {min_frames}"), new
     records = []
     while clips_per_video <= 0 or len(records) < clips_per_video:
         start = len(records) * F / fps  # consecutive, non-overlapping
-        if frames_available(info["duration"], start, fps) < F:
+        if available(start) < F:
             break
-        records.append(dict(path=path, caption=caption, start=start, clip=len(records), bucket=[H, W, F], fps=fps,
-                            src=src))
+        records.append(record(start, len(records), F))
     return records, new

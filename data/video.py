@@ -7,7 +7,8 @@
 Time is always frame pts * time_base (seconds, relative to the stream's start), never the nominal frame
 rate: phone videos and screen recordings are often variable-frame-rate, and the nominal rate then lies.
 Resampling to a target fps picks, for output time t = start + k/fps, the last source frame with time <= t
-(what a player would be showing at t), so frames are repeated when upsampling and skipped when downsampling.
+(what a player would be showing at t; to one tick of the time base, which is 1 ms in Matroska/WebM), so frames are
+repeated when upsampling and skipped when downsampling.
 Still images (png/jpg/webp/...) and 1-frame videos are 1-frame clips.
 """
 import os
@@ -126,6 +127,10 @@ def _decode_at(c, s, t0, targets, out, seek):
         except av.error.FFmpegError:
             c.seek(0)
     k, prev, last = 0, None, (None, -1)  # last: (frame, the k it went to); holding it keeps `is` honest
+    # A frame's time is exact only to one tick of its time base: Matroska/WebM store milliseconds, so frame 1 of a
+    # 16 fps video is at 63 ms, after the 62.5 ms it is meant for. Without a tick of slack, reading such a video at
+    # its own rate repeats every other frame and drops the rest.
+    tol = max(EPS, float(s.time_base or 0))
 
     def put(frame):  # upsampling puts the same frame at several k: convert it once
         nonlocal k, last
@@ -134,9 +139,9 @@ def _decode_at(c, s, t0, targets, out, seek):
 
     for i, frame in enumerate(c.decode(s)):
         t = frame.time - t0 if frame.time is not None else i / float(s.guessed_rate or 25)
-        if prev is None and seek and t > targets[0] + EPS:
+        if prev is None and seek and t > targets[0] + tol:
             return False
-        while k < len(targets) and t > targets[k] + EPS:
+        while k < len(targets) and t > targets[k] + tol:
             put(prev if prev is not None else frame)  # before the first frame: show the first frame
         if k == len(targets):
             break

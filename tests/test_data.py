@@ -346,6 +346,105 @@ def test_jsonl_and_csv(tmp_path):
         load_dataset(tmp_path / "nocap.csv", **SMALL)
 
 
+@pytest.mark.parametrize("name,codec,fps", [("a.mkv", "libx264", 16), ("b.webm", "libvpx-vp9", 24),
+                                             ("c.mkv", "libx264", 30), ("d.mp4", "libx264", 30)])
+def test_millisecond_timestamps_read_at_their_own_rate(tmp_path, name, codec, fps):
+    """Matroska/WebM store frame times in whole milliseconds (frame 1 of 16 fps at 63 ms, not 62.5): read at its own
+    rate such a video gives every frame once, in order (it used to repeat or drop a third to a half of them)."""
+    if not has_encoder(codec):
+        pytest.skip(f"no {codec} encoder in this FFmpeg")
+    p = encode(tmp_path / name, codec, n=30, step=8, fps=fps, opts={"qp": "0"} if codec == "libx264" else
+               {"lossless": "1"})
+    assert frame_ids(read_clip(p, 0, 17, fps, (48, 32)), step=8) == list(range(17))
+    assert frame_ids(read_clip(p, 5 / fps, 9, fps, (48, 32)), step=8) == list(range(5, 14))  # after a seek too
+
+
+def test_references(tmp_path):
+    """IC-LoRA's pairs: a reference per sample, from a jsonl/csv field or (folder sources) the same relative name in a
+    reference folder, any extension; a sample without a usable one is skipped with its reason; a reference video
+    shorter than the clip shortens the clip (or, too short, skips it); an image reference is one frame. The cache
+    holds the reference encoded at the clip's start, bucket and fps, and its bytes are in the key."""
+    d, refs = tmp_path / "clips", tmp_path / "clips" / "refs"
+    (d / "sub").mkdir(parents=True)
+    (refs / "sub").mkdir(parents=True)
+    caption(encode(d / "a.mp4", n=30, step=4), "clip a")  # frame i: level 10 + 4i
+    caption(encode(d / "sub" / "b.mp4"), "clip b")
+    caption(encode(d / "c.mp4"), "clip c")
+    caption(encode(d / "e.mp4"), "clip e")
+    caption(encode(d / "f.mp4"), "clip f")
+    caption(write_image(d / "g.png", "png", "rgb24"), "image g")
+    encode(refs / "a.mkv", n=30, step=8)  # another container and levels: 10 + 8i
+    write_image(refs / "sub" / "b.png", "png", "rgb24")  # an image reference for a video
+    encode(refs / "e.mp4", n=10)  # 10 frames at 16 fps: shortens e's clip to 9 frames
+    encode(refs / "f.mp4", n=3)  # too short for a 5-frame clip
+    encode(refs / "g.mp4")  # a video reference for an image: its first frame
+    encode(refs / "c.mp4")
+    encode(refs / "c.mkv")  # two files named c.*: ambiguous
+    log = []
+    recs = load_dataset(d, **SMALL, reference=True, reference_dir=refs, log=log.append)
+    got = {os.path.basename(r["path"]): (r["bucket"][2], os.path.basename(r["reference"]["path"]),
+                                          r["reference"]["frames"]) for r in recs}
+    assert got == {"a.mp4": (17, "a.mkv", 17), "b.mp4": (17, "b.png", 1), "e.mp4": (9, "e.mp4", 9),
+                   "g.png": (1, "g.mp4", 1)}, got
+    skips = sorted(ln for ln in log if ln.startswith("skip "))
+    assert len(skips) == 2 and "c.mp4: no reference (2 files named c.* in" in skips[0], skips
+    assert "f.mp4: reference too short" in skips[1], skips
+    assert not any("refs" in r["path"] for r in recs)  # the references' folder inside --data holds no samples
+    # without reference=True the same folder trains plainly, and the references' folder is still not sampled
+    plain = load_dataset(d, **SMALL, reference_dir=refs, log=lambda s: None)
+    assert len(plain) == 6 and not any("reference" in r for r in plain)
+    # a jsonl field (and its aliases), relative to the jsonl; rows without one skipped when references are needed
+    (tmp_path / "pairs.jsonl").write_text("\n".join([
+        json.dumps({"path": "clips/a.mp4", "caption": "a", "reference": "clips/refs/a.mkv"}),
+        json.dumps({"path": "clips/c.mp4", "caption": "c", "control": "clips/refs/c.mkv"}),
+        json.dumps({"path": "clips/e.mp4", "caption": "e"}),
+        json.dumps({"path": "clips/f.mp4", "caption": "f", "reference": "clips/refs/gone.mp4"})]))
+    log = []
+    recs2 = load_dataset(tmp_path / "pairs.jsonl", **SMALL, reference=True, log=log.append)
+    assert [(os.path.basename(r["path"]), os.path.basename(r["reference"]["path"])) for r in recs2] == \
+        [("a.mp4", "a.mkv"), ("c.mp4", "c.mkv")]
+    reasons = [ln.split(": ")[1].split(" (")[0] for ln in log if ln.startswith("skip ")]
+    assert reasons == ["no reference", "missing reference"], log
+    # the cache: the reference read at the clip's start, bucket and fps, encoded by encode_reference
+    enc, cache = Counter(), tmp_path / "cache"
+    seen = []
+
+    def enc_ref(v):
+        seen.append(v.shape)
+        return v[:, :1]  # (1, 1, F, H, W): the red channel, every frame
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, cache, {"m": 1}, log=lambda s: None,
+                             encode_reference=enc_ref)
+    assert len(entries) == 4 and enc.video == 4 and len(seen) == 4
+    t, meta = load_entry(entries[0]["file"])
+    H, W = recs[0]["bucket"][:2]  # the clip's bucket, for the reference too
+    assert t["reference"].shape == (1, 17, H, W) and meta["reference"] == str(refs / "a.mkv")
+    assert frame_ids(t["reference"], step=8) == list(range(17))  # the reference's own frames 0..16, in order
+    by_name = {os.path.basename(e["path"]): load_entry(e["file"])[0]["reference"] for e in entries}
+    assert by_name["b.mp4"].shape == (1, 1, H, W) and by_name["g.png"].shape[1] == 1  # image reference, image sample
+    assert by_name["e.mp4"].shape[1] == 9
+    # its bytes are in the key: a changed reference is encoded again, the unchanged ones are not
+    encode(refs / "e.mp4", n=10, step=3)
+    again, todo = cache_entries(load_dataset(d, **SMALL, reference=True, reference_dir=refs, log=lambda s: None),
+                                cache, {"m": 1}, log=lambda s: None)
+    assert todo == 1 and len(again) == 3
+    # the same clip without its reference is another entry
+    plain_keys = {e["path"]: e["key"] for e in data.cache._all_entries(plain, cache, {"m": 1})}
+    assert all(plain_keys[e["path"]] != e["key"] for e in entries)
+    # a reference that fails to decode past its first frame marks the sample known-bad, named as the reference's
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    caption(encode(bad / "x.mp4"), "clip x")
+    (bad / "refs").mkdir()
+    encode(bad / "refs" / "x.mp4")
+    rec = load_dataset(bad, **SMALL, reference=True, reference_dir=bad / "refs", log=lambda s: None)
+    data_ = (bad / "refs" / "x.mp4").read_bytes()
+    (bad / "refs" / "x.mp4").write_bytes(data_[:len(data_) // 3])  # truncated after the probe
+    log = []
+    assert encode_dataset(rec, enc.encode_video, enc.encode_text, tmp_path / "cache2", {"m": 1}, log=log.append,
+                          encode_reference=enc_ref) == []
+    assert any("reference corrupt" in ln and "x.mp4" in ln for ln in log), log
+
+
 def test_clips_per_video(tmp_path):
     caption(encode(tmp_path / "long.mp4", n=25, fps=8, step=10))  # 3.125 s: two full 17-frame clips at 16 fps
     assert len(load_dataset(tmp_path, **SMALL, log=lambda s: None)) == 1
