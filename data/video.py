@@ -129,8 +129,9 @@ def _decode_at(c, s, t0, targets, out, seek):
     k, prev, last = 0, None, (None, -1)  # last: (frame, the k it went to); holding it keeps `is` honest
     # A frame's time is exact only to one tick of its time base: Matroska/WebM store milliseconds, so frame 1 of a
     # 16 fps video is at 63 ms, after the 62.5 ms it is meant for. Without a tick of slack, reading such a video at
-    # its own rate repeats every other frame and drops the rest.
-    tol = max(EPS, float(s.time_base or 0))
+    # its own rate repeats every other frame and drops the rest. (GIF's tick is 10 ms; a coarser one is not a
+    # frame time's rounding, so the slack stops there.)
+    tol = max(EPS, min(float(s.time_base or 0), 0.01))
 
     def put(frame):  # upsampling puts the same frame at several k: convert it once
         nonlocal k, last
