@@ -43,10 +43,10 @@ from common.schedule import EMA, lr_at
 from common.stop import StopSignal
 from common.weights import check_keys, check_shapes, read_safetensors, safetensors_files, safetensors_header
 from data.cache import cache_entries, encode_dataset, load_batch
-from data.dataset import load_dataset
-from data.loader import batches, split_val, val_batches, with_repeats
+from data.dataset import frames_available, load_dataset
+from data.loader import batch_key, batches, split_val, val_batches, with_repeats
 from data.toy import DEMO_PROMPTS, make_toy_dataset
-from data.video import read_clip, write_video
+from data.video import probe, read_clip, write_video
 
 # -----------------------------------------------------------------------------------------------------
 # Configs and presets. Field names are the keys of the "transformer" section of the official file's header JSON,
@@ -1618,6 +1618,9 @@ class Args:
     prefix_p: float = 0.0  # video extension: probability that a sample's first k latent frames (k random) are clean
     last_frame_p: float = 0.0  # keyframe: probability that a step's samples see their last frame as a keyframe
     keyframe_p: float = 0.0  # keyframe: probability that a step's samples see frame 8j (j random, 1..f-1) as one
+    reference: bool = False  # IC-LoRA: every sample trains with its reference clip (or image) clean in front, at its
+    #   own positions (LTX-Video-Trainer's reference_video); samples without one are skipped (README, LTX-Video)
+    reference_dir: str = ""  # the references of folder sources, by the same relative names (a jsonl/csv: its field)
     # LoRA (rank 0 = full fine-tune)
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
@@ -1662,6 +1665,7 @@ class Args:
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
     sample_image_strength: float = 1.0  # the conditioning strength of --sample_image / --sample_video (1: exact)
+    sample_reference: str = ""  # IC-LoRA samples: this reference video (its first frames) or image, at their size
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
     sample_stg: float = 1.0  # spatio-temporal guidance scale (0 = none)
@@ -1746,7 +1750,8 @@ def check_args(args):
          "distilled configs' first pass; with --sample_config the config's own timesteps apply: pass one of them")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
-    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_video", "sample_last_image"):
+    for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_video", "sample_last_image",
+              "sample_reference", "reference_dir"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
     frames = args.sample_frames or args.frames
@@ -1770,6 +1775,16 @@ def check_args(args):
         need(0 < strength <= 1, f"--sample_keyframes: {path}@{n}:{strength}: a strength in (0, 1]")
     need(0 < args.sample_image_strength <= 1, f"--sample_image_strength {args.sample_image_strength}: expected a "
          "strength in (0, 1]")
+    need(not args.reference_dir or args.reference, "--reference_dir names the references of --reference 1 (IC-LoRA)")
+    if args.sample_reference:
+        try:
+            ref = probe(args.sample_reference)
+        except Exception as e:
+            raise UserError(f"--sample_reference {args.sample_reference}: not a readable video or image ({e})") \
+                from None
+        need(ref["is_image"] or frames_available(ref["duration"], 0.0, args.fps) >= frames, f"--sample_reference "
+             f"{args.sample_reference}: {ref['duration']:.3f}s holds fewer than the samples' {frames} frames at "
+             f"--fps {args.fps}")
     weights = args.dit_path or args.ckpt_dir
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
@@ -2004,6 +2019,14 @@ def batch_keyframe(b, x0, device, draw="last"):
     return b["latents.frames"][:, :, j - 1: j].to(device, non_blocking=True).float(), VAE_TEMPORAL * j
 
 
+def batch_keyframes(b, x0, device, draw, reference=False):
+    """The model's keyframe argument for a cached batch: with --reference (IC-LoRA) its reference clip's latents at
+    pixel frame 0, so at the target's own RoPE positions frame by frame (LTX-Video-Trainer's reference_video: the
+    same coordinates, timestep 0, out of the loss), then the step's keyframe (batch_keyframe); None for neither."""
+    keys = [(b["reference"].to(device, non_blocking=True).float(), 0)] if reference else []
+    return keys + keyframe_list(batch_keyframe(b, x0, device, draw)) or None
+
+
 def training_noise(args, step, index, shape, n, device):
     """(n, *shape) noise made on the training device, one seeded generator per sample (no host-to-device copy)."""
     return torch.stack([noise.randn(shape, args.seed, step, index + j, "noise", device=device) for j in range(n)])
@@ -2038,8 +2061,9 @@ def drop_captions(ctx, mask, drop, empty):
     return torch.where(d.view(-1, 1, 1), e[None], ctx), torch.where(d.view(-1, 1), em[None], mask)
 
 
-def val_loss(model, val_idx, val, device, fps):
-    """Mean flow loss over the held-out clips at fixed sigmas with fixed noise (no conditioning). Collective."""
+def val_loss(model, val_idx, val, device, fps, reference=False):
+    """Mean flow loss over the held-out clips at fixed sigmas with fixed noise (no conditioning but, with
+    --reference, the reference an IC-LoRA is trained to follow). Collective."""
     sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -2049,7 +2073,8 @@ def val_loss(model, val_idx, val, device, fps):
             ctx, mask = text_batch(b, device)
             for j, s in enumerate(sigmas):
                 eps = torch.stack([noise.randn(x0.shape[1:], "val", val[i]["key"], j, device=device) for i in idx])
-                loss = flow_loss(model, x0, ctx, mask, torch.full((len(idx),), s, device=device), eps, fps)
+                loss = flow_loss(model, x0, ctx, mask, torch.full((len(idx),), s, device=device), eps, fps,
+                                 keyframe=batch_keyframes(b, x0, device, None, reference))
                 total += torch.stack([loss.double() * len(idx), torch.tensor(float(len(idx)), device=device).double()])
     torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -2253,6 +2278,10 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     specs = sample_keyframes(args)
     keyframes = [[(encode_image(path, size), at(n, shape[1]), strength) for path, n, strength in specs] or None
                  for (_, size), shape in zip(passes, shapes)]
+    if args.sample_reference:  # IC-LoRA: the reference at frame 0 (the video's own positions), first, as trained
+        n_ref = 1 if probe(args.sample_reference)["is_image"] else frames
+        keyframes = [[(encode_image(args.sample_reference, size, n_ref), 0, 1.0), *(kfs or [])]
+                     for (_, size), kfs in zip(passes, keyframes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
         ctx, neg = text_ctx[prompt][None].to(device).float(), text_ctx[negative][None].to(device).float()
@@ -2404,7 +2433,8 @@ def main(argv=None):
         try:
             records = load_dataset(args.data, area=args.height * args.width, fps=args.fps, max_frames=args.frames,
                                    multiple=sh, frame_step=st, min_frames=args.min_frames,
-                                   clips_per_video=args.clips_per_video, log=print0, cache_dir=args.cache_dir)
+                                   clips_per_video=args.clips_per_video, log=print0, cache_dir=args.cache_dir,
+                                   reference=args.reference, reference_dir=args.reference_dir or None)
         except (ValueError, FileNotFoundError) as e:  # no usable samples, no such folder: the user's to fix
             raise UserError(str(e)) from None
         entries, todo = cache_entries(records, args.cache_dir, settings, log=print0)
@@ -2415,7 +2445,8 @@ def main(argv=None):
         if todo:
             enc = with_keyframes(encode_video, bool(args.last_frame_p), bool(args.keyframe_p),
                                  LATENT_STRIDE[args.encoders][0])  # neither: the clip's latents alone
-            entries = encode_dataset(records, enc, encode_text, args.cache_dir, settings, log=print0)
+            entries = encode_dataset(records, enc, encode_text, args.cache_dir, settings, log=print0,
+                                     encode_reference=encode_video)  # a reference: its latents alone
         if texts and rank == 0:
             os.makedirs(args.cache_dir, exist_ok=True)  # --mode sample may be the first run to use this cache
             torch.save({p: encode_text([p])[0].cpu() for p in texts}, text_file + ".tmp")
@@ -2467,6 +2498,7 @@ def main(argv=None):
                        encoders=args.encoders, **({"last_frame_p": args.last_frame_p} if args.last_frame_p else {}),
                        **({"keyframe_p": args.keyframe_p} if args.keyframe_p else {}),
                        **({"prefix_p": args.prefix_p} if args.prefix_p else {}),
+                       **({"reference": True} if args.reference else {}),
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -2496,21 +2528,22 @@ def main(argv=None):
                        "torch": torch.__version__, "git": git_hash()}, f, indent=1)
     pin = device.type == "cuda"
     if args.preflight:  # the largest micro-batch the data holds, once, before step 1 (common/preflight.py)
-        def loss(b, x0, sigma, eps):  # with --last_frame_p / --keyframe_p the longer sequence, with a keyframe
+        def loss(b, x0, sigma, eps):  # the longest sequence: with the reference and a keyframe when they are drawn
             ctx, mask = text_batch(b, device)
-            kf = batch_keyframe(b, x0, device, "last" if args.last_frame_p else 0.0) \
-                if args.last_frame_p or args.keyframe_p else None
+            kf = batch_keyframes(b, x0, device, ("last" if args.last_frame_p else 0.0)
+                                 if args.last_frame_p or args.keyframe_p else None, args.reference)
             return flow_loss(model, x0, ctx, mask, sigma, eps, b["fps"], keyframe=kf)
         preflight.check(train, micro, lambda idx: {**load_batch([train[i]["file"] for i in idx], pin=pin), "fps":
-                        torch.tensor([float(train[i]["fps"]) for i in idx])}, loss, model, device, args.sp, print0)
+                        torch.tensor([float(train[i]["fps"]) for i in idx])}, loss, model, device, args.sp, print0,
+                        key=batch_key)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+    steps = batches([batch_key(e) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
                     state)
     it = prefetch(steps, lambda item: ([(load_batch([train[i]["file"] for i in mb], pin=pin),
                                          torch.tensor([float(train[i]["fps"]) for i in mb])) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
+    val_idx = val_batches([batch_key(e) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)
@@ -2544,14 +2577,14 @@ def main(argv=None):
                 ctx, mask = drop_captions(ctx, mask, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             model.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
-            kf = batch_keyframe(b, x0, device, key)
+            kf = batch_keyframes(b, x0, device, key, args.reference)
             loss = flow_loss(model, x0, ctx, mask, sigma, eps, fps, cond, kf)  # cond all 0: no conditioning
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
             (loss * args.sp / accum).backward()
             loss_sum += loss.detach()
             tokens += len(x0) * n_tok
-            n_seq = n_tok + (math.prod(kf[0].shape[2:]) if kf else 0)  # the keyframe's tokens are computed too
+            n_seq = n_tok + sum(math.prod(z.shape[2:]) for z, _ in keyframe_list(kf))  # theirs are computed too
             flops += len(x0) * 3 * count_flops(cfg, n_seq, ctx.shape[1]) / args.sp  # this rank's share
         if stopped:
             opt.zero_grad(set_to_none=True)  # the step in flight is dropped; it is redone after the resume
@@ -2576,7 +2609,8 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             log.log(rec, echo=bar.write)
         if val_idx and args.val_every and step % args.val_every == 0:
-            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, device, float(args.fps))), echo=bar.write)
+            log.log(dict(step=step, val_loss=val_loss(model, val_idx, val, device, float(args.fps), args.reference)),
+                    echo=bar.write)
         if prompts and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
             if ema:
                 ema.swap()

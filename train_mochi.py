@@ -45,7 +45,7 @@ from common.weights import (check_keys, check_shapes, read_safetensors, read_wei
                             safetensors_header)
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
-from data.loader import batches, split_val, val_batches, with_repeats
+from data.loader import batch_key, batches, split_val, val_batches, with_repeats
 from data.toy import DEMO_PROMPTS, make_toy_dataset
 from data.video import write_video
 
@@ -1890,11 +1890,11 @@ def main(argv=None):
                         device, args.sp, print0)
     # Each step's global batch comes from one bucket (data/loader.py), read a step ahead on a thread into pinned
     # memory; the data state saved with a checkpoint is the one after the last step actually trained.
-    steps = batches([tuple(e["bucket"]) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
+    steps = batches([batch_key(e) for e in train], args.global_batch, micro, dp_rank, dp_world, args.seed,
                     state)
     it = prefetch(steps, lambda item: ([load_batch([train[i]["file"] for i in mb], pin=pin) for mb in item[0]],
                                        item[1]))
-    val_idx = val_batches([tuple(e["bucket"]) for e in val], micro, dp_rank, dp_world) if val else []
+    val_idx = val_batches([batch_key(e) for e in val], micro, dp_rank, dp_world) if val else []
     stop = StopSignal()  # SIGTERM (pre-emption) or Ctrl-C: checkpoint the last whole step, exit
     log = RunLog(out_dir, enabled=rank == 0, tensorboard=args.tensorboard, wandb_project=args.wandb,
                  config=dataclasses.asdict(args), start_step=start)

@@ -24,19 +24,20 @@ HELP = ("--ac 1 (or --ac 2: the block inputs in CPU memory; --ac_interval 1: eve
         "--height x --width (the buckets)")
 
 
-def largest(entries, micro):
+def largest(entries, micro, key=lambda e: tuple(e["bucket"])):
     """entries: cached samples, each with "bucket" [H, W, F] -> (`micro` indices into entries, all of the bucket
-    with the most pixels x frames (wrapped if it holds fewer), that bucket)."""
-    best = max({tuple(e["bucket"]) for e in entries}, key=lambda b: (b[0] * b[1] * b[2], b))
-    idx = [i for i, e in enumerate(entries) if tuple(e["bucket"]) == best]
+    with the most pixels x frames (wrapped if it holds fewer), that bucket). key: what the samples of one batch
+    share, (H, W, F, ...) (data/loader.py batch_key); the largest by its first three, then the rest."""
+    best = max({key(e) for e in entries}, key=lambda b: (b[0] * b[1] * b[2], b))
+    idx = [i for i, e in enumerate(entries) if key(e) == best]
     return (idx * micro)[:micro], best
 
 
-def check(entries, micro, load, loss, model, device, sp=1, log=print):
+def check(entries, micro, load, loss, model, device, sp=1, log=print, key=lambda e: tuple(e["bucket"])):
     """The preflight: load(idx) the micro-batch `largest` picks, then loss(batch, x0, sigma, eps) with its latents
     x0 on the device, sigma 0.5 and noise from a generator of its own; backward (x sp, as the loop: common/sp.py),
     with gradient sync on, through `model` (the module trained: set_requires_gradient_sync). -> peak GiB or None."""
-    idx, (h, w, f) = largest(entries, micro)
+    idx, (h, w, f, *_) = largest(entries, micro, key)
     b = load(idx)
 
     def fwd_bwd():

@@ -2,7 +2,7 @@
 
     train, val = split_val(entries, val=0.05, seed=0)             # held out by source file, chosen by seed
     train = with_repeats(train)                                    # a source's "*N": its samples N times
-    buckets = [tuple(e["bucket"]) for e in train]
+    buckets = [batch_key(e) for e in train]                        # (H, W, F), + a reference's frames
     state = {"epoch": 0, "pos": 0}                                 # restore it from the checkpoint to resume
     for micro_batches, state in batches(buckets, global_batch=8, micro_batch=2, rank=rank, world=world,
                                         seed=seed, state=state):
@@ -26,6 +26,13 @@ step it trained; batches(..., state=that) continues with exactly the next step.
 """
 import collections
 import random
+
+
+def batch_key(entry):
+    """What the samples of one step share, so that they stack: the bucket (H, W, F), and with a reference
+    (data/dataset.py: IC-LoRA) its frame count, which is 1 for an image whatever F is."""
+    ref = entry.get("reference")
+    return tuple(entry["bucket"]) + ((ref["frames"],) if ref else ())
 
 
 def split_val(entries, val, seed):

@@ -26,7 +26,7 @@ import data.dataset
 from common.prefetch import prefetch
 from data.cache import cache_entries, encode_dataset, load_batch, load_entry
 from data.dataset import load_dataset, make_buckets, nearest_bucket
-from data.loader import batches, epoch_plan, split_val, val_batches, with_repeats
+from data.loader import batch_key, batches, epoch_plan, split_val, val_batches, with_repeats
 from data.toy import COLORS, DEMO_PROMPTS, DIRECTIONS, make_toy_dataset
 from data.video import probe, read_clip, write_video
 
@@ -390,6 +390,10 @@ def test_references(tmp_path):
     assert len(skips) == 2 and "c.mp4: no reference (2 files named c.* in" in skips[0], skips
     assert "f.mp4: reference too short" in skips[1], skips
     assert not any("refs" in r["path"] for r in recs)  # the references' folder inside --data holds no samples
+    # a video and an image reference of one bucket do not stack: one batch holds one of them (batch_key)
+    by = {os.path.basename(r["path"]): r for r in recs}
+    assert by["a.mp4"]["bucket"] == by["b.mp4"]["bucket"]
+    assert batch_key(by["a.mp4"]) == (*by["a.mp4"]["bucket"], 17) and batch_key(by["b.mp4"]) == (*by["a.mp4"]["bucket"], 1)
     # without reference=True the same folder trains plainly, and the references' folder is still not sampled
     plain = load_dataset(d, **SMALL, reference_dir=refs, log=lambda s: None)
     assert len(plain) == 6 and not any("reference" in r for r in plain)

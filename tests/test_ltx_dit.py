@@ -126,6 +126,42 @@ def test_keyframe_matches_diffusers(causal, per_token):
         assert (model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, 8)) - ours).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("causal,ref_frames", [(True, 3), (False, 1)])
+def test_reference_matches_diffusers(causal, ref_frames):
+    """IC-LoRA's reference as LTX-Video-Trainer trains it (ReferenceVideoTrainingStrategy): the reference's clean
+    tokens in front of the target's, with the target's own video_coords (prepare_video_coordinates with
+    sequence_multiplier 2: the grid twice), timestep 0, loss on the target only; diffusers' transformer given exactly
+    that, against ours with keyframe=(reference, 0). ref_frames 1: an image reference, at the first frame's place."""
+    model = tiny_dit(causal_temporal_positioning=causal)
+    ref = diffusers_twin(model)
+    c = model.cfg
+    g = torch.Generator().manual_seed(4)
+    B, Lt, (f, h, w), fps = 2, 5, (3, 2, 3), 24.0
+    N, M = f * h * w, ref_frames * h * w
+    x = torch.randn(B, c.in_channels, f, h, w, generator=g)
+    z = torch.randn(B, c.in_channels, ref_frames, h, w, generator=g)
+    t = torch.tensor([900.0, 250.0])
+    ctx, mask = torch.randn(B, Lt, c.caption_channels, generator=g), torch.ones(B, Lt)
+    mask[0, 2:] = 0
+    coords = torch.cat([pipeline_coords(B, ref_frames, h, w, fps, causal), pipeline_coords(B, f, h, w, fps, causal)],
+                       dim=2)
+    tt = torch.cat([torch.zeros(B, M), t[:, None].expand(B, N)], dim=1)
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, 0))
+        tokens = torch.cat([z.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)], dim=1)
+        theirs = ref(tokens, ctx, tt, mask, video_coords=coords, return_dict=False)[0][:, M:]
+        plain = model(x, t, ctx, mask, frame_rate=fps)
+    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-5, err
+    assert (ours - plain).abs().mean() > 1e-3  # the reference is attended to
+    # the batch's reference, from the cache, goes in front of the step's keyframe (batch_keyframes)
+    b = {"reference": z, "latents.last": z[:, :, :1]}
+    keys = L.batch_keyframes(b, x, "cpu", "last", reference=True)
+    assert [(k[0].shape[2], k[1]) for k in keys] == [(ref_frames, 0), (1, L.last_frame_index(f))]
+    assert L.batch_keyframes(b, x, "cpu", None) is None and len(L.batch_keyframes(b, x, "cpu", None, True)) == 1
+
+
 def test_rope_grid_is_the_pipelines():
     for causal in (False, True):
         got = L.rope_grid(4, 3, 5, 30.0, causal)

@@ -131,12 +131,13 @@ def test_keyframes_in_the_loss_the_draws_and_the_cache():
         assert p == 8 * j and torch.equal(z, v[:, :, 8 * j: 8 * j + 1]), u
 
 
-def scratch_dit():
-    """A tiny DiT from scratch (seed 0), its AdamW at 3e-3 and an all-zero caption: the learning tests' set-up."""
+def scratch_dit(**kw):
+    """A tiny DiT (or kw's change of it) from scratch (seed 0), its AdamW at 3e-3 and an all-zero caption: the
+    learning tests' set-up."""
     import dataclasses
     torch.manual_seed(0)
-    cfg = L.DIT_PRESETS["tiny"]
-    model = L.Transformer3DModel(dataclasses.replace(cfg))
+    cfg = dataclasses.replace(L.DIT_PRESETS["tiny"], **kw)
+    model = L.Transformer3DModel(cfg)
     model.init_weights()
     return cfg, model, torch.optim.AdamW(model.parameters(), lr=3e-3), torch.zeros(1, 2, cfg.caption_channels)
 
@@ -201,6 +202,37 @@ def test_the_model_learns_where_a_keyframe_sits():
             right += loss(x0, key, eps, j).item()
             wrong += loss(x0, key, eps, 1 + j % 3).item()
     assert right < 0.75 * wrong, (right, wrong)
+
+
+def test_the_model_learns_to_follow_a_reference_frame_by_frame():
+    """IC-LoRA's signal (--reference): clips whose every latent frame has a random colour of its own, the reference
+    clip the same colours (a control video that says all). A small DiT from scratch, trained with the reference in
+    front at frame 0 (the target's own positions, causal RoPE time), predicts the velocity at sigma 0.9 far better
+    given the reference than given it with its frames rolled by one (measured: 0.01 against 2.5) or none (2.2): it
+    reads each frame from the reference frame at its own time, not the reference as a whole. (The tiny preset's 16
+    channels hold 2 RoPE frequencies per axis, too few to tell its frames apart: 4 heads of 8 here.)"""
+    cfg, model, opt, ctx = scratch_dit(attention_head_dim=32)
+
+    def clips(g, B):  # (B, C, 4, 2, 2): frame k one colour, and its reference (here: the same clip)
+        x0 = torch.randn(B, cfg.in_channels, 4, 1, 1, generator=g).expand(B, -1, 4, 2, 2).contiguous()
+        return x0, x0.clone()
+
+    def loss(x0, ref, eps):
+        B = len(x0)
+        return L.flow_loss(model, x0, ctx.expand(B, -1, -1), None, torch.full((B,), 0.9), eps,
+                           keyframe=[(ref, 0)] if ref is not None else None)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        x0, ref = clips(g, 16)
+        opt.zero_grad()
+        loss(x0, ref, torch.randn(x0.shape, generator=g)).backward()
+        opt.step()
+    g = torch.Generator().manual_seed(2)
+    x0, ref = clips(g, 64)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        aligned, rolled, none = (loss(x0, r, eps).item() for r in (ref, ref.roll(1, dims=2), None))
+    assert aligned < 0.1 * min(rolled, none), (aligned, rolled, none)
 
 
 def test_linear_quadratic_matches_diffusers():

@@ -179,6 +179,41 @@ def test_sample_configs_through_main(folder, tmp_path):
     assert v.shape == (9, 96, 64, 3) and v.float().std() > 1
 
 
+def test_reference_ic_lora_through_main(folder, tmp_path):
+    """--reference 1 (IC-LoRA) on the real path: the VAE encodes each clip's reference (--reference_dir, the same
+    names) into the cache beside its latents, a LoRA trains with it in front and a validation loss with it, and
+    --sample_reference conditions a sample (a video or an image), which changes it."""
+    import shutil
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    clips = sorted(f for f in os.listdir(folder["data"]) if f.endswith(".mp4"))
+    for i, c in enumerate(clips):  # each clip's reference: the next clip (a pairing the model could learn)
+        shutil.copy(os.path.join(folder["data"], clips[(i + 1) % len(clips)]), refs / c)
+    common = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
+              "--cache_dir", str(tmp_path / "cache"), "--reference", "1", "--reference_dir", str(refs), *CLIP]
+    t, meta = checks.check_cache(ltx, common, str(tmp_path / "cache"))
+    assert t["reference"].shape == t["latents"].shape == (8, 2, 1, 1) and meta["reference"].startswith(str(refs))
+    assert not torch.equal(t["reference"], t["latents"])
+    out = tmp_path / "lora"
+    p = ltx(*common, "--out_dir", str(out), "--lora_rank", "4", "--max_steps", "2", "--val_count", "2",
+            "--val_every", "2")
+    from common.log import read_log
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and [r["step"] for r in log if "val_loss" in r] == [2]
+    assert (out / "lora.safetensors").exists() and "encoding" not in p.stderr
+    assert json.load(open(out / "run.json"))["fingerprint"]["reference"] is True
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors"],
+                            os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), str(tmp_path / "cache"), 9,
+                            "--fps", "16", "--sample_stg_blocks", "1")
+    ltx(*s, "--out_dir", str(tmp_path / "plain"))
+    ltx(*s, "--out_dir", str(tmp_path / "ref"), "--sample_reference", os.path.join(folder["data"], clips[0]))
+    from data.video import write_video
+    write_video(str(tmp_path / "still.mp4"), torch.rand(3, 1, 32, 32) * 2 - 1, 16)  # a one-frame video: an image
+    ltx(*s, "--out_dir", str(tmp_path / "img"), "--sample_reference", str(tmp_path / "still.mp4"))
+    a, b, c = (sample_video(tmp_path / d).float() for d in ("plain", "ref", "img"))
+    assert (a - b).abs().mean() > 1 and (b - c).abs().mean() > 1 and (a - c).abs().mean() > 1
+
+
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(ltx, os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), CLIP, 2 * 2)
 
@@ -201,6 +236,9 @@ def test_bench_in_bf16(folder):
     (["--sample_image_strength", "0"], "--sample_image_strength 0.0: expected a strength in (0, 1]"),
     (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
+    (["--reference_dir", os.path.dirname(__file__)], "--reference_dir names the references of --reference 1"),
+    (["--sample_reference", "nope.mp4"], "--sample_reference nope.mp4: no such file or folder"),
+    (["--sample_reference", __file__], "not a readable video or image"),
     (["--sample_config", os.path.join(os.path.dirname(__file__), "fixtures", "stg_skip.json"), "--sample_prompts", "a"],
      "stg_mode 'attention_skip'; train_ltx.py implements attention_values"),
     (["--sample_config", "ltxv-99b"], "--sample_config 'ltxv-99b': expected one of ltxv-2b-0.9.6-dev,"),

@@ -22,6 +22,26 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
     checks.check_one_and_two_processes_agree(run, toy, tmp_path, "--timestep_sampling", "uniform")
 
 
+def test_reference_one_and_two_processes_agree(toy, tmp_path):
+    """--reference 1 (IC-LoRA) from a jsonl of pairs (each toy clip's reference: the next one): the references go
+    through the cache and the batches with their samples, on 1 and on 2 processes alike (losses and gradient norms),
+    and the loss falls."""
+    import json
+    import os
+    d = toy["data"]
+    clips = sorted(f for f in os.listdir(d) if f.endswith(".mp4"))
+    rows = []
+    for i, c in enumerate(clips):
+        with open(os.path.join(d, c[:-4] + ".txt")) as f:
+            caption = f.read().strip()
+        rows.append({"path": os.path.join(d, c), "caption": caption,
+                     "reference": os.path.join(d, clips[(i + 1) % len(clips)])})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checks.check_one_and_two_processes_agree(run, {**toy, "data": str(pairs)}, tmp_path, "--reference", "1",
+                                             "--timestep_sampling", "uniform")
+
+
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     # the from-scratch toy DiT has a zero output layer: fine-tune a briefly trained one, loaded from its own export
     sd = checks.check_lora_trains_only_the_adapters(run, toy, tmp_path)
