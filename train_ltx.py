@@ -2174,9 +2174,18 @@ def upsample_latents(up, z, stats):
     return adain_latents((x - mean) / std, z)
 
 
+def allowed_timesteps(args):
+    """The DiT file's header `allowed_inference_steps` (the distilled releases list the timesteps they were
+    distilled for), or None: --dit_path when it is a file, else the --ckpt_dir checkpoint."""
+    file = args.dit_path if os.path.isfile(args.dit_path) else ckpt_file(args) if args.ckpt_dir else ""
+    return header_config(file).get("allowed_inference_steps") if file.endswith(".safetensors") and \
+        os.path.isfile(file) else None
+
+
 def check_sample_config(args, cfg):
     """The sampling recipe's mistakes as one UserError, before any work (only when there are prompts to sample):
-    a config that does not parse, STG on blocks the DiT lacks, a multi-scale config without its upsampler file."""
+    a config that does not parse, STG on blocks the DiT lacks, a multi-scale config without its upsampler file, a
+    timestep that a distilled checkpoint does not allow (upstream's pipeline asserts it, rounded to 4 places)."""
     if not prompts_from(args.sample_prompts):
         return
     src = f"--sample_config {args.sample_config}" if args.sample_config else "--sample_stg_blocks " + \
@@ -2189,13 +2198,19 @@ def check_sample_config(args, cfg):
         if conf.get("pipeline_type", "base") not in ("base", "multi-scale"):
             raise UserError(f"{src}: pipeline_type {conf['pipeline_type']!r}: expected base or multi-scale")
         passes = sample_passes(conf, args.height, args.width, LATENT_STRIDE[args.encoders][1])
-        bad, schedule = set(), sample_schedule(args)
+        bad, schedule, allowed, wrong = set(), sample_schedule(args), allowed_timesteps(args), []
         for p, (h, w) in passes:
             shape = latent_shape(cfg, dataclasses.replace(args, height=h, width=w), args.sample_frames or args.frames)
-            _, stg = pass_plan(p, pass_timesteps(p, schedule, shape[1] * shape[2] * shape[3]))
+            ts = pass_timesteps(p, schedule, shape[1] * shape[2] * shape[3])
+            _, stg = pass_plan(p, ts)
             bad |= {b for st in stg if st for b in st[1] if not 0 <= b < cfg.num_layers}
+            wrong += [round(t, 4) for t in ts if allowed is not None and round(t, 4) not in allowed]
         if bad:
             raise UserError(f"{src}: STG on block(s) {sorted(bad)}: the DiT has {cfg.num_layers} blocks")
+        if wrong:
+            raise UserError(f"the DiT's header allows only the timesteps {allowed} (a distilled checkpoint), the "
+                            f"samples would take {wrong}: pass --sample_config ltxv-2b-0.9.8-distilled (or the 13B "
+                            "one), or --sample_schedule distilled")
     except (ValueError, KeyError, TypeError) as e:  # a .json with a field missing or of the wrong kind
         raise UserError(f"{src}: {type(e).__name__} {e}") from None
     if len(passes) > 1 and not os.path.isfile(upscaler_file(args)):

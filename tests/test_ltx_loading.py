@@ -152,3 +152,24 @@ def test_text_encoder_hf_folder(tmp_path):
     assert torch.equal(mask, m)
     assert (ctx - want).abs().max() <= 1e-5
     assert ctx.shape == (2, L.TEXT_LEN, c.d_model)
+
+
+def test_distilled_header_allows_only_its_timesteps(tmp_path):
+    """A distilled release's header lists `allowed_inference_steps`, and upstream's pipeline asserts that every
+    timestep is one of them (rounded to 4 places): sampling with another schedule is refused before any work, one
+    line naming both lists; the distilled schedule passes, and so does any schedule for a file without the list."""
+    from common.args import UserError
+    allowed = [1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725, 0.4219]
+    f = tmp_path / "ltxv-2b-0.9.8-distilled.safetensors"
+    save_file({"x": torch.zeros(1)}, f, metadata={"config": json.dumps({"allowed_inference_steps": allowed})})
+    cfg = L.DIT_PRESETS["tiny"]
+    args = L.Args(preset="tiny", ckpt_dir=str(f), sample_prompts="a", height=64, width=64, frames=9,
+                  sample_stg_blocks="1")
+    assert L.allowed_timesteps(args) == allowed
+    with pytest.raises(UserError, match=r"allows only the timesteps \[1.0, 0.9937.*would take \[0\.9"):
+        L.check_sample_config(args, cfg)
+    L.check_sample_config(L.Args(**{**args.__dict__, "sample_schedule": "distilled"}), cfg)  # its own: allowed
+    plain = tmp_path / "dev.safetensors"
+    save_file({"x": torch.zeros(1)}, plain, metadata={"config": json.dumps({})})
+    assert L.allowed_timesteps(L.Args(**{**args.__dict__, "ckpt_dir": str(plain)})) is None
+    L.check_sample_config(L.Args(**{**args.__dict__, "ckpt_dir": str(plain)}), cfg)
