@@ -33,7 +33,7 @@ TINY = {"tiny": (70, 2, 16, (9, 4))}
 def ways(N, lens, compile_flex):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     L = max(lens)
-    lens_t = None
+    lens_t = block = None
     flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
 
     def sdpa_masked(q, k, v):  # (B, H, N+L, D)
@@ -46,18 +46,19 @@ def ways(N, lens, compile_flex):
             out[b:b + 1, :, :N + n] = F.scaled_dot_product_attention(*(t[b:b + 1, :, :N + n] for t in (q, k, v)))
         return out
 
-    def flex_masked(q, k, v):
-        def key_padding(b, h, q_idx, kv_idx):
-            return kv_idx < N + lens_t[b]
-        block = create_block_mask(key_padding, B=q.shape[0], H=None, Q_LEN=N + L, KV_LEN=N + L, device=q.device)
+    def key_padding(b, h, q_idx, kv_idx):
+        return kv_idx < N + lens_t[b]
+
+    def flex_masked(q, k, v):  # the block mask is built once (bind), as a model would once a step for all blocks
         return flex(q, k, v, block_mask=block)
 
     def batch1(q, k, v):
         return F.scaled_dot_product_attention(*(t[:1, :, :N + lens[0]] for t in (q, k, v)))
 
     def bind(device):
-        nonlocal lens_t
+        nonlocal lens_t, block
         lens_t = torch.tensor(lens, device=device)
+        block = create_block_mask(key_padding, B=len(lens), H=None, Q_LEN=N + L, KV_LEN=N + L, device=device)
     return {"sdpa_masked": sdpa_masked, "per_sample": per_sample, "flex": flex_masked, "batch1": batch1}, bind
 
 

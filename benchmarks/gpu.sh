@@ -10,7 +10,8 @@
 # `hunyuan` (about 7 min) while the machine is still warm.
 #
 # The device image's python3 has torch with CUDA, safetensors, sentencepiece, tokenizers, numpy and tqdm, but not
-# PyAV, which data/video.py imports: carry its wheel in .whl/ (git-ignored), made here once with
+# PyAV. The benches below need none (data/video.py imports it only to read or write a file); for anything that does,
+# carry its wheel in .whl/ (git-ignored), made here once with
 #   pip download av --python-version 3.12 --only-binary=:all: --no-deps --platform manylinux_2_28_x86_64 -d .whl
 # Everything lands in one file, $OUT/gpu.log (the device returns at most 8 files): per check its command, its last
 # lines (the bench's JSON: step_s, tokens_s, tflops_s, mfu, mem_gb, loss), its exit status and wall time. The
@@ -23,9 +24,13 @@ PY=${PY:-python3}
 BUDGET=${BUDGET:-540}  # seconds for all checks; a check whose limit does not fit in what is left is skipped
 DRY=${GPU_DRY:-0}
 export PYTHONUNBUFFERED=1
+# (--mode bench itself needs no PyAV: data/video.py imports it only where a file is read or written)
 if ! $PY -c "import av" 2>/dev/null && ls .whl/av-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-deps --target /tmp/pyav .whl/av-*.whl &&
+  if $PY -m pip install -q --no-deps --no-index --disable-pip-version-check --target /tmp/pyav .whl/av-*.whl; then
     export PYTHONPATH=/tmp/pyav${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "PyAV: installing $(ls .whl/av-*.whl) failed" >> "$LOG"
+  fi
 fi
 
 GROUPS_WANTED=" ${*:-wan mochi attn hunyuan} "

@@ -54,10 +54,12 @@ def prepare(model, blocks, sd, device, compute_dtype, args):
     the bf16 base alive in host RAM beside the float8 and pinned copies."""
     if sd == "random":
         model.to_empty(device="cpu")
-        g = torch.Generator().manual_seed(args.seed)
+        # drawn on the device a tensor at a time, then copied in: a seeded normal_ runs on one CPU thread, ~9 ns an
+        # element, which is two minutes for a 13B base before the bench's first step
+        g = torch.Generator(device).manual_seed(args.seed)
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0, 0.02, generator=g)
+                p.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0, 0.02, generator=g))
     else:
         ref = model.state_dict()  # the meta model's dtypes: the same values as the broadcast path copies in
         model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, assign=True)

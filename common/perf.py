@@ -37,7 +37,7 @@ def peak_memory_gb(device):
 def pinned_gb(device):
     """Pinned host memory held by torch's caching host allocator, in use or cached (it keeps what it was given):
     --offload's chunks, --ac 2's parked inputs and the loader's pinned batches, GiB; None off CUDA."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):  # (torch >= 2.7)
         return None
     return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
 

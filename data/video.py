@@ -14,9 +14,11 @@ Still images (png/jpg/webp/...) and 1-frame videos are 1-frame clips.
 import os
 from fractions import Fraction
 
-import av
 import numpy as np
 import torch
+
+# PyAV is imported where a file is read or written, not here: `--mode bench` (random data) and the models imported
+# from Python need no PyAV (a GPU machine may have torch but not PyAV).
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".flv", ".wmv", ".mpg", ".mpeg",
@@ -59,6 +61,7 @@ def probe(path):
     """Size, duration, fps and frame count, from the packet timestamps (no full decode; one frame is decoded to
     check that the stream decodes and to get the upright size). Raises on anything unreadable. Returns
     {"width", "height", "frames", "duration" (s), "fps" (measured average), "is_image"}."""
+    import av
     with av.open(str(path)) as c:
         if not c.streams.video:
             raise ValueError("no video stream")
@@ -106,6 +109,7 @@ def read_clip(path, start, frames, fps, size):
     """Decode `frames` frames at `fps` starting at `start` seconds, resized and centre-cropped to size=(H, W).
     Returns float32 (3, F, H, W) in [-1, 1]. Output frame k is the last source frame with time <= start + k/fps;
     past the end of the video the last frame repeats (the dataset never asks for that)."""
+    import av
     targets = [start + k / fps for k in range(frames)]
     out = torch.empty(frames, *size, 3, dtype=torch.uint8)  # frame-major, as decoded: each frame is one memcpy
     with av.open(str(path)) as c:
@@ -121,6 +125,7 @@ def read_clip(path, start, frames, fps, size):
 
 def _decode_at(c, s, t0, targets, out, seek):
     """Fill out[k] (uint8 (F, H, W, 3)) with the frame showing at targets[k]. False if the seek overshot."""
+    import av
     if seek:
         try:
             c.seek(int((targets[0] + t0) / s.time_base), stream=s, backward=True)  # to the keyframe before start
@@ -157,6 +162,7 @@ def _decode_at(c, s, t0, targets, out, seek):
 def write_video(path, video, fps, crf=18):
     """Write (3, F, H, W) float in [-1, 1] (or uint8) as an h264/yuv420p mp4 that every player opens.
     yuv420p needs even sizes: an odd H or W is padded by repeating the last row/column."""
+    import av
     assert video.ndim == 4 and video.shape[0] == 3, f"expected (3, F, H, W), got {tuple(video.shape)}"
     if video.dtype != torch.uint8:
         video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -22,3 +22,17 @@ def test_full_size_flops_match_the_spec():
     # spec: 1.3B at 480x832x81 (32,760 tokens) is about 283 TFLOP forward, of which attention about 201
     f = W.count_flops(W.DIT_PRESETS["1.3B"], 21, 60, 104)
     assert 280e12 < f < 290e12, f / 1e12
+
+
+def test_bench_runs_without_pyav(tmp_path):
+    """A GPU machine may have torch but not PyAV: --mode bench (random data) reads and writes no video, so every script
+    runs it with `av` unimportable (data/video.py imports PyAV only where a file is read or written)."""
+    import subprocess
+    import sys
+    from tests.procs import ROOT
+    code = ("import sys, runpy; sys.modules['av'] = None; sys.argv = [sys.argv[1], '--mode', 'bench', '--preset', "
+            "'tiny', '--bench_steps', '1', '--out_dir', sys.argv[2]]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    for script in ("train_wan.py", "train_ltx.py", "train_hunyuan.py", "train_mochi.py"):
+        p = subprocess.run([sys.executable, "-c", code, script, str(tmp_path / script)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and '"step_s"' in p.stdout, (script, p.stderr[-2000:])
