@@ -1380,27 +1380,29 @@ def sampling_sigmas(steps, sampler, n_tokens, shifting="", terminal=None):
 
 
 def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_latent=None, keyframe=None,
-             cfg_star=False, soft=None, return_keyframes=False):
+             cfg_star=False, soft=None, return_keyframes=False, cond_start=0):
     """One guided velocity, as the official pipeline combines them. context = (ctx (B,L,D), mask (B,L)); neg likewise
     or None. CFG (only when g > 1): u + g (c - u); with cfg_star (the 13B configs' cfg_star_rescale) u is first
     replaced by its scaled copy closest to c, u <- (<c, u> / (|u|^2 + 1e-8)) u per sample. stg = (scale, skip
     blocks, rescale) or None: spatio-temporal guidance adds scale * (c - p), p the conditional prediction with those
     blocks' self-attention replaced by its values, and then matches the result's std to the conditional's by a
     factor r std(c)/std(v) + (1 - r) per sample.
-    cond_latent (B,C,k,H,W): the first k latent frames given (an image: k = 1; a video prefix); its tokens are the
-    clean latent with timestep 0. soft = (k, s) or None: instead, x's first k latent frames are conditioning at
-    strength s < 1, their timestep min(sigma, 1 - s) (the pipeline's min(t, 1 - conditioning_mask)). keyframe (z, p),
+    cond_latent (B,C,k,H,W): the first k latent frames given (an image: k = 1; a video prefix), or the k from latent
+    frame cond_start on (a clip placed later in the video); its tokens are the clean latent with timestep 0. soft =
+    (k, s) or None: instead, x's latent frames cond_start .. + k are conditioning at strength s < 1, their timestep
+    min(sigma, 1 - s) (the pipeline's min(t, 1 - conditioning_mask)). keyframe (z, p),
     (z, p, s) at strength s, or a list of them: the model's keyframe conditioning (e.g. the last frame), the same in
     every branch of the batch. -> the velocity (B, C, f, h, w); with return_keyframes also the keyframes', a list of
     (B, C, k, h, w) (the sampler moves the ones below strength 1)."""
     B, C, f, h, w = x.shape
     t = torch.full((B, f * h * w), float(sigma) * 1000, device=x.device)
+    a = cond_start
     if cond_latent is not None:
         k = cond_latent.shape[2]
-        x = torch.cat([cond_latent.to(x), x[:, :, k:]], dim=2)
-        t[:, : k * h * w] = 0.0
+        x = torch.cat([x[:, :, :a], cond_latent.to(x), x[:, :, a + k:]], dim=2)
+        t[:, a * h * w: (a + k) * h * w] = 0.0
     if soft is not None:
-        t[:, : soft[0] * h * w] = min(float(sigma), 1 - soft[1]) * 1000
+        t[:, a * h * w: (a + soft[0]) * h * w] = min(float(sigma), 1 - soft[1]) * 1000
     ctx, cmask = context
     # CFG only above 1, as the official pipeline (guidance_scale > 1): a scale <= 1 means no negative pass at all,
     # not an extrapolation towards the negative prompt
@@ -1450,15 +1452,17 @@ def velocity(model, x, sigma, context, neg, guidance, stg, frame_rate, cond_late
 def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1.0, (19,), 0.7),
                  sampler="LinearQuadratic", shifting="", terminal=None, frame_rate=25.0, cond_latent=None,
                  renoise=None, keyframe=None, cond_noise=None, timesteps=None, cfg_star=False, init=None,
-                 cond_strength=1.0, keyframe_noise=None):
+                 cond_strength=1.0, keyframe_noise=None, cond_start=0):
     """The official first-order sampler (RectifiedFlowScheduler.step): x <- x - (t - t_next) v, from t = 1 (noise)
     through the schedule to 0. Defaults: the ltxv-2b-0.9.6-dev config (40 steps, CFG 3, STG 1 on block 19, rescale
     0.7). timesteps: the schedule itself (then steps / sampler / shifting / terminal are unused); guidance and stg
     may be lists, one entry a step (the configs' per-timestep values, pass_plan). init: latents to start from, noised
     to the first timestep, t0 noise + (1 - t0) init (the multi-scale pipeline's second pass). With cond_latent (B, C,
     k, h, w) the first k latent frames are the conditioning image's or video prefix's latents throughout (timestep
-    0); with keyframe (z, p) (or a list of them) the model attends to the keyframes' tokens at every step (first +
-    last frame: both).
+    0), or the k from latent frame cond_start on (a clip in the middle or at the end: the pipeline's
+    _handle_non_first_conditioning_sequence, whose first two latent frames the caller gives as a keyframe); with
+    keyframe (z, p) (or a list of them) the model attends to the keyframes' tokens at every step (first + last
+    frame: both).
     Strengths below 1 (cond_strength; a keyframe (z, p, s)), as the pipeline's conditioning_strengths: the tokens
     start as (1 - s) noise + s z (the video's own noise for cond_latent, keyframe_noise[j] for keyframe j), have
     timestep min(t, 1 - s), stay as they are while t > 1 - s and then move with the video; keyframes stay out of the
@@ -1480,8 +1484,10 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
     x = noise.float() if init is None else ts[0] * noise.float() + (1 - ts[0]) * init.float()
     hard = cond_latent if cond_latent is not None and cond_strength >= 1 else None
     soft = (cond_latent.shape[2], cond_strength) if cond_latent is not None and cond_strength < 1 else None
-    if soft:  # the pipeline's lerp(latents, media, strength) on the first frames, then they are part of the state
-        x[:, :, : soft[0]] = (1 - cond_strength) * x[:, :, : soft[0]] + cond_strength * cond_latent.to(x)
+    a = cond_start
+    span = slice(a, a + cond_latent.shape[2]) if cond_latent is not None else None  # the conditioned latent frames
+    if soft:  # the pipeline's lerp(latents, media, strength) on those frames, then they are part of the state
+        x[:, :, span] = (1 - cond_strength) * x[:, :, span] + cond_strength * cond_latent.to(x)
     keys = [(e[0], e[1], e[2] if len(e) > 2 else 1.0) for e in keyframe_list(keyframe)]
     moving = any(s < 1 for _, _, s in keys)  # keyframes that are part of the state
     if moving and keyframe_noise is None:
@@ -1501,17 +1507,17 @@ def sample_euler(model, noise, context, neg=None, steps=40, guidance=3.0, stg=(1
             ks = [(z + scale * t**2 * torch.randn(z.shape, generator=gen).to(z) if s >= 1 else z, p, s)
                   for z, p, s in ks]
         v = velocity(model, x, t, context, neg, guidance[i], stg[i], frame_rate, c, ks or None, cfg_star, soft,
-                     moving)
+                     moving, a)
         v, kv = v if moving else (v, None)
         x_next = step(x, v, t, t_next)
         if soft and not t - 1e-6 < 1 - soft[1]:  # not yet at its noise level: held (the pipeline's denoise mask)
-            x_next[:, :, : soft[0]] = x[:, :, : soft[0]]
+            x_next[:, :, span] = x[:, :, span]
         x = x_next
         for j, (_, _, s) in enumerate(keys):
             if s < 1 and t - 1e-6 < 1 - s:
                 state[j] = step(state[j], kv[j], t, t_next)
     if hard is not None:
-        x = torch.cat([hard.to(x), x[:, :, hard.shape[2]:]], dim=2)
+        x = torch.cat([x[:, :, :a], hard.to(x), x[:, :, a + hard.shape[2]:]], dim=2)
     return x
 
 
@@ -1661,6 +1667,7 @@ class Args:
     sample_image: str = ""  # image-to-video samples: an image (or video: its first frame) as the first frame
     sample_video: str = ""  # video-extension samples: the first --sample_video_frames frames of this video, given
     sample_video_frames: int = 9  # how many frames of --sample_video the samples continue (1 + 8k)
+    sample_video_start: int = 0  # the pixel frame (8m) where those frames go: 0 continues them, later extends back
     sample_last_image: str = ""  # samples with this image (or a video's first frame) as a keyframe at the last frame
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
@@ -1757,9 +1764,12 @@ def check_args(args):
     frames = args.sample_frames or args.frames
     need(not (args.sample_image and args.sample_video), "--sample_image and --sample_video both give the first "
          "frames: pass one")
-    n = args.sample_video_frames
+    n, at = args.sample_video_frames, args.sample_video_start
     need(not args.sample_video or (0 < n < frames and (n - 1) % st == 0), f"--sample_video_frames {n}: expected "
          f"1 + {st}k frames, fewer than the samples' {frames}")
+    need(at == 0 or (args.sample_video and at > 0 and at % st == 0 and at + n <= frames), f"--sample_video_start "
+         f"{at}: expected a pixel frame 8m (a multiple of {st}) where --sample_video's {n} frames fit in the "
+         f"{frames}-frame samples (at most {frames - n})")
     need(args.sample_keyframe_frame == -1 or 0 < args.sample_keyframe_frame < frames, f"--sample_keyframe_frame "
          f"{args.sample_keyframe_frame}: expected -1 (the last frame) or a frame 1..{frames - 1} of the "
          f"{frames}-frame samples (frame 0 is --sample_image's)")
@@ -2129,12 +2139,14 @@ def sample_passes(conf, height, width, stride=32):
 
 
 def sample_multiscale(model, plans, noises, context, neg, upsample=None, frame_rate=25.0, conds=None,
-                      keyframes=None, renoise=None, cond_noise=None, cond_strength=1.0, keyframe_noise=None):
+                      keyframes=None, renoise=None, cond_noise=None, cond_strength=1.0, keyframe_noise=None,
+                      cond_start=0):
     """The passes of a sampling recipe, one after the other (LTXMultiScalePipeline; one pass: sample_euler alone).
     plans: per pass (timesteps, guidance, stg, cfg_star) (pass_timesteps, pass_plan); noises: per pass, the
     noise (B, C, f, h, w) at that pass's size; upsample: normalised latents -> the next pass's start
     (upsample_latents). conds, keyframes, renoise, cond_noise, keyframe_noise: per pass, as sample_euler takes
-    them, or None. -> the last pass's latents."""
+    them, or None; cond_start: where the conds sit (latent frames, the same in every pass). -> the last pass's
+    latents."""
     n = len(plans)
     conds, keyframes, renoise, cond_noise, keyframe_noise = (
         [None] * n if v is None else v for v in (conds, keyframes, renoise, cond_noise, keyframe_noise))
@@ -2143,7 +2155,7 @@ def sample_multiscale(model, plans, noises, context, neg, upsample=None, frame_r
         z = sample_euler(model, noises[k], context, neg, timesteps=ts, guidance=g, stg=stg, cfg_star=cfg_star,
                          frame_rate=frame_rate, cond_latent=conds[k], init=upsample(z) if k else None,
                          keyframe=keyframes[k], renoise=renoise[k], cond_noise=cond_noise[k],
-                         cond_strength=cond_strength, keyframe_noise=keyframe_noise[k])
+                         cond_strength=cond_strength, keyframe_noise=keyframe_noise[k], cond_start=cond_start)
     return z
 
 
@@ -2293,6 +2305,16 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     specs = sample_keyframes(args)
     keyframes = [[(encode_image(path, size), at(n, shape[1]), strength) for path, n, strength in specs] or None
                  for (_, size), shape in zip(passes, shapes)]
+    cond_start = 0
+    if args.sample_video and args.sample_video_start:  # the clip later in the video, as the pipeline places a
+        # conditioning video whose media_frame_number is not 0 (_handle_non_first_conditioning_sequence, "concat"):
+        # its first two latent frames (their pixel frames encode alone, not as the video's latents there) become
+        # keyframe tokens at its start frame, first of the keyframes; the rest goes in place two latent frames on
+        m = args.sample_video_start // LATENT_STRIDE[args.encoders][0]
+        keyframes = [[(z[:, :, :2], at(args.sample_video_start, 0), args.sample_image_strength), *(kfs or [])]
+                     for z, kfs in zip(conds, keyframes)]
+        conds = [z[:, :, 2:] if z.shape[2] > 2 else None for z in conds]
+        cond_start = m + 2
     if args.sample_reference:  # IC-LoRA: the reference at frame 0 (the video's own positions), first, as trained
         n_ref = 1 if probe(args.sample_reference)["is_image"] else frames
         keyframes = [[(encode_image(args.sample_reference, size, n_ref), 0, 1.0), *(kfs or [])]
@@ -2314,7 +2336,7 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             [(args.sample_cond_noise, noise.generator(args.seed, "cond_noise", *key)) for key in keys],
             args.sample_image_strength,  # a keyframe below strength 1 starts from noise of its own, seeded
             [[noise.randn(z.shape[1:], args.seed, "keyframe_noise", j, *key)[None].to(device) if s < 1 else None
-              for j, (z, _, s) in enumerate(kfs)] if kfs else None for kfs, key in zip(keyframes, keys)])
+              for j, (z, _, s) in enumerate(kfs)] if kfs else None for kfs, key in zip(keyframes, keys)], cond_start)
         if rank == 0:
             paths.append(os.path.join(out_dir, "samples", f"step_{step:08d}_{i}.mp4"))
             video = decode(z, tone_map=passes[-1][0].get("tone_map_compression_ratio", 0.0))[0].float().cpu()

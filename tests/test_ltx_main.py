@@ -214,6 +214,25 @@ def test_reference_ic_lora_through_main(folder, tmp_path):
     assert (a - b).abs().mean() > 1 and (b - c).abs().mean() > 1 and (a - c).abs().mean() > 1
 
 
+def test_a_clip_later_in_the_samples_through_main(folder, tmp_path):
+    """--sample_video_start 8: a 17-frame clip placed at frame 8 of 25-frame samples (extending it backwards), through
+    the VAE and the sampler as the pipeline places it (tests/test_ltx_multiscale.py has the golden): the sample is
+    another than with the clip at frame 0 or with none."""
+    from data.video import read_clip, write_video
+    g = torch.Generator().manual_seed(0)
+    write_video(str(tmp_path / "clip.mp4"), torch.rand(3, 17, 32, 32, generator=g) * 2 - 1, 16)
+    s = checks.sample_flags(["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors"],
+                            os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), folder["cache"], 9, "--fps", "16",
+                            "--sample_stg_blocks", "1", "--sample_frames", "25")
+    vid = ["--sample_video", str(tmp_path / "clip.mp4"), "--sample_video_frames", "17"]
+    ltx(*s, *vid, "--out_dir", str(tmp_path / "late"), "--sample_video_start", "8")
+    ltx(*s, *vid, "--out_dir", str(tmp_path / "first"))
+    ltx(*s, "--out_dir", str(tmp_path / "none"))
+    a, b, c = (read_clip(str(tmp_path / d / "samples" / "step_00000000_0.mp4"), 0, 25, 16, (32, 32))
+               for d in ("late", "first", "none"))
+    assert a.shape == (3, 25, 32, 32) and (a - b).abs().mean() > 0.01 and (a - c).abs().mean() > 0.01
+
+
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(ltx, os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), CLIP, 2 * 2)
 
@@ -237,6 +256,9 @@ def test_bench_in_bf16(folder):
     (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--reference_dir", os.path.dirname(__file__)], "--reference_dir names the references of --reference 1"),
+    (["--sample_video_start", "8"], "--sample_video_start 8: expected a pixel frame 8m"),
+    (["--sample_video", __file__, "--sample_video_start", "4", "--sample_frames", "17"],
+     "--sample_video_start 4: expected a pixel frame 8m (a multiple of 8) where --sample_video's 9 frames fit"),
     (["--sample_reference", "nope.mp4"], "--sample_reference nope.mp4: no such file or folder"),
     (["--sample_reference", __file__], "not a readable video or image"),
     (["--sample_config", os.path.join(os.path.dirname(__file__), "fixtures", "stg_skip.json"), "--sample_prompts", "a"],

@@ -281,6 +281,35 @@ def test_video_extension_sampling_matches_the_official_pipeline():
     assert err <= 1e-4 * want.abs().max().item(), err
 
 
+def test_a_clip_later_in_the_video_matches_the_official_pipeline():
+    """The same golden file: upstream's LTXVideoPipeline given a 17-frame clip at frame 8 of a 33-frame video
+    (--sample_video_start 8), at strength 1 and 0.5 (held through the 4 steps, t >= 0.725). The pipeline splits it (_handle_non_first_conditioning_sequence,
+    "concat"): the first two latent frames as extra tokens at pixel frame 8, the third in place at latent frame 3.
+    Ours: the same split, the in-place part as cond_latent with cond_start 3, the prefix as a keyframe (2e-6 of
+    5.9)."""
+    sd, meta, model, _ = multiscale_golden()
+    vae, ts, g, stg = golden_vae_and_plan(meta)
+    ctx, neg = (sd["in.ctx"], sd["in.mask"]), (sd["in.neg"], sd["in.nmask"])
+    assert json.loads(meta["mid_size"])[2] == 33
+    with torch.no_grad():
+        clip = vae.encode(sd["mid.clip"])  # (1, C, 3, h, w)
+
+        def ours(name, s, start=3, at=8):
+            soft = {"keyframe_noise": [sd["midsoft.knoise"]]} if s < 1 else {}
+            return L.sample_euler(model, sd[name + ".noise"], ctx, neg, timesteps=ts, guidance=g, stg=stg,
+                                  frame_rate=float(meta["fps"]), cond_latent=clip[:, :, 2:], cond_start=start,
+                                  cond_strength=s, keyframe=(clip[:, :, :2], at, s), **soft)
+        for name, s in (("mid", 1.0), ("midsoft", 0.5)):
+            want = sd[name + ".latents"]
+            z = ours(name, s)
+            err = (z - want).abs().max().item()
+            assert err <= 1e-4 * want.abs().max().item(), (name, err)
+        assert torch.equal(ours("mid", 1.0)[:, :, 3:4], clip[:, :, 2:])  # strength 1: the clip's latent, in place
+        # placed one latent frame earlier, or its prefix tokens at another frame: another sample
+        assert (ours("mid", 1.0, start=2) - sd["mid.latents"]).abs().max() > 1e-2
+        assert (ours("mid", 1.0, at=0) - sd["mid.latents"]).abs().max() > 1e-2
+
+
 def test_a_prefix_encodes_alone_to_the_clips_first_latents():
     """Why --prefix_p can train from the cached latents: the causal VAE encodes a clip's first 1 + 8(k - 1) frames
     alone to the clip's own first k latent frames (the official code's tiny VAE of tests/fixtures/ltx_golden)."""
