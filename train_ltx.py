@@ -1763,7 +1763,8 @@ def check_args(args):
              f"--{k} {getattr(args, k)}: no such file or folder")
     frames = args.sample_frames or args.frames
     need(not (args.sample_image and args.sample_video), "--sample_image and --sample_video both give the first "
-         "frames: pass one")
+         "frames: pass one" if not args.sample_video_start else "--sample_image with a --sample_video_start clip: "
+         "not implemented (one in-place conditioning per sample)")
     n, at = args.sample_video_frames, args.sample_video_start
     need(not args.sample_video or (0 < n < frames and (n - 1) % st == 0), f"--sample_video_frames {n}: expected "
          f"1 + {st}k frames, fewer than the samples' {frames}")
