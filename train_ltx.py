@@ -2380,7 +2380,8 @@ def export_weights(model, args, cfg, path):
 
 def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     """--mode bench: a few training steps on random latents of --height x --width x --frames and a random 256-token
-    context; prints step time, tokens/s, peak memory and MFU."""
+    context (--reference 1: with a random reference clip of the same size in front, IC-LoRA's sequence of twice the
+    tokens); prints step time, tokens/s (the target's), peak memory and MFU (all the tokens' work)."""
     sd = read_dit_weights(args, cfg, torch.distributed.get_rank(), torch.float32 if not args.lora_rank else
                           compute_dtype) if (args.dit_path or args.ckpt_dir) else "random"
     torch.manual_seed(args.seed)  # the same weights and inputs every run: eager and --compile give comparable losses
@@ -2392,20 +2393,23 @@ def bench(args, cfg, device, compute_dtype, world, micro, sp_group=None):
     x0 = torch.randn(shape, device=device)
     ctx = torch.randn(micro, TEXT_LEN, cfg.caption_channels, device=device)
     mask = torch.ones(micro, TEXT_LEN, device=device)
+    ref = [(torch.randn(shape, device=device), 0)] if args.reference else None
     tokens = micro * math.prod(shape[2:])
-    flops = micro * 3 * count_flops(cfg, math.prod(shape[2:])) / args.sp  # --sp: this rank's share of the samples' work
+    n_seq = math.prod(shape[2:]) * (2 if ref else 1)
+    flops = micro * 3 * count_flops(cfg, n_seq) / args.sp  # --sp: this rank's share of the samples' work
     peak = device_peak_flops(device, args.peak_tflops)
     times = []
     for i in range(args.bench_steps + 2):  # the first two steps warm up (compile, allocator) and are not counted
         with StepTimer(device) as t:
-            loss = flow_loss(model, x0, ctx, mask, torch.rand(micro, device=device), torch.randn_like(x0), args.fps)
+            loss = flow_loss(model, x0, ctx, mask, torch.rand(micro, device=device), torch.randn_like(x0), args.fps,
+                             keyframe=ref)
             (loss * args.sp).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(t.seconds)
     dt = sorted(times)[len(times) // 2]  # median
-    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac,
+    res = dict(preset=args.preset, lora_rank=args.lora_rank, ac=args.ac, reference=args.reference,
                ac_interval=args.ac_interval, shard=args.shard, compile=args.compile, dtype=str(compute_dtype),
                base_dtype=args.base_dtype, offload=args.offload,
                shape=list(shape), tokens=tokens, step_s=dt, tokens_s=tokens / dt, tflops_s=flops / dt / 1e12,

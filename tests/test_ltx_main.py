@@ -212,6 +212,11 @@ def test_reference_ic_lora_through_main(folder, tmp_path):
     ltx(*s, "--out_dir", str(tmp_path / "img"), "--sample_reference", str(tmp_path / "still.mp4"))
     a, b, c = (sample_video(tmp_path / d).float() for d in ("plain", "ref", "img"))
     assert (a - b).abs().mean() > 1 and (b - c).abs().mean() > 1 and (a - c).abs().mean() > 1
+    # --mode bench --reference 1: IC-LoRA's doubled sequence, on random data
+    p = ltx("--mode", "bench", "--preset", "tiny", "--bench_steps", "1", "--reference", "1", "--dtype", "bf16",
+            "--out_dir", str(tmp_path / "bench"))
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["reference"] is True and res["loss"] == res["loss"] and res["tokens"] == 8  # 2 x 2 x 2, the target's
 
 
 def test_a_clip_later_in_the_samples_through_main(folder, tmp_path):
