@@ -91,6 +91,18 @@ def test_dit_matches_diffusers(f, h, w, per_token, causal):
     assert ours.abs().mean() > 0.1  # not a trivially small output
 
 
+def with_tokens_in_front(model, ref, x, t, ctx, mask, fps, keyframe, tt, coords):
+    """Ours with `keyframe` = (z, p), and diffusers' transformer given z's tokens in front of x's with the per-token
+    timesteps tt and video_coords `coords`, its outputs for z dropped -> (ours, theirs, ours without z)."""
+    z = keyframe[0]
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=fps, keyframe=keyframe)
+        tokens = torch.cat([z.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)], dim=1)
+        theirs = ref(tokens, ctx, tt, mask, video_coords=coords, return_dict=False)[0][:, z[0, 0].numel():]
+        plain = model(x, t, ctx, mask, frame_rate=fps)
+    return ours, theirs.transpose(1, 2).reshape(ours.shape), plain
+
+
 @pytest.mark.parametrize("causal,per_token", [(True, False), (False, True)])
 def test_keyframe_matches_diffusers(causal, per_token):
     """Keyframe conditioning as the 0.9.5+ pipeline builds it for an image away from frame 0 (prepare_conditioning):
@@ -113,12 +125,7 @@ def test_keyframe_matches_diffusers(causal, per_token):
     key_coords[:, 0] = (key_coords[:, 0] + p) * (1.0 / fps)  # ... + media_frame_number, then the time in seconds
     coords = torch.cat([key_coords, pipeline_coords(B, f, h, w, fps, causal)], dim=2)
     tt = torch.cat([torch.zeros(B, M), t if per_token else t[:, None].expand(B, N)], dim=1)
-    with torch.no_grad():
-        ours = model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, p))
-        tokens = torch.cat([z.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)], dim=1)
-        theirs = ref(tokens, ctx, tt, mask, video_coords=coords, return_dict=False)[0][:, M:]
-        plain = model(x, t, ctx, mask, frame_rate=fps)
-    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    ours, theirs, plain = with_tokens_in_front(model, ref, x, t, ctx, mask, fps, (z, p), tt, coords)
     err = (ours - theirs).abs().max().item()
     assert err <= 1e-5, err
     assert (ours - plain).abs().mean() > 1e-3  # the keyframe is attended to
@@ -146,12 +153,7 @@ def test_reference_matches_diffusers(causal, ref_frames):
     coords = torch.cat([pipeline_coords(B, ref_frames, h, w, fps, causal), pipeline_coords(B, f, h, w, fps, causal)],
                        dim=2)
     tt = torch.cat([torch.zeros(B, M), t[:, None].expand(B, N)], dim=1)
-    with torch.no_grad():
-        ours = model(x, t, ctx, mask, frame_rate=fps, keyframe=(z, 0))
-        tokens = torch.cat([z.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)], dim=1)
-        theirs = ref(tokens, ctx, tt, mask, video_coords=coords, return_dict=False)[0][:, M:]
-        plain = model(x, t, ctx, mask, frame_rate=fps)
-    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    ours, theirs, plain = with_tokens_in_front(model, ref, x, t, ctx, mask, fps, (z, 0), tt, coords)
     err = (ours - theirs).abs().max().item()
     assert err <= 1e-5, err
     assert (ours - plain).abs().mean() > 1e-3  # the reference is attended to
