@@ -5,9 +5,9 @@
 #   on the device machine:  bash benchmarks/gpu.sh [GROUP ...]   (from the repo root; output in $OUT)
 #   a dry run on a CPU:     GPU_DRY=1 bash benchmarks/gpu.sh       (tiny presets at 64x64: checks the commands only)
 #
-# GROUPs: wan, mochi, attn, hunyuan (default: those, in that order), wan14 (Wan 14B on 24 GB, on request). All of
-# them take more than one 10-minute command, so a session runs `wan mochi attn` (about 9 min at most) and then
-# `hunyuan` (about 7 min) while the machine is still warm.
+# GROUPs: wan, mochi, attn, hunyuan (default: those, in that order), wan14 (Wan 14B on 24 GB, on request), ltx
+# (LTX-Video 2B LoRA and IC-LoRA, on request, about 4 min). All of them take more than one 10-minute command, so a
+# session runs `wan mochi attn` (about 9 min at most) and then `hunyuan` (about 7 min) while the machine is warm.
 #
 # The device image's python3 has torch with CUDA, safetensors, sentencepiece, tokenizers, numpy and tqdm, but not
 # PyAV. The benches below need none (data/video.py imports it only to read or write a file); for anything that does,
@@ -95,5 +95,11 @@ check hunyuan-13B-48GB 250 train_hunyuan.py $B --bench_steps 2 --preset 13B --lo
 # --ac 2 (README "Wan on one GPU"). Not in the default groups: run `bash benchmarks/gpu.sh wan14` on a third call
 check wan14-14B-24GB 240 train_wan.py $B --bench_steps 2 --preset 14B --lora_rank 32 --ac 2 --base_dtype float8 \
   --offload 1 --height 480 --width 832 --frames 81 --global_batch 1 --micro_batch 1
+# LTX-Video 2B LoRA r32 at the reference shape, plain and IC-LoRA (--reference 1: a reference clip in front, twice
+# the tokens). Not in the default groups: `bash benchmarks/gpu.sh ltx`
+check ltx-2B-lora 120 train_ltx.py $B --preset 2B --lora_rank 32 --ac 1 --height 512 --width 768 --frames 49 \
+  --global_batch 1 --micro_batch 1
+check ltx-2B-iclora 150 train_ltx.py $B --preset 2B --lora_rank 32 --ac 1 --height 512 --width 768 --frames 49 \
+  --global_batch 1 --micro_batch 1 --reference 1
 echo "=== done: $SECONDS s" >> "$LOG"
 cat "$LOG"
