@@ -434,6 +434,16 @@ def test_references(tmp_path):
     # the same clip without its reference is another entry
     plain_keys = {e["path"]: e["key"] for e in data.cache._all_entries(plain, cache, {"m": 1})}
     assert all(plain_keys[e["path"]] != e["key"] for e in entries)
+    # clips_per_video: each clip's reference is read from that clip's start, frame k with frame k
+    (tmp_path / "long" / "refs").mkdir(parents=True)
+    caption(encode(tmp_path / "long" / "l.mp4", n=40, step=6), "long clip")
+    encode(tmp_path / "long" / "refs" / "l.mp4", n=40, step=6)
+    two = load_dataset(tmp_path / "long", **SMALL, clips_per_video=0, reference=True,
+                       reference_dir=tmp_path / "long" / "refs", log=lambda s: None)
+    assert [(r["start"], r["reference"]["frames"]) for r in two] == [(0.0, 17), (17 / 16, 17)]
+    got = encode_dataset(two, enc.encode_video, enc.encode_text, tmp_path / "cache3", {"m": 1}, log=lambda s: None,
+                         encode_reference=enc_ref)
+    assert frame_ids(load_entry(got[1]["file"])[0]["reference"], step=6) == list(range(17, 34))
     # a reference that fails to decode past its first frame marks the sample known-bad, named as the reference's
     bad = tmp_path / "bad"
     bad.mkdir()
