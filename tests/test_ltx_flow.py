@@ -170,6 +170,7 @@ def test_the_model_learns_from_the_keyframe():
     assert keyed < 0.4 * plain, (keyed, plain)
 
 
+@pytest.mark.slow
 def test_the_model_learns_where_a_keyframe_sits():
     """--keyframe_p's signal is the keyframe's place: clips that are zero but for one latent frame j (random, 1..3)
     of a random colour, the keyframe that colour at pixel frame 8j. A tiny DiT from scratch, trained so, predicts the

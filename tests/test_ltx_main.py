@@ -219,6 +219,7 @@ def test_reference_ic_lora_through_main(folder, tmp_path):
     assert res["reference"] is True and res["loss"] == res["loss"] and res["tokens"] == 8  # 2 x 2 x 2, the target's
 
 
+@pytest.mark.slow
 def test_a_clip_later_in_the_samples_through_main(folder, tmp_path):
     """--sample_video_start 8: a 17-frame clip placed at frame 8 of 25-frame samples (extending it backwards), through
     the VAE and the sampler as the pipeline places it (tests/test_ltx_multiscale.py has the golden): the sample is

@@ -79,6 +79,7 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     assert abs(sum(float8) - sum(plain)) < 0.03 * sum(plain), (plain, float8)
 
 
+@pytest.mark.slow
 def test_resume_with_both_flags_continues_exactly(folder, tmp_path):
     checks.check_resume_with_both_flags_continues_exactly(ltx, checks.lora_flags(folder, CLIP, LORA), tmp_path)
 
@@ -97,5 +98,6 @@ def test_user_errors(folder, tmp_path, flags, says):
     checks.check_memory_user_error(ltx, folder, CLIP, flags, says, tmp_path)
 
 
+@pytest.mark.slow
 def test_refused_with_two_processes(folder, tmp_path):
     checks.check_refused_with_two_processes(ltx, checks.lora_flags(folder, CLIP, LORA), tmp_path)

@@ -22,6 +22,7 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
     checks.check_one_and_two_processes_agree(run, toy, tmp_path, "--timestep_sampling", "uniform")
 
 
+@pytest.mark.slow
 def test_reference_one_and_two_processes_agree(toy, tmp_path):
     """--reference 1 (IC-LoRA) from a jsonl of pairs (each toy clip's reference: the next one): the references go
     through the cache and the batches with their samples, on 1 and on 2 processes alike (losses and gradient norms),
@@ -42,6 +43,7 @@ def test_reference_one_and_two_processes_agree(toy, tmp_path):
                                              "--timestep_sampling", "uniform")
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     # the from-scratch toy DiT has a zero output layer: fine-tune a briefly trained one, loaded from its own export
     sd = checks.check_lora_trains_only_the_adapters(run, toy, tmp_path)
@@ -67,6 +69,7 @@ def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path)  # lr 0: fixed clips, sigmas and noise, same number
 
 
+@pytest.mark.slow
 def test_sample_mode_with_lora_and_bench_with_ac(toy, tmp_path):
     checks.check_sample_mode_with_lora(run, toy, tmp_path, "--sample_stg", "1", "--sample_stg_blocks", "2")
     checks.check_bench(run, toy, tmp_path / "b")
@@ -75,6 +78,7 @@ def test_sample_mode_with_lora_and_bench_with_ac(toy, tmp_path):
     assert all(abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])) for s in (1, 2)), (a, b)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_equals_one_process(toy, tmp_path):
     """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 3 x 3 x 5 = 45
     tokens a clip, odd, so the split pads a token and masks it in attention; first-frame conditioning (per-token t,

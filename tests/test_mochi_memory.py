@@ -66,6 +66,7 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     checks.check_lora_runs_through_main_with_each_flag(mochi, common, tmp_path, below=0.97 * frozen)
 
 
+@pytest.mark.slow
 def test_resume_with_both_flags_continues_exactly(folder, tmp_path):
     checks.check_resume_with_both_flags_continues_exactly(mochi, checks.lora_flags(folder, CLIP, LORA), tmp_path)
 
@@ -88,5 +89,6 @@ def test_user_errors(folder, tmp_path, flags, says):
     checks.check_memory_user_error(mochi, folder, CLIP, flags, says, tmp_path)
 
 
+@pytest.mark.slow
 def test_refused_with_two_processes(folder, tmp_path):
     checks.check_refused_with_two_processes(mochi, checks.lora_flags(folder, CLIP, LORA), tmp_path)

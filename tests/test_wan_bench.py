@@ -1,4 +1,5 @@
 """The FLOP formula behind MFU equals what torch's FLOP counter measures on the real forward."""
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,6 +25,7 @@ def test_full_size_flops_match_the_spec():
     assert 280e12 < f < 290e12, f / 1e12
 
 
+@pytest.mark.slow
 def test_bench_runs_without_pyav(tmp_path):
     """A GPU machine may have torch but not PyAV: --mode bench (random data) reads and writes no video, so every script
     runs it with `av` unimportable (data/video.py imports PyAV only where a file is read or written)."""

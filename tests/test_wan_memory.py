@@ -67,6 +67,7 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     checks.check_lora_runs_through_main_with_each_flag(wan, checks.lora_flags(folder, CLIP, LORA), tmp_path, FLOAT8)
 
 
+@pytest.mark.slow
 def test_a14b_resume_with_both_flags_continues_exactly(a14b, tmp_path):
     """Wan 2.2 A14B, both experts (routed by step, boundary 0.5): each expert's blocks get the float8 base and the
     streamer (two lines each); 2 steps + a checkpoint, then on to 4 with --resume 1, equal the uninterrupted 4 steps

@@ -2,6 +2,8 @@
 only the adapters, an interrupted run resumes exactly, a crashed checkpoint write is harmless, the toy model learns."""
 import os
 
+import pytest
+
 from tests import checks
 from tests.procs import losses, run_script, toy_runner
 run = toy_runner("train_wan.py")
@@ -35,6 +37,7 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+@pytest.mark.slow
 def test_replicated_shards_agree_and_resume_fully_sharded(toy, tmp_path):
     checks.check_replicated_shards_agree_and_resume(run, toy, tmp_path)
 
@@ -62,6 +65,7 @@ def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path, runs=2)
 
 
+@pytest.mark.slow
 def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     """--mode sample applies an exported LoRA and writes an mp4 that decodes to the right size and frame count;
     --mode bench prints its figures."""
