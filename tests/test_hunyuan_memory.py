@@ -48,7 +48,6 @@ def test_offload_is_bitwise_and_float8_within_tolerance_through_build_dit(weight
 
 # ---------------------------------------------------------------------------------------------- main()
 
-@pytest.mark.slow
 def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     """10 steps of LoRA on the tiny official-layout folder in bf16, plain and with each flag: --offload 1 logs the
     plain run's losses and gradient norms exactly (also with float8); float8 within 2% of the plain losses; the
@@ -71,6 +70,7 @@ def test_user_errors(folder, tmp_path, flags, says):
     checks.check_memory_user_error(hy, folder, CLIP, flags, says, tmp_path)
 
 
+# slow: the default run keeps Wan's (common/memory.check_world, the same check in every script)
 @pytest.mark.slow
 def test_refused_with_two_processes(folder, tmp_path):
     checks.check_refused_with_two_processes(hy, checks.lora_flags(folder, CLIP, LORA), tmp_path)

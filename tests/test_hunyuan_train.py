@@ -16,6 +16,7 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
     checks.check_one_and_two_processes_agree(run, toy, tmp_path, "--timestep_sampling", "uniform", falls=0.95)
 
 
+# slow: the default run keeps Wan's (the same LoRA layers' freezing in every script's build_dit)
 @pytest.mark.slow
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     # the from-scratch init zeroes every modulation (each block starts as the identity): fine-tune a briefly
@@ -61,6 +62,7 @@ def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path)  # lr 0: same weights, same clips, sigmas and noise
 
 
+# slow: the default run keeps Wan's through main() and this model's split against whole (tests/test_hunyuan_sp.py)
 @pytest.mark.slow
 def test_sequence_parallel_equals_one_process(toy, tmp_path):
     """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 3 x 3 patches x 5

@@ -170,6 +170,7 @@ def test_the_model_learns_from_the_keyframe():
     assert keyed < 0.4 * plain, (keyed, plain)
 
 
+# slow: the default run keeps the keyframe learning test above and the keyframe parity against upstream
 @pytest.mark.slow
 def test_the_model_learns_where_a_keyframe_sits():
     """--keyframe_p's signal is the keyframe's place: clips that are zero but for one latent frame j (random, 1..3)

@@ -219,6 +219,7 @@ def test_reference_ic_lora_through_main(folder, tmp_path):
     assert res["reference"] is True and res["loss"] == res["loss"] and res["tokens"] == 8  # 2 x 2 x 2, the target's
 
 
+# slow: the default run keeps the same sampling against upstream's pipeline (tests/test_ltx_multiscale.py)
 @pytest.mark.slow
 def test_a_clip_later_in_the_samples_through_main(folder, tmp_path):
     """--sample_video_start 8: a 17-frame clip placed at frame 8 of 25-frame samples (extending it backwards), through

@@ -22,6 +22,7 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
     checks.check_one_and_two_processes_agree(run, toy, tmp_path, "--timestep_sampling", "uniform")
 
 
+# slow: the default run keeps the reference through main() (tests/test_ltx_main.py) and the plain 1-vs-2 above
 @pytest.mark.slow
 def test_reference_one_and_two_processes_agree(toy, tmp_path):
     """--reference 1 (IC-LoRA) from a jsonl of pairs (each toy clip's reference: the next one): the references go
@@ -43,6 +44,7 @@ def test_reference_one_and_two_processes_agree(toy, tmp_path):
                                              "--timestep_sampling", "uniform")
 
 
+# slow: the default run keeps Wan's (the same LoRA layers' freezing in every script's build_dit)
 @pytest.mark.slow
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     # the from-scratch toy DiT has a zero output layer: fine-tune a briefly trained one, loaded from its own export
@@ -58,7 +60,7 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
-# slow: the default run keeps Wan's and Mochi's (common/run.py, the same check in every script)
+# slow: the default run keeps Wan's (common/run.py, the same check in every script)
 @pytest.mark.slow
 def test_run_folder_is_never_another_runs(toy, tmp_path):
     checks.check_run_folder_is_never_another_runs(run, toy, tmp_path, ["--first_frame_p", "0.5"],
@@ -69,6 +71,7 @@ def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path)  # lr 0: fixed clips, sigmas and noise, same number
 
 
+# slow: the default run samples with and without a LoRA in tests/test_ltx_main.py, and benches there too
 @pytest.mark.slow
 def test_sample_mode_with_lora_and_bench_with_ac(toy, tmp_path):
     checks.check_sample_mode_with_lora(run, toy, tmp_path, "--sample_stg", "1", "--sample_stg_blocks", "2")
@@ -78,6 +81,7 @@ def test_sample_mode_with_lora_and_bench_with_ac(toy, tmp_path):
     assert all(abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])) for s in (1, 2)), (a, b)
 
 
+# slow: the default run keeps Wan's through main() and this model's split against whole (tests/test_ltx_sp.py)
 @pytest.mark.slow
 def test_sequence_parallel_equals_one_process(toy, tmp_path):
     """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 3 x 3 x 5 = 45

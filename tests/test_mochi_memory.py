@@ -50,8 +50,8 @@ def test_offload_is_bitwise_and_float8_within_tolerance_through_build_dit(weight
 
 # ---------------------------------------------------------------------------------------------- main()
 
-# slow: 40 main() steps; the default run keeps the same procedure through HunyuanVideo's test, this script's
-# main() with both flags (the resume test) and each flag alone through build_dit (the test above)
+# slow: 40 main() steps, and the resume below; the default run keeps both procedures through HunyuanVideo's
+# tests, this script's main() with both flags (the bench tests) and each flag alone through build_dit (above)
 @pytest.mark.slow
 def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     """10 steps of LoRA on the tiny official-layout folder in bf16, plain and with each flag: --offload 1 logs the
@@ -66,6 +66,7 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     checks.check_lora_runs_through_main_with_each_flag(mochi, common, tmp_path, below=0.97 * frozen)
 
 
+# slow: see above; HunyuanVideo's resume with both flags stays in the default run
 @pytest.mark.slow
 def test_resume_with_both_flags_continues_exactly(folder, tmp_path):
     checks.check_resume_with_both_flags_continues_exactly(mochi, checks.lora_flags(folder, CLIP, LORA), tmp_path)
@@ -89,6 +90,7 @@ def test_user_errors(folder, tmp_path, flags, says):
     checks.check_memory_user_error(mochi, folder, CLIP, flags, says, tmp_path)
 
 
+# slow: the default run keeps Wan's (common/memory.check_world, the same check in every script)
 @pytest.mark.slow
 def test_refused_with_two_processes(folder, tmp_path):
     checks.check_refused_with_two_processes(mochi, checks.lora_flags(folder, CLIP, LORA), tmp_path)

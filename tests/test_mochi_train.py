@@ -15,6 +15,7 @@ def test_one_and_two_processes_agree_and_loss_falls(toy, tmp_path):
     checks.check_one_and_two_processes_agree(run, toy, tmp_path, "--caption_dropout", "0.3")
 
 
+# slow: the default run keeps Wan's (the same LoRA layers' freezing in every script's build_dit)
 @pytest.mark.slow
 def test_lora_trains_only_the_adapters(toy, tmp_path):
     sd = checks.check_lora_trains_only_the_adapters(run, toy, tmp_path)
@@ -29,12 +30,14 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+# slow: the default run keeps Wan's run-folder test (common/run.py) and validation tests
 @pytest.mark.slow
 def test_run_folder_is_never_another_runs_and_validation_is_fixed(toy, tmp_path):
     checks.check_run_folder_is_never_another_runs(run, toy, tmp_path, ["--seed", "1"], ["seed was 0, now 1"])
     checks.check_validation_loss_is_fixed(run, toy, tmp_path)  # lr 0: fixed clips, sigmas and noise, same number
 
 
+# slow: the default run samples with and without a LoRA in tests/test_mochi_main.py, and benches there too
 @pytest.mark.slow
 def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     checks.check_sample_mode_with_lora(run, toy, tmp_path)
@@ -49,6 +52,7 @@ def test_compile_and_activation_checkpointing_keep_the_math_and_the_keys(toy, tm
     assert "blocks.0.attn.qkv_x.weight" in keys and "blocks.0.attn.q_norm_x.weight" in keys
 
 
+# slow: the default run keeps Wan's through main() and this model's split against whole (tests/test_mochi_sp.py)
 @pytest.mark.slow
 def test_sequence_parallel_equals_one_process(toy, tmp_path):
     """--sp 2 on 2 processes = 1 process, per step (losses and gradient norms), at 12 x 12 pixels: 45 tokens a clip,

@@ -217,6 +217,7 @@ def test_the_high_noise_steps_take_their_own_guidance(monkeypatch, solver, low, 
     assert seen == [[high]] * 12
 
 
+# slow: the default run keeps the sampler's per-expert guidance (the test above) on the model API
 @pytest.mark.slow
 def test_sample_guidance_high_reaches_the_samples(folder, tmp_path):
     """--mode sample on the A14B root (3 UniPC steps, shift 5: t 999 and 909 on the high-noise expert, 714 on the

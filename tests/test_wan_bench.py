@@ -25,6 +25,7 @@ def test_full_size_flops_match_the_spec():
     assert 280e12 < f < 290e12, f / 1e12
 
 
+# slow: 4 benches in subprocesses; what it guards (PyAV imported only where a video is read) changes rarely
 @pytest.mark.slow
 def test_bench_runs_without_pyav(tmp_path):
     """A GPU machine may have torch but not PyAV: --mode bench (random data) reads and writes no video, so every script

@@ -57,8 +57,8 @@ def test_offload_is_bitwise_and_float8_within_tolerance_through_build_dit(weight
 
 # ---------------------------------------------------------------------------------------------- main()
 
-# slow: 40 main() steps; the default run keeps the same procedure through HunyuanVideo's test, this script's
-# main() with both flags (the resume test) and each flag alone through build_dit (the test above)
+# slow: 40 main() steps, and the resume below; the default run keeps both procedures through HunyuanVideo's
+# tests, this script's main() with both flags (the bench tests) and each flag alone through build_dit (above)
 @pytest.mark.slow
 def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     """10 steps of LoRA on the tiny official-layout folder in bf16, plain and with each flag: --offload 1 logs the
@@ -67,6 +67,7 @@ def test_lora_runs_through_main_with_each_flag(folder, tmp_path):
     checks.check_lora_runs_through_main_with_each_flag(wan, checks.lora_flags(folder, CLIP, LORA), tmp_path, FLOAT8)
 
 
+# slow: see above; HunyuanVideo's resume with both flags stays in the default run
 @pytest.mark.slow
 def test_a14b_resume_with_both_flags_continues_exactly(a14b, tmp_path):
     """Wan 2.2 A14B, both experts (routed by step, boundary 0.5): each expert's blocks get the float8 base and the

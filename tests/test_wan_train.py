@@ -37,6 +37,7 @@ def test_interrupted_run_resumes_exactly(toy, tmp_path):
     checks.check_interrupted_run_resumes_exactly(run, toy, tmp_path)
 
 
+# slow: the (replicas, shards) mesh itself is tests/test_common.py's (2 gloo processes), in the default run
 @pytest.mark.slow
 def test_replicated_shards_agree_and_resume_fully_sharded(toy, tmp_path):
     checks.check_replicated_shards_agree_and_resume(run, toy, tmp_path)
@@ -65,6 +66,7 @@ def test_validation_loss_is_fixed_and_logged(toy, tmp_path):
     checks.check_validation_loss_is_fixed(run, toy, tmp_path, runs=2)
 
 
+# slow: the default run samples with and without a LoRA in tests/test_wan_main.py, and benches there too
 @pytest.mark.slow
 def test_sample_mode_with_lora_and_bench(toy, tmp_path):
     """--mode sample applies an exported LoRA and writes an mp4 that decodes to the right size and frame count;
