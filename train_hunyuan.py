@@ -223,7 +223,8 @@ class ModulateDiT(nn.Module):
         self.linear = nn.Linear(hidden, factor * hidden)
 
     def forward(self, vec):
-        return self.linear(self.act(vec).to(self.linear.weight.dtype)).float()
+        # the dtype off the bias: under --base_dtype float8 reading .weight upcasts the whole weight (common/float8.py)
+        return self.linear(self.act(vec).to(self.linear.bias.dtype)).float()
 
 
 class IndividualTokenRefinerBlock(nn.Module):
@@ -301,7 +302,7 @@ class MMDoubleStreamBlock(nn.Module):
 
     def _qkv(self, s, x, shift, scale):
         # -> q, k, v (B, L, H, D) in the compute dtype, q and k RMS-normed per head
-        dt = getattr(self, f"{s}_attn_qkv").weight.dtype
+        dt = getattr(self, f"{s}_attn_qkv").bias.dtype  # the bias: a float8 .weight would be upcast just for this
         x = modulate(getattr(self, f"{s}_norm1")(x), shift, scale).to(dt)
         q, k, v = getattr(self, f"{s}_attn_qkv")(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
         return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
@@ -311,7 +312,7 @@ class MMDoubleStreamBlock(nn.Module):
         # or None (all keys).
         # Under --sp, rope = (cos, sin, group, N_all): img and the tables hold this rank's ceil(N_all/sp) video
         # tokens, txt is whole on every rank, mask is still the whole (B, 1, 1, N_all+L) (common/sp.py)
-        dt = self.img_attn_qkv.weight.dtype
+        dt = self.img_attn_qkv.bias.dtype  # the bias: a float8 .weight would be upcast just for its dtype
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
         iq, ik, iv = self._qkv("img", img, img_mod[0], img_mod[1])
@@ -353,7 +354,7 @@ class MMSingleStreamBlock(nn.Module):
     def forward(self, x, vec, rope, mask, N):
         # x (B, N+L, C) fp32, the first N tokens video; rope (N, D). Under --sp (rope = (cos, sin, group, N_all), as
         # the double block's): the first N are this rank's video shard, the L text tokens after it are whole
-        dt = self.linear1.weight.dtype
+        dt = self.linear1.bias.dtype  # the bias: a float8 .weight would be upcast just for its dtype
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale).to(dt)).split(
             [3 * x.shape[-1], self.mlp_dim], dim=-1)

@@ -224,7 +224,9 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, tmod, context, bias, rope):
         # x (B, N, D) fp32 residual stream; tmod (B, T', 6, D) fp32 with T' = 1 (per-sample t) or N (per-token t);
         # context (B, L, D) projected text; norm1/norm2 are RMSNorms without weights (fp32)
-        dt = self.ff.net[2].weight.dtype  # compute dtype: bf16 under FSDP mixed precision, fp32 in tests
+        # compute dtype: bf16 under FSDP mixed precision, fp32 in tests; read off the bias, as under --base_dtype
+        # float8 reading .weight upcasts the whole weight (common/float8.py)
+        dt = self.ff.net[2].bias.dtype
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             (self.scale_shift_table.float()[None, None] + tmod).unbind(2)  # each (B, T', D)
         h = F.rms_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale_msa) + shift_msa

@@ -272,7 +272,7 @@ class AsymmetricJointBlock(nn.Module):
 
     def forward(self, x, c, y, rope, keep):
         # x (B, N, dim_x) fp32, c (B, dim_x) fp32 conditioning, y (B, L, dim_y) fp32
-        dt = self.mod_x.weight.dtype
+        dt = self.mod_x.bias.dtype  # the bias: a float8 .weight would be upcast just for its dtype
         c = F.silu(c).to(dt)
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).float().chunk(4, dim=1)
         if self.update_y:

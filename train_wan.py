@@ -243,7 +243,9 @@ class WanAttentionBlock(nn.Module):
         # x (B, L, C) fp32 residual stream; e0 (B, G, 6, C) fp32: one modulation per group of L/G consecutive tokens
         # (G = 1: one t per sample; G = latent frames; G = L: per token, Wan 2.2); context (B, 512, C), or
         # (B, 257 or 514 image tokens + 512, C) for Wan 2.1 i2v/flf2v
-        dt = self.ffn[0].weight.dtype  # compute dtype: bf16 under FSDP mixed precision, fp32 in tests
+        # compute dtype: bf16 under FSDP mixed precision, fp32 in tests; read off the bias, as under --base_dtype
+        # float8 reading .weight upcasts the whole weight (common/float8.py)
+        dt = self.ffn[0].bias.dtype
         mod = (self.modulation.float()[None] + e0).unbind(2)  # six (B, G, C)
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
         y = self.self_attn(modulate(self.norm1(x), scale_msa, shift_msa).to(dt), rope)

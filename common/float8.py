@@ -10,7 +10,9 @@ W ~ W8 * s. It is a torch.nn.utils.parametrize parametrization, so `linear.weigh
 (out, in) tensor in the compute dtype (model code that does F.linear(x, self.weight) or reads
 `self.weight.dtype` runs unchanged); each read upcasts that one weight, and the upcast copy is freed once the
 matmul that used it is done. Peak memory holds the float8 base plus the upcast weight(s) in flight, never an upcast
-copy of the whole base.
+copy of the whole base. A read only for the dtype is a whole upcast too, so the scripts read a block's compute dtype
+off a bias (a parameter, in the compute dtype under FSDP2 as the weight is): each float8 weight is upcast once per
+forward (and once more in a checkpointed block's recompute), which the memory tests count.
 
 Choices, and why:
 - Per-row scales, not per-tensor: the rows of a fused projection (q | k | v, or HunyuanVideo's linear1 = qkv | mlp)

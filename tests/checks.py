@@ -382,6 +382,19 @@ def memory_weights(script, model_class, sd, seed=3):
     return sd, lora
 
 
+def count_upcasts(model):
+    """{float8 weight's module name: times upcast}, counted from now on by forward hooks on the float8 parametrizations
+    (empty for a model without float8 weights)."""
+    from collections import Counter
+
+    from common.float8 import Upcast
+    calls = Counter()
+    for name, m in model.named_modules():
+        if isinstance(m, Upcast):
+            m.register_forward_hook(lambda *_, name=name: calls.update([name]))
+    return calls
+
+
 def check_offload_bitwise_and_float8_within_tolerance(script, loss, weights, latent, adapters, loss_tol, total_tol,
                                                       worst_tol, *also, probe=None):
     """build_dit as main() calls it (bf16, LoRA rank 4 with the adapters of `weights`, --ac 1 + flags), in a
@@ -400,8 +413,12 @@ def check_offload_bitwise_and_float8_within_tolerance(script, loss, weights, lat
         with script_world_of_one():
             model = script.build_dit(args, script.DIT_PRESETS["tiny"], {**sd, **lora}, torch.device("cpu"),
                                      torch.bfloat16)
+            calls = count_upcasts(model)
             out = loss(model, args, x0, eps, torch.tensor([0.3, 0.8]), g)
             out.backward()
+            # each float8 weight upcast once in the forward and once in its checkpointed block's recompute, no more:
+            # a read of `.weight` for its dtype alone would upcast it again (common/float8.py)
+            assert not calls or set(calls.values()) == {2}, {k: v for k, v in calls.items() if v != 2}
             grads = {script.clean_name(n): p.grad.full_tensor().float() for n, p in model.named_parameters()
                      if p.requires_grad}
             return out.item(), grads, probe(model) if probe else None
