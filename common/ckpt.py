@@ -89,7 +89,10 @@ def save(out_dir, step, model, optimizer, extra, keep=0, extra_state=None):
             json.dump(extra, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the commit point
-        steps = complete_checkpoints(out_dir)
+        # Only this step and older ones count: a newer one can only be a damaged checkpoint that --resume skipped
+        # (latest_valid), from the stretch this run is now training again. It is neither counted, which would prune
+        # the checkpoint just written, nor deleted (saving its step again replaces it).
+        steps = [s for s in complete_checkpoints(out_dir) if s <= step]
         for s in steps[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, _name(s)), ignore_errors=True)
     dist.barrier()

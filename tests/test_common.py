@@ -186,7 +186,16 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
         said = []
         assert ckpt.latest_valid(out, log=said.append) == 1
         assert "step_00000002" in said[0] and "missing or truncated" in said[0]
-        (tmp_path / "checkpoints" / "step_00000001" / "extra.json").write_text("{not json")
+        # the run resumes from step 1 (2 is damaged) and saves step 2 again with --keep 1: the new step 2 replaces
+        # the damaged one, and only it is kept
+        ckpt.save(out, 2, model, opt, {"step": 2}, keep=1)
+        assert ckpt.complete_checkpoints(out) == [2] and ckpt.latest_valid(out) == 2
+        # a damaged step 5 that --resume skipped (from step 2) is not counted by --keep: saving step 3 keeps step 3
+        ckpt.save(out, 5, model, opt, {"step": 5})
+        (tmp_path / "checkpoints" / "step_00000005" / "extra.json").write_text("{not json")
+        ckpt.save(out, 3, model, opt, {"step": 3}, keep=1)
+        assert ckpt.complete_checkpoints(out) == [3, 5] and ckpt.latest_valid(out) == 3
+        (tmp_path / "checkpoints" / "step_00000003" / "extra.json").write_text("{not json")
         assert ckpt.latest_valid(out, log=said.append) is None and "unreadable" in said[-1]
 
 
