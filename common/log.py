@@ -55,5 +55,13 @@ class RunLog:
 
 
 def read_log(out_dir):
+    """The records of log.jsonl. A line that does not parse (the last append cut off by a kill or a full disk) is
+    skipped, so --resume goes on from the checkpoint; the rewrite in RunLog drops it."""
+    recs = []
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # an empty or cut-off line
+    return recs

@@ -247,3 +247,13 @@ def test_shard_degree_is_the_mesh():
         sp.data_parallel(SimpleNamespace(shard=3, **base), 0, 4, 8)
     with pytest.raises(UserError, match="--shard -1"):
         sp.data_parallel(SimpleNamespace(shard=-1, **base), 0, 4, 8)
+
+
+def test_a_cut_off_log_line_does_not_stop_a_resume(tmp_path):
+    """A kill during an append leaves half a line at the end of log.jsonl: resuming from step 1 keeps the whole
+    lines up to it and drops the rest."""
+    from common.log import RunLog, read_log
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert read_log(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    RunLog(str(tmp_path), start_step=1).log({"step": 2, "loss": 0.25}, echo=None)
+    assert read_log(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
