@@ -108,7 +108,7 @@ def probe(path):
 def read_clip(path, start, frames, fps, size):
     """Decode `frames` frames at `fps` starting at `start` seconds, resized and centre-cropped to size=(H, W).
     Returns float32 (3, F, H, W) in [-1, 1]. Output frame k is the last source frame with time <= start + k/fps;
-    past the end of the video the last frame repeats (the dataset never asks for that)."""
+    a video that stops decoding before the last one asked for raises ValueError (truncated or damaged)."""
     import av
     targets = [start + k / fps for k in range(frames)]
     out = torch.empty(frames, *size, 3, dtype=torch.uint8)  # frame-major, as decoded: each frame is one memcpy
@@ -154,6 +154,13 @@ def _decode_at(c, s, t0, targets, out, seek):
         prev = frame
     if prev is None:
         raise ValueError("no decodable frames")
+    # The frames asked for lie inside the probed duration. If decoding stopped before them, the file is cut short
+    # (a faststart mp4 cut mid-download keeps its full index, so the probe counted frames that are not there, and the
+    # threaded decoder stops without an error): refuse it rather than repeat the last frame.
+    t = prev.time - t0 if prev.time is not None else 0.0
+    end = t + (float(prev.duration * s.time_base) if prev.duration else 1 / float(s.guessed_rate or 25))
+    if k < len(targets) and targets[-1] > end + tol:
+        raise ValueError(f"decoding stopped at {end:.3f} s of the {targets[-1]:.3f} s asked (truncated or damaged)")
     while k < len(targets):
         put(prev)
     return True

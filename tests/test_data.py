@@ -459,6 +459,34 @@ def test_references(tmp_path):
     assert any("reference corrupt" in ln and "x.mp4" in ln for ln in log), log
 
 
+
+def test_a_faststart_mp4_cut_short_is_marked_corrupt_when_cached(tmp_path):
+    """A web-style mp4 (index first) cut mid-download keeps its whole index: the probe counts every frame, but the
+    last ones do not decode, and the threaded decoder just stops. The clip is listed as corrupt when cached, not
+    padded with its last decoded frame."""
+    d = tmp_path / "data"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    with av.open(str(d / "cut.mp4"), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt, s.options = 64, 64, "yuv420p", {"g": "4"}
+        for _ in range(33):  # noise: a frame is a few KB, so half the file is half the frames
+            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (64, 64, 3), np.uint8), "rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    whole = (d / "cut.mp4").read_bytes()
+    (d / "cut.mp4").write_bytes(whole[:len(whole) // 2])
+    caption(d / "cut.mp4")
+    recs = load_dataset(d, **{**SMALL, "max_frames": 33}, log=lambda s: None)
+    assert [r["bucket"][2] for r in recs] == [17]  # the probe saw 17 frames (the cut packets' headers are there)
+    with pytest.raises(ValueError, match=r"decoding stopped at .* of the 1\.000 s asked"):
+        read_clip(recs[0]["path"], 0.0, 17, 16, (64, 64))
+    log = []
+    assert encode_dataset(recs, Counter().encode_video, Counter().encode_text, tmp_path / "cache", {"m": 1},
+                          log=log.append) == []
+    assert any("cut.mp4" in ln and "corrupt" in ln for ln in log), log
+
 def test_clips_per_video(tmp_path):
     caption(encode(tmp_path / "long.mp4", n=25, fps=8, step=10))  # 3.125 s: two full 17-frame clips at 16 fps
     assert len(load_dataset(tmp_path, **SMALL, log=lambda s: None)) == 1
