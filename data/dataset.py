@@ -31,8 +31,8 @@ Bad inputs are skipped with one line each ("skip PATH: REASON (detail)"), then o
 reason. Reasons: missing file, empty file, unreadable, corrupt, no video stream, too short, no caption,
 empty caption, caption not utf-8, bad line, no video (a caption with no video/image beside it). If nothing is
 usable, ValueError naming `data`. One line per source gives its counts and repeats.
-Under torch.distributed every rank probes 1/world of the files and the results are all-gathered, so all ranks
-hold the same list in the same order (the batch sampler relies on that).
+Under torch.distributed rank 0 lists the sources, every rank probes 1/world of the files and the results are
+all-gathered, so all ranks hold the same list in the same order (the batch sampler relies on that).
 
 Probing reads every packet's timestamp, which is slow for a large dataset at every start: with `cache_dir`, the
 results (and the failures that are about a file's bytes, not I/O errors) are remembered in cache_dir/probe.json by
@@ -46,7 +46,7 @@ import os
 import torch.distributed as dist
 
 from data.sources import list_items, parse_sources
-from data.util import rank_world, read_json, write_json
+from data.util import from_rank0, rank_world, read_json, write_json
 from data.video import EPS, MEDIA_EXTS, probe
 
 
@@ -81,18 +81,18 @@ def load_dataset(data, area, fps, max_frames, multiple=16, frame_step=4, min_fra
     """Scan `data` and return the list of sample records (see the module docstring), in a fixed order: the
     sources in the order given, each in its listing order. cache_dir: where probe.json lives (None: no memo).
     reference: each sample needs its reference (a folder source's in reference_dir)."""
-    sources = parse_sources(data)  # [(source, repeats)]
-    items = []  # (index of its source, item)
-    for s, (src, _) in enumerate(sources):
-        listed = list_items(src, reference_dir)
-        if not listed:
-            raise ValueError(f"no videos or images found in {src} (extensions: {' '.join(sorted(MEDIA_EXTS))})")
-        items += [(s, it) for it in listed]
+    rank, world = rank_world()
+    # Rank 0 lists the sources and every rank takes its list: ranks that walked a folder themselves could see other
+    # files (NFS caches directory listings per client), and the records, merged by index below, would then differ
+    # from rank to rank. An error in the listing is raised on every rank.
+    listing = from_rank0(_list_sources(data, reference_dir) if rank == 0 else None)
+    if isinstance(listing, Exception):
+        raise listing
+    sources, items = listing  # [(source, repeats)], [(index of its source, item)]
     memo_file = os.path.join(cache_dir, "probe.json") if cache_dir is not None else None
     memo = read_json(memo_file, {}) if memo_file else {}  # path -> {"stamp": [size, mtime_ns], "info" | "error"}
     opts = dict(buckets=make_buckets(area, multiple, max_ratio), fps=fps, max_frames=max_frames,
                 frame_step=frame_step, min_frames=min_frames, clips_per_video=clips_per_video, reference=reference)
-    rank, world = rank_world()
     mine = {i: _item_records(items[i][1], memo, **opts) for i in range(rank, len(items), world)}
     if world > 1:  # probing opens every file: split it, then share the results
         parts = [None] * world
@@ -129,6 +129,20 @@ def load_dataset(data, area, fps, max_frames, multiple=16, frame_step=4, min_fra
         buckets = collections.Counter("x".join(map(str, r["bucket"])) for r in records)
         log("buckets (HxWxF: samples): " + ", ".join(f"{k}: {v}" for k, v in sorted(buckets.items())))
     return records
+
+
+def _list_sources(data, reference_dir):
+    """(sources, items) of `data`, or the exception that listing it raised (to be raised on every rank)."""
+    try:
+        sources, items = parse_sources(data), []
+        for s, (src, _) in enumerate(sources):
+            listed = list_items(src, reference_dir)
+            if not listed:
+                raise ValueError(f"no videos or images found in {src} (extensions: {' '.join(sorted(MEDIA_EXTS))})")
+            items += [(s, it) for it in listed]
+        return sources, items
+    except Exception as e:  # noqa: BLE001 -- any listing error, passed on as it is
+        return e
 
 
 def _counts(counter):
