@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data.util import from_rank0, rank_world, read_json, write_json
+from data.util import from_rank0, rank_world, read_json, tmp_tag, write_json
 from data.video import read_clip
 
 _SHA1 = {}  # (path, size, mtime_ns) -> sha1, for this process
@@ -162,7 +162,13 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
     rank, world = rank_world()
     entries = _all_entries(records, cache_dir, settings)
     status = _status(entries, cache_dir)  # rank 0's view, the same on every rank
-    todo = [i for i, st in enumerate(status) if st == "todo"]
+    # one encoding per key: a clip listed twice with the same caption (a jsonl that repeats a line) is one entry, so
+    # no two ranks write the same file at once
+    first = {}  # key -> the first index that has it
+    for i, st in enumerate(status):
+        if st == "todo":
+            first.setdefault(entries[i]["key"], i)
+    todo = sorted(first.values())
     done_here = {}  # entry index -> "cached" or its bad marker, for this rank's share
     last_caption, last_text = None, None
     for i in tqdm(todo[rank::world], desc=f"encoding (rank {rank})", disable=rank != 0):
@@ -192,7 +198,7 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
         meta = dict(path=e["path"], caption=e["caption"], start=repr(e["start"]), bucket=json.dumps(e["bucket"]),
                     fps=repr(e["fps"]), sha1=e["sha1"], settings=json.dumps(settings, sort_keys=True),
                     **({"reference": ref["path"]} if ref else {}))
-        tmp = os.path.join(cache_dir, f".{e['key']}.{os.getpid()}.tmp")
+        tmp = os.path.join(cache_dir, f".{e['key']}.{tmp_tag()}.tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, e["file"])
         done_here[i] = "cached"
@@ -208,7 +214,8 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
         for i in sorted(outcome):
             if isinstance(outcome[i], dict):  # failed just now, on any rank
                 log(_skip_line(outcome[i]))
-    status = [outcome.get(i, st) for i, st in enumerate(status)]
+    by_key = {entries[i]["key"]: v for i, v in outcome.items()}  # and its duplicates share it
+    status = [by_key.get(e["key"], st) if st == "todo" else st for e, st in zip(entries, status)]
     done = [e for e, st in zip(entries, status) if st == "cached"]
     n_bad = sum(isinstance(st, dict) for st in status)
     log(f"cache {cache_dir}: {len(done)} of {len(entries)} samples cached, {n_bad} known bad "
@@ -217,12 +224,17 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
 
 
 def load_entry(file, device="cpu"):
-    """-> (tensors {"latents": (C, f, h, w), "text": (L, D), ...}, metadata with start/fps/bucket/settings parsed)."""
-    with safe_open(file, "pt", device=str(device)) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata())
-    meta.update(start=float(meta["start"]), fps=float(meta["fps"]), bucket=json.loads(meta["bucket"]),
-                settings=json.loads(meta["settings"]))
+    """-> (tensors {"latents": (C, f, h, w), "text": (L, D), ...}, metadata with start/fps/bucket/settings parsed).
+    A damaged entry (cut short by a crash or a full disk after it was written) raises ValueError naming it."""
+    try:
+        with safe_open(file, "pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata())
+        meta.update(start=float(meta["start"]), fps=float(meta["fps"]), bucket=json.loads(meta["bucket"]),
+                    settings=json.loads(meta["settings"]))
+    except Exception as e:  # noqa: BLE001 -- safetensors' own errors name no file
+        raise ValueError(f"cache entry {file} is unreadable ({type(e).__name__}: {e}); delete it and run again to "
+                         "encode it anew") from None
     return tensors, meta
 
 

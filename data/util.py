@@ -2,6 +2,7 @@
 files (memos, markers) that are read leniently and written atomically."""
 import json
 import os
+import socket
 
 import torch.distributed as dist
 
@@ -32,10 +33,15 @@ def read_json(path, default):
         return default
 
 
+def tmp_tag():
+    """What makes a temporary file name this process's own: host and pid (two nodes can run the same pid)."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 def write_json(path, obj):
     """Write under a temporary name in the same folder, then rename: os.replace is atomic, so a reader (or a
     crash) never sees half a file."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{tmp_tag()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)

@@ -932,3 +932,20 @@ def test_prefetch_stops_with_the_consumer():
         n = len(pulled)
         assert n <= 5 + 2 + 1, stop  # taken + at most depth waiting + the one it was handing over
 
+
+
+def test_a_clip_listed_twice_is_encoded_once_and_a_damaged_entry_is_named(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    caption(encode(d / "a.mp4"), "clip a")
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps({"path": str(d / "a.mp4"), "caption": "clip a"}) + "\n"
+                                                  for _ in range(2)))
+    recs = load_dataset(str(tmp_path / "twice.jsonl"), **SMALL, log=lambda s: None)
+    assert len(recs) == 2
+    enc = Counter()
+    entries = encode_dataset(recs, enc.encode_video, enc.encode_text, tmp_path / "cache", {"m": 1}, log=lambda s: None)
+    assert enc.video == 1 and len(entries) == 2 and entries[0]["file"] == entries[1]["file"]  # one key, one file
+    with open(entries[0]["file"], "r+b") as f:  # cut short after it was written (a crash, a full disk)
+        f.truncate(100)
+    with pytest.raises(ValueError, match=rf"cache entry {re.escape(entries[0]['file'])} is unreadable .*delete it"):
+        load_batch([entries[0]["file"]])
