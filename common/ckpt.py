@@ -80,7 +80,9 @@ def save(out_dir, step, model, optimizer, extra, keep=0, extra_state=None):
     final, tmp = os.path.join(root, _name(step)), os.path.join(root, _name(step) + ".tmp")
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+        for n in os.listdir(root) if os.path.isdir(root) else []:  # halves of checkpoints a crash cut short
+            if re.fullmatch(r"step_\d{8}\.tmp", n):
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     dcp.save(_state(model, optimizer, extra_state), checkpoint_id=tmp)

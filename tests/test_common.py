@@ -176,9 +176,11 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
         out = str(tmp_path)
+        (tmp_path / "checkpoints" / "step_00000007.tmp").mkdir(parents=True)  # a crash cut its writing short
         for step in (1, 2):
             ckpt.save(out, step, model, opt, {"step": step})
-        assert ckpt.latest_valid(out) == 2
+        assert ckpt.latest_valid(out) == 2 and sorted(os.listdir(tmp_path / "checkpoints")) == [
+            "step_00000001", "step_00000002"]  # the next save removed the half
         d = tmp_path / "checkpoints" / "step_00000002"
         shard = next(f for f in os.listdir(d) if f.endswith(".distcp"))
         with open(d / shard, "r+b") as f:
