@@ -1498,10 +1498,53 @@ def kohya_module_name(flat):
     return mod
 
 
-def read_lora(path):
-    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's) or musubi's kohya format -> (official-key state dict
-    `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha); common/lora_file.py has the rules."""
-    return lora_file.read_lora(path, kohya_name=kohya_module_name)
+def read_lora(path, diffs=None):
+    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's, Kijai's lora_down/lora_up), musubi's kohya format or
+    diffusers' (`transformer.blocks.0.attn1.to_q.lora_A.weight`: renamed back by the DiT loader's table) ->
+    (official-key state dict `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha); common/lora_file.py has the rules.
+    diffs: a dict
+    for the full-weight deltas (`X.diff`, `X.diff_b`) as {"X.weight": .., "X.bias": ..}; None refuses them."""
+    sd = lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), kohya_name=kohya_module_name,
+                             diffs=diffs)
+    if any(k.startswith("condition_embedder.") or ".attn1." in k or ".attn2." in k or ".ffn.net." in k for k in sd[0]):
+        if diffs:
+            diffs.update(diffusers_to_official_dit({k: diffs.pop(k) for k in list(diffs)}))
+        return (diffusers_to_official_dit(sd[0]), *sd[1:])
+    return sd
+
+
+def lora_for(path, cfg):
+    """--mode sample --lora: the file read and checked against the model of `cfg` -> (adapters of the blocks'
+    Linears, {"X.weight" / "X.bias": delta to add}, rank, alpha). The deltas are the file's .diff / .diff_b and its
+    adapters outside the blocks merged ((alpha / rank) B @ A: add_lora adapts the blocks only). A module the model
+    lacks (a Wan 2.1 i2v LoRA's cross_attn.k_img on a Wan 2.2 expert, a 14B LoRA's blocks.35 on the 1.3B) or a shape
+    it does not have is one UserError line naming the keys."""
+    diffs = {}
+    try:
+        lsd, rank, alpha = read_lora(path, diffs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    params = model.state_dict()
+    mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
+    lacks = [m for m in mods if m not in linears] + [k for k in diffs if k not in params]
+    if lacks:
+        raise UserError(f"{path}: adapters on modules this {cfg.model_type} model does not have (no such Linear, or "
+                        f"weight): {lacks[:4]}{f' ({len(lacks)} in all)' if len(lacks) > 4 else ''}")
+    want = {}
+    for m in mods:
+        want[m + ".lora_A.weight"] = (rank, linears[m].in_features)
+        want[m + ".lora_B.weight"] = (linears[m].out_features, rank)
+    bad = [f"{k} {tuple(v.shape)} vs {want.get(k, 'none')}" for k, v in lsd.items() if tuple(v.shape) != want.get(k)]
+    bad += [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in diffs.items() if v.shape != params[k].shape]
+    if bad:
+        raise UserError(f"{path}: LoRA shapes that do not fit this model: {'; '.join(bad[:4])}")
+    for m in [m for m in mods if not m.startswith("blocks.")]:
+        delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
+        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+    return lsd, diffs, rank, alpha
 
 
 # The released model each preset is, for the exports' header (what a LoRA was trained on)
@@ -2168,6 +2211,9 @@ def check_args(args):
         for e, path in sample_loras(args, expert_folders(args)).items():
             need(os.path.isfile(path), f"--lora: no {e}-noise LoRA file {path} (give a run folder holding "
                  "lora_high_noise.safetensors and lora_low_noise.safetensors, or HIGH.safetensors,LOW.safetensors)")
+    if args.lora and args.mode == "sample":  # read and fitted to the model now, not after the prompts are encoded
+        for path in sample_loras(args, expert_folders(args)).values():
+            lora_for(path, cfg)
     task = task_of(args, cfg)
     need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
          f"{' or '.join(TASKS[cfg.model_type])}")
@@ -2594,14 +2640,16 @@ def main(argv=None):
     loras = sample_loras(args, experts) if args.mode == "sample" and args.lora else {}
     built = {}
     for name, path in experts.items():
-        lora_alpha, lsd = None, None
+        lora_alpha, lsd, diffs = None, None, {}
         if name in loras:  # --mode sample --lora: the file's rank, alpha and targets (each expert its own)
-            lsd, args.lora_rank, lora_alpha = read_lora(loras[name])
-            outside = [k for k in lsd if not k.startswith("blocks.")]
-            if outside:
-                raise UserError(f"{loras[name]}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+            lsd, diffs, args.lora_rank, lora_alpha = lora_for(loras[name], cfg)
             args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+            if not lsd:  # only deltas (or adapters outside the blocks, merged): no LoRALinear
+                lsd, args.lora_rank = None, 0
         sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)
+        if rank == 0:
+            for k, d in diffs.items():  # W += diff, b += diff_b, in fp32, back to the weight's dtype
+                sd[k] = (sd[k].float() + d).to(sd[k].dtype)
         if lsd is not None and rank == 0:
             sd.update(lsd)
             with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
