@@ -2044,7 +2044,7 @@ class Args:
     ema: float = 0.0  # EMA decay of the trainable weights (e.g. 0.999); 0 = off. Samples use it; it is checkpointed
     ema_export: bool = False  # export the EMA weights (with --ema) instead of the last ones
     seed: int = 0  # one seed for init, data order, noise, sigmas and caption dropout
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift (uniform through a --shift != 1)
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
     # speed
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -2190,6 +2190,11 @@ def check_args(args):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
+    # musubi's `--timestep_sampling shift` is sigmoid(N(0,1)) then the shift; ours is U(0,1) then the shift, which at
+    # --shift 1 is plain uniform: a musubi user would silently get another distribution
+    need(args.timestep_sampling != "shift" or args.shift != 1.0, "--timestep_sampling shift is U(0,1) through --shift, "
+         "and --shift is 1 (plain uniform): give --shift S (e.g. 3), or --timestep_sampling uniform; for musubi's "
+         "`shift` (sigmoid(N(0,1)) then the shift) use --timestep_sampling logit_normal --shift S")
     weights = args.dit_path or args.ckpt_dir
     for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
         for path in getattr(args, k).split(",") if k == "lora" else [getattr(args, k)]:  # A14B: --lora HIGH,LOW
