@@ -32,6 +32,7 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -45,7 +46,7 @@ from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_g
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
-from common.weights import (check_keys, check_shapes, read_safetensors, read_weights, safetensors_files,
+from common.weights import (check_keys, check_shapes, read_weights, safetensors_files,
                             safetensors_header)
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
@@ -1287,12 +1288,7 @@ def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", config=None, tok
     hf_keys = "shared.weight" in sd or "encoder.embed_tokens.weight" in sd
     if hf_keys:
         sd = hf_to_wan_keys(sd)
-    # ComfyUI "fp8_scaled": fp8 weight + per-tensor `<name>.scale_weight`; `scaled_fp8` and `scale_input` are markers
-    # (dequantized in the target dtype, as ComfyUI does, so no fp32 copy of the model is ever made)
-    for k in [k for k in sd if k.endswith(".scale_weight")]:
-        w = k[: -len("scale_weight")] + "weight"
-        sd[w] = sd[w].to(dtype) * sd.pop(k).to(dtype)
-    sd = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
+    sd = dequantize_scaled_fp8(sd, lambda k: dtype)  # ComfyUI's umt5_xxl_fp8_e4m3fn_scaled (the DiT loader's helper)
     config = config or t5_config_from(sd)
 
     with torch.device("meta"):
@@ -1502,10 +1498,53 @@ def kohya_module_name(flat):
     return mod
 
 
-def read_lora(path):
-    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's) or musubi's kohya format -> (official-key state dict
-    `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha); common/lora_file.py has the rules."""
-    return lora_file.read_lora(path, kohya_name=kohya_module_name)
+def read_lora(path, diffs=None):
+    """A LoRA file in ComfyUI's format (ours, diffusion-pipe's, Kijai's lora_down/lora_up), musubi's kohya format or
+    diffusers' (`transformer.blocks.0.attn1.to_q.lora_A.weight`: renamed back by the DiT loader's table) ->
+    (official-key state dict `X.lora_A.weight` / `X.lora_B.weight`, rank, alpha); common/lora_file.py has the rules.
+    diffs: a dict
+    for the full-weight deltas (`X.diff`, `X.diff_b`) as {"X.weight": .., "X.bias": ..}; None refuses them."""
+    sd = lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), kohya_name=kohya_module_name,
+                             diffs=diffs)
+    if any(k.startswith("condition_embedder.") or ".attn1." in k or ".attn2." in k or ".ffn.net." in k for k in sd[0]):
+        if diffs:
+            diffs.update(diffusers_to_official_dit({k: diffs.pop(k) for k in list(diffs)}))
+        return (diffusers_to_official_dit(sd[0]), *sd[1:])
+    return sd
+
+
+def lora_for(path, cfg):
+    """--mode sample --lora: the file read and checked against the model of `cfg` -> (adapters of the blocks'
+    Linears, {"X.weight" / "X.bias": delta to add}, rank, alpha). The deltas are the file's .diff / .diff_b and its
+    adapters outside the blocks merged ((alpha / rank) B @ A: add_lora adapts the blocks only). A module the model
+    lacks (a Wan 2.1 i2v LoRA's cross_attn.k_img on a Wan 2.2 expert, a 14B LoRA's blocks.35 on the 1.3B) or a shape
+    it does not have is one UserError line naming the keys."""
+    diffs = {}
+    try:
+        lsd, rank, alpha = read_lora(path, diffs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    params = model.state_dict()
+    mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
+    lacks = [m for m in mods if m not in linears] + [k for k in diffs if k not in params]
+    if lacks:
+        raise UserError(f"{path}: adapters on modules this {cfg.model_type} model does not have (no such Linear, or "
+                        f"weight): {lacks[:4]}{f' ({len(lacks)} in all)' if len(lacks) > 4 else ''}")
+    want = {}
+    for m in mods:
+        want[m + ".lora_A.weight"] = (rank, linears[m].in_features)
+        want[m + ".lora_B.weight"] = (linears[m].out_features, rank)
+    bad = [f"{k} {tuple(v.shape)} vs {want.get(k, 'none')}" for k, v in lsd.items() if tuple(v.shape) != want.get(k)]
+    bad += [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in diffs.items() if v.shape != params[k].shape]
+    if bad:
+        raise UserError(f"{path}: LoRA shapes that do not fit this model: {'; '.join(bad[:4])}")
+    for m in [m for m in mods if not m.startswith("blocks.")]:
+        delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
+        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+    return lsd, diffs, rank, alpha
 
 
 # The released model each preset is, for the exports' header (what a LoRA was trained on)
@@ -1824,13 +1863,39 @@ def dit_config_from(cfg_json=None, sd=None):
     return cfg
 
 
+# Wan 2.2 A14B roots: expert -> its DiT folder, in the official layout and in diffusers' (Wan2.2-*-A14B-Diffusers,
+# whose pipeline_wan.py runs `transformer` at t >= boundary_ratio * 1000, the high-noise steps, `transformer_2` below)
+A14B_LAYOUTS = ({"high": "high_noise_model", "low": "low_noise_model"}, {"high": "transformer", "low": "transformer_2"})
+
+
+def a14b_folders(root):
+    """{"high": DiT folder, "low": DiT folder} when `root` is a Wan 2.2 A14B root in either layout, else None."""
+    for layout in A14B_LAYOUTS:
+        if root and all(os.path.isdir(os.path.join(root, d)) for d in layout.values()):
+            return {e: os.path.join(root, d) for e, d in layout.items()}
+    return None
+
+
+def a14b_boundary(root):
+    """The boundary sigma a diffusers A14B root's model_index.json gives (`boundary_ratio`), else None."""
+    index = os.path.join(root, "model_index.json")
+    if not os.path.exists(index):
+        return None
+    with open(index) as f:
+        return json.load(f).get("boundary_ratio")
+
+
 def dit_files(path):
     """-> (the .safetensors files of the DiT at `path`, its config.json as a dict or None), for any layout above."""
     path = str(path)
     if os.path.isdir(path):
+        experts = a14b_folders(path)
+        if experts:  # two DiTs: main() takes the root (expert_folders); one model is one of the folders
+            raise FileNotFoundError(f"{path}: a Wan 2.2 A14B folder holds one DiT per expert: load "
+                                    f"{experts['high']} or {experts['low']} (the high-, the low-noise one)")
         if os.path.isdir(os.path.join(path, "transformer")):  # diffusers repo root
             path = os.path.join(path, "transformer")
-        experts = [e for e in ("high_noise_model", "low_noise_model") if os.path.isdir(os.path.join(path, e))]
+        experts = [e for e in A14B_LAYOUTS[0].values() if os.path.isdir(os.path.join(path, e))]
         if experts and not glob.glob(os.path.join(path, "diffusion_pytorch_model*.safetensors")):
             raise FileNotFoundError(f"{path}: a Wan 2.2 A14B folder holds one DiT per expert: load "
                                     + " or ".join(os.path.join(path, e) for e in experts))
@@ -1845,11 +1910,29 @@ def dit_files(path):
     raise FileNotFoundError(f"{path}: expected a DiT checkpoint folder or a .safetensors file")
 
 
-def official_dit_keys(sd):
-    """Strip a ComfyUI prefix, or rename diffusers keys back: -> the official key names."""
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+def dequantize_scaled_fp8(sd, dtype_of):
+    """ComfyUI's "fp8_scaled" files (the DiT's and umT5's): an fp8 `<name>.weight` with a per-tensor fp32
+    `<name>.scale_weight`, plus markers that hold no weight (the top-level `scaled_fp8`, `<name>.scale_input`).
+    -> sd with each such weight = weight.float() * scale, cast at once to dtype_of(its key) (a tensor at a time: no fp32
+    copy of the model is ever made), the scales and markers gone. Works on meta tensors too (the header's shapes)."""
+    for k in [k for k in sd if k.endswith(".scale_weight")]:
+        w = k[: -len("scale_weight")] + "weight"
+        sd[w] = (sd[w].float() * sd.pop(k).float()).to(dtype_of(w))
+    return {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
+
+
+def official_dit_keys(sd, dtype=None, root_dtype=None):
+    """Strip a ComfyUI prefix, dequantize ComfyUI's fp8_scaled weights, rename diffusers keys back: -> the official key
+    names. With `dtype`, every floating tensor ends in it, those outside the blocks in `root_dtype` (None: `dtype`)."""
+    for prefix in ("model.diffusion_model.", "diffusion_model."):  # the fp8_scaled marker `scaled_fp8` is unprefixed
+        if sd and all(k.startswith(prefix) for k in sd if k != "scaled_fp8"):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+
+    def dtype_of(k):  # diffusers' block keys start with blocks. too
+        return (dtype if k.startswith("blocks.") else root_dtype or dtype) or torch.float32
+    sd = dequantize_scaled_fp8(sd, dtype_of)
+    if dtype is not None:
+        sd = {k: v.to(dtype_of(k)) if v.is_floating_point() else v for k, v in sd.items()}  # a no-op when it is
     if any(k.startswith("condition_embedder.") for k in sd):
         sd = diffusers_to_official_dit(sd)
     return sd
@@ -1867,18 +1950,37 @@ def read_dit_config(path):
             return WanConfig(**{**c, "patch_size": tuple(c["patch_size"])})
         shapes.update(sh)
     # config.json gives the dims; the header's shapes still tell a Wan 2.1 i2v DiT from a Wan 2.2 i2v expert
-    return dit_config_from(cfg_json, official_dit_keys({k: torch.empty(v, device="meta") for k, v in shapes.items()}))
+    sd = official_dit_keys({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+    try:
+        return dit_config_from(cfg_json, sd)
+    except KeyError as e:  # a tensor the shapes are read off (or a config.json field) is not there
+        what = "its config.json has no" if cfg_json is not None else "no tensor"
+        raise ValueError(f"{path}: {what} {e.args[0]} (keys such as {sorted(sd)[:3]}): is this a Wan DiT? "
+                         + DIT_HINT) from None
 
 
-def read_dit_checkpoint(path, dtype=None):
-    """-> (WanConfig, state dict with official keys on CPU, each tensor cast to `dtype` as it is read)."""
+def read_dit_checkpoint(path, dtype=None, root_dtype=None):
+    """-> (WanConfig, state dict with official keys on CPU). Each tensor is cast to `dtype` as it is read, the ones
+    outside the blocks to `root_dtype` (None: `dtype`): a LoRA's frozen blocks in bf16 beside the embeddings and head,
+    which the model keeps in fp32, read as fp32. float8 tensors stay as they are until official_dit_keys casts them
+    (fp8_scaled ones: dequantizes)."""
     files, _ = dit_files(path)
-    return read_dit_config(path), official_dit_keys(read_safetensors(files, dtype))
+    sd = {}
+    for fn in files:
+        with safe_open(fn, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                bare = k.removeprefix("model.").removeprefix("diffusion_model.")
+                want = dtype if bare.startswith("blocks.") else root_dtype or dtype
+                keep = t.element_size() == 1 or k.endswith((".scale_weight", ".scale_input"))  # fp8 and its fp32 scale
+                sd[k] = t.to(want) if want is not None and t.is_floating_point() and not keep else t
+    return read_dit_config(path), official_dit_keys(sd, dtype, root_dtype)
 
 
 DIT_HINT = ("train_wan.py loads the Wan 2.1 t2v / i2v / flf2v and Wan 2.2 ti2v-5B DiTs and each Wan 2.2 A14B expert "
-            "(its high_noise_model/ or low_noise_model/ folder): the official folder, a single official-key "
-            ".safetensors (ComfyUI's repackaged files) or a diffusers folder.")
+            "(its high_noise_model/ or low_noise_model/ folder, diffusers' transformer/ or transformer_2/): the "
+            "official folder, a single official-key .safetensors (ComfyUI's repackaged files, fp8_scaled ones too) or "
+            "a diffusers folder.")
 
 
 def load_dit(path, dtype=torch.float32, device="cpu"):
@@ -1907,9 +2009,11 @@ class Args:
     # t2v | i2v | flf2v; "" = the model's own (config.json's model_type; TI2V-5B: t2v). TI2V-5B does either from one
     # checkpoint: i2v trains with the clip's first latent frame kept clean (t = 0, out of the loss)
     task: str = ""  # t2v | i2v | flf2v; "" = the model's own (TI2V-5B: t2v; --task i2v keeps frame 0 clean)
-    # Wan 2.2 A14B (--ckpt_dir holding high_noise_model/ and low_noise_model/): which expert trains. high | low: one,
+    # Wan 2.2 A14B (--ckpt_dir or --dit_path holding high_noise_model/ and low_noise_model/, or diffusers'
+    # transformer/ and transformer_2/): which expert trains. high | low: one,
     # on its sigma range; both ("" too): each step's sigmas fall on one side of the boundary and pick the expert
     expert: str = ""  # A14B root: high | low (one expert, on its sigma range) | both ("" too: each step picks one)
+    # --boundary 0 on a diffusers A14B root: its model_index.json's boundary_ratio
     boundary: float = 0.0  # A14B: the sigma where the high-noise expert hands over; 0 = official (t2v 0.875, i2v 0.9)
     data: str = ""  # a folder of videos/images + same-name .txt captions, or a .jsonl/.csv; several: clips/,stills/*3
     cache_dir: str = "cache"  # encoded latents and text embeddings (keyed by content and settings)
@@ -1940,7 +2044,7 @@ class Args:
     ema: float = 0.0  # EMA decay of the trainable weights (e.g. 0.999); 0 = off. Samples use it; it is checkpointed
     ema_export: bool = False  # export the EMA weights (with --ema) instead of the last ones
     seed: int = 0  # one seed for init, data order, noise, sigmas and caption dropout
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift (uniform through a --shift != 1)
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
     # speed
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -2006,17 +2110,15 @@ VAE_STRIDE = {16: (4, 8, 8), 48: (4, 16, 16)}  # DiT out_dim (= VAE z_dim) -> st
 ENCODERS = ("official", "toy")
 
 
-A14B_EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}  # Wan 2.2 A14B: expert -> its folder
-
-
 def expert_folders(args):
-    """{expert: DiT folder} of what the run trains: {"high": .., "low": ..} (or one of them, --expert) when --ckpt_dir
-    is a Wan 2.2 A14B root; {"": the DiT's path} for every other model ("" for a fresh toy/tiny init)."""
-    root = args.ckpt_dir
-    if not args.dit_path and root and all(os.path.isdir(os.path.join(root, d)) for d in A14B_EXPERTS.values()):
-        return {e: os.path.join(root, A14B_EXPERTS[e]) for e in (("high", "low") if args.expert in ("", "both")
-                                                                  else (args.expert,))}
-    return {"": args.dit_path or args.ckpt_dir}
+    """{expert: DiT folder} of what the run trains: {"high": .., "low": ..} (or one of them, --expert) when the DiT's
+    path (--dit_path, else --ckpt_dir) is a Wan 2.2 A14B root, official (high_noise_model/, low_noise_model/) or
+    diffusers (transformer/, transformer_2/); {"": the DiT's path} for every other model ("" for a fresh init)."""
+    root = args.dit_path or args.ckpt_dir
+    experts = a14b_folders(root)
+    if experts:
+        return {e: experts[e] for e in (("high", "low") if args.expert in ("", "both") else (args.expert,))}
+    return {"": root}
 
 
 def sample_loras(args, experts):
@@ -2043,7 +2145,9 @@ def dit_config(args):
 
 
 def boundary_of(args, cfg):
-    return args.boundary or (0.9 if cfg.model_type == "i2v" else 0.875)
+    """--boundary, else a diffusers A14B root's boundary_ratio (model_index.json), else upstream's for the model."""
+    root = args.dit_path or args.ckpt_dir
+    return args.boundary or (a14b_folders(root) and a14b_boundary(root)) or (0.9 if cfg.model_type == "i2v" else 0.875)
 
 
 def sigma_range(expert, boundary):
@@ -2086,27 +2190,35 @@ def check_args(args):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
+    # musubi's `--timestep_sampling shift` is sigmoid(N(0,1)) then the shift; ours is U(0,1) then the shift, which at
+    # --shift 1 is plain uniform: a musubi user would silently get another distribution
+    need(args.timestep_sampling != "shift" or args.shift != 1.0, "--timestep_sampling shift is U(0,1) through --shift, "
+         "and --shift is 1 (plain uniform): give --shift S (e.g. 3), or --timestep_sampling uniform; for musubi's "
+         "`shift` (sigmoid(N(0,1)) then the shift) use --timestep_sampling logit_normal --shift S")
     weights = args.dit_path or args.ckpt_dir
     for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
         for path in getattr(args, k).split(",") if k == "lora" else [getattr(args, k)]:  # A14B: --lora HIGH,LOW
             need(not path or os.path.exists(path), f"--{k} {path}: no such file or folder")
     try:
         cfg = dit_config(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"{weights}: {e}") from None
+    except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError's str() is its key quoted: the message alone
+        raise UserError(f"{weights}: {e.args[0] if isinstance(e, KeyError) else e}") from None
     need(args.encoders == "toy" or cfg.out_dim in VAE_STRIDE, f"{weights or args.preset}: a DiT of {cfg.out_dim} "
          "latent channels has no Wan VAE (16: Wan 2.1, 48: Wan 2.2); use --encoders toy")
-    a14b = "" not in expert_folders(args)
-    need(a14b or not args.expert, f"--expert {args.expert}: --ckpt_dir is not a Wan 2.2 A14B folder (with "
-         "high_noise_model/ and low_noise_model/)")
+    a14b, flag = "" not in expert_folders(args), "--dit_path" if args.dit_path else "--ckpt_dir"
+    need(a14b or not args.expert, f"--expert {args.expert}: {flag} is not a Wan 2.2 A14B folder (with "
+         "high_noise_model/ and low_noise_model/, or diffusers' transformer/ and transformer_2/)")
     need(0 <= args.boundary < 1, f"--boundary {args.boundary}: a sigma in (0, 1), or 0 for the official one")
     need(a14b or not args.sample_guidance_high, f"--sample_guidance_high {args.sample_guidance_high}: the guidance "
-         "of the high-noise expert's steps, for a Wan 2.2 A14B --ckpt_dir (with high_noise_model/ and "
+         f"of the high-noise expert's steps, for a Wan 2.2 A14B {flag} (with high_noise_model/ and "
          "low_noise_model/); this model samples with --sample_guidance alone")
     if a14b and args.lora:
         for e, path in sample_loras(args, expert_folders(args)).items():
             need(os.path.isfile(path), f"--lora: no {e}-noise LoRA file {path} (give a run folder holding "
                  "lora_high_noise.safetensors and lora_low_noise.safetensors, or HIGH.safetensors,LOW.safetensors)")
+    if args.lora and args.mode == "sample":  # read and fitted to the model now, not after the prompts are encoded
+        for path in sample_loras(args, expert_folders(args)).values():
+            lora_for(path, cfg)
     task = task_of(args, cfg)
     need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
          f"{' or '.join(TASKS[cfg.model_type])}")
@@ -2218,13 +2330,15 @@ def build_encoders(args, cfg, device, video=True, text=True):
 
 
 def read_dit_weights(args, cfg, rank, dtype, path=None):
-    """The full state dict on rank 0 (None elsewhere): the checkpoint, read straight into `dtype`, or a fresh init
-    (seeded) for the toy and tiny presets. Called after caching, so it is never in RAM beside the encoders."""
+    """The full state dict on rank 0 (None elsewhere): the checkpoint, its blocks read straight into `dtype` and the
+    rest in fp32 (build_dit keeps the embeddings and the head fp32 parameters, as diffusers' _keep_in_fp32_modules
+    does: a LoRA run's bf16 must not round them), or a fresh init (seeded) for the toy and tiny presets. Called after
+    caching, so it is never in RAM beside the encoders."""
     if rank != 0:
         return None
     path = path or args.dit_path or args.ckpt_dir
     if path:
-        return read_dit_checkpoint(path, dtype)[1]
+        return read_dit_checkpoint(path, dtype, root_dtype=torch.float32)[1]
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         m = WanModel(cfg)
@@ -2531,14 +2645,16 @@ def main(argv=None):
     loras = sample_loras(args, experts) if args.mode == "sample" and args.lora else {}
     built = {}
     for name, path in experts.items():
-        lora_alpha, lsd = None, None
+        lora_alpha, lsd, diffs = None, None, {}
         if name in loras:  # --mode sample --lora: the file's rank, alpha and targets (each expert its own)
-            lsd, args.lora_rank, lora_alpha = read_lora(loras[name])
-            outside = [k for k in lsd if not k.startswith("blocks.")]
-            if outside:
-                raise UserError(f"{loras[name]}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+            lsd, diffs, args.lora_rank, lora_alpha = lora_for(loras[name], cfg)
             args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+            if not lsd:  # only deltas (or adapters outside the blocks, merged): no LoRALinear
+                lsd, args.lora_rank = None, 0
         sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)
+        if rank == 0:
+            for k, d in diffs.items():  # W += diff, b += diff_b, in fp32, back to the weight's dtype
+                sd[k] = (sd[k].float() + d).to(sd[k].dtype)
         if lsd is not None and rank == 0:
             sd.update(lsd)
             with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)

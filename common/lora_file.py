@@ -2,7 +2,10 @@
 (`blocks.0.self_attn.q.lora_A.weight` (rank, in), `.lora_B.weight` (out, rank)); on disk they get a prefix
 (`diffusion_model.` for ComfyUI) and one `.alpha` scalar per module, the format diffusion-pipe writes and that
 ComfyUI and diffusers load as they are. Reading also takes kohya/musubi files (`lora_unet_blocks_0_self_attn_q.
-lora_down.weight`), whose flattened module names only the model can map back: the script passes `kohya_name`."""
+lora_down.weight`), whose flattened module names only the model can map back: the script passes `kohya_name`, and
+`lora_down` / `lora_up` under any prefix (Kijai's and lightx2v's `diffusion_model.X.lora_down.weight`). Full-weight
+deltas (`X.diff` for X.weight, `X.diff_b` for X.bias, which ComfyUI adds as they are) go to the caller's `diffs` dict,
+or are refused when it gives none."""
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,24 +31,35 @@ def write_lora(path, sd, alpha, prefix="diffusion_model.", metadata=None, dtype=
     os.replace(tmp, path)
 
 
-def read_lora(path, prefixes=("diffusion_model.",), kohya_name=None):
+def read_lora(path, prefixes=("diffusion_model.",), kohya_name=None, diffs=None):
     """A LoRA file (ComfyUI/diffusion-pipe format, or kohya/musubi with `kohya_name`: flattened name -> module name)
     -> (fp32 state dict with official module names, rank, alpha). Where the modules' alphas differ (or only some
-    have one), each alpha/rank scale is folded into its B and the returned alpha equals the rank (scale 1)."""
+    have one), each alpha/rank scale is folded into its B and the returned alpha equals the rank (scale 1).
+    diffs: a dict that receives the file's full-weight deltas, {"X.weight": diff, "X.bias": diff_b} in fp32 (to be
+    added to the weights: no alpha, no rank); None refuses a file that has some."""
     sd, alphas = {}, {}
     for k, v in load_file(path).items():
         if k.startswith("lora_unet_"):
             if kohya_name is None:
                 raise ValueError(f"{path}: kohya-format keys ({k}) but this model gives no kohya name map")
             mod, _, rest = k[len("lora_unet_"):].partition(".")
-            k = kohya_name(mod) + "." + rest.replace("lora_down", "lora_A").replace("lora_up", "lora_B")
+            k = kohya_name(mod) + "." + rest
+        k = k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B.")
         for p in prefixes:
             k = k.removeprefix(p)
-        if k.endswith(".alpha"):
+        if k.endswith((".diff", ".diff_b")):
+            if diffs is None:
+                raise ValueError(f"{path}: full-weight deltas (.diff / .diff_b, e.g. {k}) are not supported")
+            mod, _, kind = k.rpartition(".")
+            diffs[mod + (".weight" if kind == "diff" else ".bias")] = v.float()
+        elif k.endswith(".alpha"):
             alphas[k[: -len(".alpha")]] = float(v)
         else:
             sd[k] = v.float()
     ranks = {v.shape[0] for k, v in sd.items() if k.endswith(SUFFIX_A)}
+    if not ranks:
+        raise ValueError(f"{path}: no LoRA weights (X.lora_A.weight or X.lora_down.weight) among its keys, e.g. "
+                         f"{sorted(sd)[:3]}")
     if len(ranks) != 1:
         raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks)}")
     rank = ranks.pop()

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import train_wan as W
+from common import lora_file
 from tests.checks import load_lora, lora_modules, random_lora
 from tests.helpers import dit_inputs, tiny_dit
 from tests.procs import gloo_world_of_one
@@ -244,3 +245,133 @@ def test_export_metadata(exported):
     assert W.Args(**a) == args
     c = json.loads(meta["wan_config"])
     assert W.WanConfig(**{**c, "patch_size": tuple(c["patch_size"])}) == cfg
+
+
+def test_lora_down_up_under_any_prefix(exported, tmp_path):
+    """Kijai's / lightx2v's Wan LoRAs: `diffusion_model.X.lora_down.weight` / `.lora_up.weight` (+ .alpha), which
+    ComfyUI loads: the same adapters as our lora_A / lora_B names."""
+    path, _, _, _ = exported
+    sd, rank, alpha = W.read_lora(path)
+    f = str(tmp_path / "kijai.safetensors")
+    out = {"diffusion_model." + k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+           for k, v in sd.items()}
+    out.update({"diffusion_model." + k[: -len(".lora_A.weight")] + ".alpha": torch.tensor(ALPHA)
+                for k in sd if k.endswith(".lora_A.weight")})
+    save_file(out, f)
+    got, rank2, alpha2 = W.read_lora(f)
+    assert (rank2, alpha2) == (rank, alpha) and set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_diffusers_named_lora_maps_back(exported, tmp_path):
+    """A LoRA in diffusers' names (`transformer.blocks.1.attn2.to_out.0.lora_A.weight`), made here by diffusers' own
+    converter from our file: renamed back by the DiT loader's table, the same per-module deltas."""
+    from diffusers import WanPipeline
+    path, _, _, _ = exported
+    sd, rank, alpha = W.read_lora(path)
+    conv = WanPipeline.lora_state_dict(path)  # alpha / rank folded in, no .alpha: scale 1
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in conv
+    f = str(tmp_path / "diffusers.safetensors")
+    save_file({k: v.contiguous() for k, v in conv.items()}, f)
+    got, rank2, alpha2 = W.read_lora(f)
+    assert (rank2, alpha2) == (RANK, float(RANK)) and set(got) == set(sd)
+    want, have = deltas(sd, rank, alpha), deltas(got, rank2, alpha2)
+    for mod in want:
+        torch.testing.assert_close(have[mod], want[mod], rtol=1e-6, atol=1e-7)
+
+
+def test_full_weight_deltas_are_collected_or_refused(tmp_path):
+    """`.diff` (added to X.weight) and `.diff_b` (to X.bias): common/lora_file.py hands them to a caller that asks
+    (diffs=) and refuses them, naming the file and a key, for one that does not (the other scripts)."""
+    from common import lora_file
+    f = str(tmp_path / "lightx2v.safetensors")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(2, 128),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(128, 2),
+               "diffusion_model.blocks.0.norm3.diff": torch.full((128,), 0.5),
+               "diffusion_model.blocks.0.self_attn.k.diff_b": torch.full((128,), 0.25)}, f)
+    with pytest.raises(ValueError, match=r"lightx2v.safetensors: full-weight deltas .* e.g. blocks.0.norm3.diff"):
+        lora_file.read_lora(f)
+    diffs = {}
+    sd, rank, _ = W.read_lora(f, diffs)
+    assert rank == 2 and set(sd) == {"blocks.0.self_attn.q.lora_A.weight", "blocks.0.self_attn.q.lora_B.weight"}
+    assert set(diffs) == {"blocks.0.norm3.weight", "blocks.0.self_attn.k.bias"}
+    assert torch.equal(diffs["blocks.0.self_attn.k.bias"], torch.full((128,), 0.25))
+
+
+def toy_file(path, sd, cfg):
+    """A DiT file as our exports write it: official keys, the config in the header (the toy's 8x8 patches)."""
+    import dataclasses
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path),
+              metadata={"wan_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def test_sample_applies_deltas_and_outside_adapters_as_merged_weights(tmp_path):
+    """--mode sample --lora with a file that has block adapters, .diff / .diff_b deltas and an adapter outside the
+    blocks (head.head, which add_lora does not wrap): the video equals the one of the weights with the deltas and
+    the outside adapter merged in by hand, sampled with the block adapters alone."""
+    from data.video import read_clip
+    from tests.procs import script_runner
+    wan = script_runner("train_wan.py")
+    base = tiny_dit(preset="toy")
+    cfg, sd = base.cfg, base.state_dict()
+    toy_file(tmp_path / "base.safetensors", sd, cfg)
+    g = torch.Generator().manual_seed(4)
+    rank, alpha = 2, 4.0
+    ad = {}
+    for mod in ("blocks.0.self_attn.q", "blocks.3.ffn.2", "head.head"):
+        out_f, in_f = sd[mod + ".weight"].shape
+        ad[mod + ".lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
+        ad[mod + ".lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
+    diff = {"blocks.1.norm3.weight": torch.randn(cfg.dim, generator=g) * 0.2,
+            "blocks.2.cross_attn.k.bias": torch.randn(cfg.dim, generator=g) * 0.2}
+    file_sd = {"diffusion_model." + k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+               for k, v in ad.items()}
+    file_sd.update({"diffusion_model." + m + ".alpha": torch.tensor(alpha) for m in
+                    ("blocks.0.self_attn.q", "blocks.3.ffn.2", "head.head")})
+    file_sd["diffusion_model.blocks.1.norm3.diff"] = diff["blocks.1.norm3.weight"]
+    file_sd["diffusion_model.blocks.2.cross_attn.k.diff_b"] = diff["blocks.2.cross_attn.k.bias"]
+    save_file(file_sd, str(tmp_path / "all.safetensors"))
+    merged = dict(sd)
+    for k, d in diff.items():
+        merged[k] = sd[k] + d
+    merged["head.head.weight"] = sd["head.head.weight"] + (alpha / rank) * ad["head.head.lora_B.weight"] @ \
+        ad["head.head.lora_A.weight"]
+    toy_file(tmp_path / "merged.safetensors", merged, cfg)
+    lora_file.write_lora(str(tmp_path / "blocks.safetensors"), {k: v for k, v in ad.items() if k.startswith("blocks.")},
+                         alpha, dtype=torch.float32)
+    flags = ["--preset", "toy", "--mode", "sample", "--sample_prompts", "a red circle moving left", "--sample_steps",
+             "2", "--cache_dir", str(tmp_path / "cache")]
+    wan(*flags, "--dit_path", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "all.safetensors"),
+        "--out_dir", str(tmp_path / "a"))
+    wan(*flags, "--dit_path", str(tmp_path / "merged.safetensors"), "--lora", str(tmp_path / "blocks.safetensors"),
+        "--out_dir", str(tmp_path / "b"))
+    wan(*flags, "--dit_path", str(tmp_path / "base.safetensors"), "--out_dir", str(tmp_path / "c"))
+    a, b, c = (read_clip(str(tmp_path / d / "samples" / "step_00000000_0.mp4"), 0, 5, 4, (16, 16)) for d in "abc")
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.01  # and the file does change the video
+
+
+@pytest.mark.parametrize("key, says", [
+    ("diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight", "does not have (no such Linear, or weight): "
+     "['blocks.0.cross_attn.k_img']"),  # a Wan 2.1 i2v LoRA on a model without the image projections
+    ("diffusion_model.blocks.9.self_attn.q.lora_down.weight", "['blocks.9.self_attn.q']"),  # a deeper model's block
+    ("diffusion_model.blocks.0.norm1.diff", "['blocks.0.norm1.weight']"),  # norm1 has no weight in Wan
+])
+def test_a_lora_the_model_cannot_take_is_one_line(tmp_path, key, says):
+    base = tiny_dit(preset="toy")
+    toy_file(tmp_path / "base.safetensors", base.state_dict(), base.cfg)
+    dim = base.cfg.dim
+    sd = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(2, dim),
+          "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(dim, 2),
+          key: torch.ones(2, dim) if "lora_down" in key else torch.ones(dim)}
+    if "lora_down" in key:
+        sd[key.replace("lora_down", "lora_up")] = torch.ones(dim, 2)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    # check_args, as main() calls it first (in this process: the module's gloo group must outlive the check)
+    args = W.parse(W.Args, ["--preset", "toy", "--mode", "sample", "--dit_path", str(tmp_path / "base.safetensors"),
+                            "--lora", str(tmp_path / "bad.safetensors"), "--sample_prompts", "a"],
+                   presets={"toy": W.TOY_ARGS})
+    with pytest.raises(W.UserError) as e:
+        W.check_args(args)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'bad.safetensors'}: adapters on modules this t2v model "
+                                              "does not have") and says in msg, msg
