@@ -1823,14 +1823,16 @@ def check_args(args):
 
 def ckpt_file(args):
     """The official single file: --ckpt_dir itself, or --ckpt_file (default: the preset's release) inside it; or
-    --ckpt_dir itself when it is a diffusers folder (transformer/ + vae/, text_encoder/, tokenizer/)."""
+    --ckpt_dir itself when it is a diffusers folder (transformer/ + vae/, text_encoder/, tokenizer/) and holds no
+    such file. The Hugging Face repo Lightricks/LTX-Video has both: the ltxv-*.safetensors releases next to the
+    0.9.0 model as diffusers folders, so the preset's file comes first."""
     if not args.ckpt_dir or os.path.isfile(args.ckpt_dir):
-        return args.ckpt_dir
-    if not args.ckpt_file and all(os.path.isfile(os.path.join(args.ckpt_dir, d, "config.json"))
-                                  for d in ("transformer", "vae")):
         return args.ckpt_dir
     name = args.ckpt_file or CKPT_FILES.get(args.preset, "")
     path = os.path.join(args.ckpt_dir, name)
+    if not args.ckpt_file and not (name and os.path.isfile(path)) and \
+            all(os.path.isfile(os.path.join(args.ckpt_dir, d, "config.json")) for d in ("transformer", "vae")):
+        return args.ckpt_dir
     if not name or not os.path.isfile(path):
         found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(args.ckpt_dir, "ltxv-*.safetensors")))
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no {name or 'checkpoint'} in it; pass --ckpt_file (there: "
