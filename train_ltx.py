@@ -1121,15 +1121,20 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     return model.to(device).eval()
 
 
+def diffusers_vae(path):
+    """-> (the VAE folder, (VAEConfig, renames)) of a diffusers folder: its vae/ or the folder itself."""
+    folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+    with open(os.path.join(folder, "config.json")) as f:
+        return folder, vae_from_diffusers(json.load(f))
+
+
 def read_vae_checkpoint(path, dtype=None):
     """-> (VAEConfig, state dict with the official keys) of an official single file (keys `vae.*`, config from the
     header's "vae" section) or a diffusers folder (vae/ or the folder itself: config.json +
     diffusion_pytorch_model*.safetensors, keys renamed by rename_prefixes)."""
     path = str(path)
     if os.path.isdir(path):
-        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-        with open(os.path.join(folder, "config.json")) as f:
-            vcfg, renames = vae_from_diffusers(json.load(f))
+        folder, (vcfg, renames) = diffusers_vae(path)
         return vcfg, rename_prefixes(read_prefixed(safetensors_files(folder, "diffusion_pytorch_model"), "", dtype),
                                      renames)
     cfg = header_config(path)
@@ -2353,6 +2358,53 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     return paths
 
 
+# What upstream's from_config (transformer3d.py Transformer3DModel, causal_video_autoencoder.py
+# CausalVideoAutoencoder) needs spelled out, because its defaults are another architecture (geglu, layer norm, no
+# q/k norm; group norm, a quant conv, and `dims` has none): the keys of the official headers, with the values every
+# 0.9.x release has (diffusers_config_mapping.py OURS_TRANSFORMER_CONFIG / the VAE's `config` property).
+HEADER_TRANSFORMER = dict(
+    _class_name="Transformer3DModel", activation_fn="gelu-approximate", attention_bias=True, attention_type="default",
+    adaptive_norm="single_scale_shift", standardization_norm="rms_norm", norm_elementwise_affine=False,
+    qk_norm="rms_norm", positional_embedding_type="rope", timestep_scale_multiplier=1000, num_embeds_ada_norm=1000,
+    dropout=0.0, norm_num_groups=32, num_vector_embeds=None, only_cross_attention=False, double_self_attention=False,
+    upcast_attention=False, use_linear_projection=False, project_to_2d_pos=True)
+HEADER_VAE = dict(_class_name="CausalVideoAutoencoder", dims=3, scaling_factor=1.0, norm_layer="pixel_norm",
+                  latent_log_var="uniform", use_quant_conv=False, normalize_latent_channels=False)
+
+
+def header_transformer(cfg, base=None):
+    """The header "transformer" section of `cfg`: the base file's own section (`base`, when the DiT was fine-tuned
+    from an official file) or upstream's fixed keys, with our fields on top (the architecture that was trained;
+    causal_temporal_positioning always written, so no reader has to guess it)."""
+    ours = dataclasses.asdict(cfg)
+    ours["positional_embedding_max_pos"] = list(ours["positional_embedding_max_pos"])
+    if ours["qk_norm_eps"] == 1e-5:  # upstream's fixed q/k RMSNorm eps (attention.py): not one of its keys
+        del ours["qk_norm_eps"]
+    return {**HEADER_TRANSFORMER, **(base or {}), **ours, "_class_name": "Transformer3DModel"}
+
+
+def header_vae(vcfg):
+    """The header "vae" section of a VAEConfig (a diffusers folder's VAE, exported in the official layout)."""
+    return {**HEADER_VAE, **dataclasses.asdict(vcfg)}
+
+
+def export_config(args, cfg):
+    """The header config of a full fine-tune's export: the base file's own sections, the transformer's updated to
+    `cfg`, both completed with upstream's keys where the base leaves some out; from a diffusers folder the complete
+    upstream-style sections of its VAE and the LinearQuadratic schedule our sampler uses for it (upstream's
+    inference reads "scheduler" from every single file)."""
+    base = ckpt_file(args) if args.ckpt_dir else ""
+    if not base:
+        return {"transformer": header_transformer(cfg)}
+    if os.path.isfile(base):  # its VAE section completed by what our loader took for what it leaves out
+        header = header_config(base)
+        return {**header, "transformer": header_transformer(cfg, header.get("transformer")),
+                "vae": {**header_vae(vae_config_from(header["vae"])), **header["vae"]}}
+    return {"transformer": header_transformer(cfg), "vae": header_vae(diffusers_vae(base)[1][0]),
+            "scheduler": {"_class_name": "RectifiedFlowScheduler", "num_train_timesteps": 1000,
+                          "sampler": "LinearQuadratic", "shifting": None, "target_shift_terminal": None}}
+
+
 def export_weights(model, args, cfg, path):
     """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
     ComfyUI and diffusers load as they are; a full fine-tune as the official single file (the DiT in bf16 under
@@ -2370,14 +2422,9 @@ def export_weights(model, args, cfg, path):
         return
     from safetensors.torch import save_file
     out = {DIT_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-    header = {"transformer": {**dataclasses.asdict(cfg), "_class_name": "Transformer3DModel"}}
-    base = ckpt_file(args) if args.ckpt_dir else ""
-    if base:  # the VAE (and scheduler) of the base file, unchanged
-        vcfg, vae_sd = read_vae_checkpoint(base)  # a diffusers folder's VAE is written with the official keys
-        header.update({k: v for k, v in header_config(base).items() if k != "transformer"} if os.path.isfile(base)
-                      else {"vae": {**dataclasses.asdict(vcfg), "_class_name": "CausalVideoAutoencoder"}})
-        out.update({VAE_PREFIX + k: v for k, v in vae_sd.items()})
-    meta["config"] = json.dumps(header)
+    if args.ckpt_dir:  # the VAE of the base, unchanged (a diffusers folder's is written with the official keys)
+        out.update({VAE_PREFIX + k: v for k, v in read_vae_checkpoint(ckpt_file(args))[1].items()})
+    meta["config"] = json.dumps(export_config(args, cfg))
     save_file(out, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
 
