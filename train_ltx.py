@@ -1286,6 +1286,15 @@ def lora_for_export(sd, rank, alpha):
     return {k: v * (alpha / rank) if k.endswith(".lora_B.weight") else v for k, v in sd.items()}, float(rank)
 
 
+def read_lora(path):
+    """A LoRA file -> (state dict under our module names, rank, alpha): ComfyUI's format (ours, diffusion-pipe's:
+    diffusion_model.<module>) or diffusers' (transformer.<module>: LTX-Video-Trainer's save_lora_weights,
+    finetrainers). Inside the blocks diffusers' LTX transformer names every Linear as the official code does
+    (attn1/attn2.to_q/to_k/to_v/to_out.0, ff.net.0.proj, ff.net.2; only the weight-only q/k norms differ), so
+    stripping the prefix is the whole conversion."""
+    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."))
+
+
 # -----------------------------------------------------------------------------------------------------
 # Flow matching, the LTX convention (LTX-Video-Trainer training_strategies.py): sigma in [0, 1], sigma = 1 is noise,
 #   x_t = (1 - sigma) * x0 + sigma * noise,   target velocity v = noise - x0,   model timestep t = 1000 * sigma.
@@ -2556,7 +2565,7 @@ def main(argv=None):
     # straight into the compute dtype.
     lora_alpha, lsd = None, None
     if args.mode == "sample" and args.lora:
-        lsd, args.lora_rank, lora_alpha = lora_file.read_lora(args.lora)
+        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
         outside = [k for k in lsd if not k.startswith("transformer_blocks.")]
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
