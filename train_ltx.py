@@ -1701,7 +1701,7 @@ class Args:
     sample_cond_noise: float = 0.15  # noise on the image / keyframe latents, x t^2 each step (inference.py's default)
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     decode_timestep: float = 0.05  # the VAE decoder's timestep (the official configs)
-    decode_noise: float = 0.0  # the pipeline's decode noise (its configs: 0.025); 0 = none
+    decode_noise: float = 0.025  # the decode noise of every official config (decode_noise_scale); 0 = none
     val_every: int = 0  # validation loss every N steps (needs --val_count)
     log_every: int = 10  # a log line (log.jsonl) every N steps
     tensorboard: bool = False  # also log to TensorBoard (<out_dir>/tb)

@@ -150,7 +150,7 @@ def test_sample_configs_through_main(folder, tmp_path):
                             "--sample_stg_blocks", "1")
     ltx(*s, "--out_dir", str(tmp_path / "flags"))
     base = dict(pipeline_type="base", num_inference_steps=3, guidance_scale=3, stg_scale=1, rescaling_scale=0.7,
-                skip_block_list=[1], decode_timestep=0.05, decode_noise_scale=0.0)
+                skip_block_list=[1], decode_timestep=0.05, decode_noise_scale=0.025)  # the flags' defaults
     (tmp_path / "base.json").write_text(json.dumps(base))
     ltx(*s, "--out_dir", str(tmp_path / "base"), "--sample_config", str(tmp_path / "base.json"))
     assert torch.equal(sample_video(tmp_path / "flags"), sample_video(tmp_path / "base"))
