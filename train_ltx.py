@@ -1688,6 +1688,8 @@ class Args:
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
     sample_image_strength: float = 1.0  # the conditioning strength of --sample_image / --sample_video (1: exact)
+    sample_image_crf: int = 29  # the conditioning images / frames blurred and H.264-compressed at this CRF, as the
+    #   official inference does (condition_pixels); 0 = the pixels as read
     sample_reference: str = ""  # IC-LoRA samples: this reference video (its first frames) or image, at their size
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
@@ -1750,6 +1752,8 @@ def check_args(args):
     for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
+    need(0 <= args.sample_image_crf <= 51, f"--sample_image_crf {args.sample_image_crf}: expected 0 (off) to 51 "
+         "(libx264's CRF range)")
     for k in ("caption_dropout", "ema", "first_frame_p", "prefix_p", "last_frame_p", "keyframe_p", "decode_noise",
               "sample_cond_noise"):
         need(0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
@@ -2249,6 +2253,46 @@ def check_sample_config(args, cfg):
                         "--sample_upscaler, the ltxv-spatial-upscaler-0.9.8.safetensors file)")
 
 
+def gaussian_blur3(x, sigma=1.0):
+    """(..., H, W) -> the same blurred as torchvision's gaussian_blur(kernel_size=3, sigma) does it: the kernel
+    exp(-d^2 / 2 sigma^2) at d = -1, 0, 1, normalised, its outer product as one 3x3 conv, reflect padding."""
+    k = torch.exp(-0.5 * (torch.arange(-1.0, 2.0, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(y, (k[:, None] * k[None, :])[None, None]).reshape(x.shape)
+
+
+def crf_round_trip(img, crf):
+    """(H, W, 3) in [0, 1] -> (H, W, 3) uint8: the image as a one-frame H.264 video at this CRF shows it, made as
+    upstream's crf_compressor.compress makes it (truncated to uint8, rgb24 -> yuv420p, libx264 "veryfast", decoded
+    back to rgb24). H and W even (yuv420p)."""
+    import io
+
+    import av
+    arr = (img * 255.0).to(torch.uint8).numpy()  # truncation, as upstream's .byte()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=1, options={"crf": str(crf), "preset": "veryfast"})
+        s.height, s.width = arr.shape[:2]
+        c.mux(s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24").reformat(format="yuv420p")))
+        c.mux(s.encode())
+    with av.open(io.BytesIO(buf.getvalue())) as c:
+        return torch.from_numpy(next(c.decode(video=0)).to_ndarray(format="rgb24"))
+
+
+def condition_pixels(video, crf=29):
+    """The official inference's preprocessing of a conditioning image, and of each frame of a conditioning video
+    (inference.py load_image_to_tensor_with_resize_and_crop), after the resize to the sample's size: the [0, 1]
+    pixels blurred (3x3, sigma 1), then each frame alone through an H.264 encode / decode at `crf`, so that the
+    model is conditioned on what a compressed video looks like. (3, F, H, W) in [-1, 1] -> the same; crf 0: the
+    pixels as they are (neither step, as diffusers' pipelines)."""
+    if not crf:
+        return video
+    x = gaussian_blur3(((video + 1) * 127.5).round() / 255)  # the uint8 pixels as to_tensor gives them, blurred
+    frames = [crf_round_trip(x[:, i].permute(1, 2, 0), crf).float() / 255.0 for i in range(x.shape[1])]
+    return torch.stack(frames).permute(3, 0, 1, 2) * 255.0 / 127.5 - 1.0  # upstream's ops, in its order
+
+
 def sample_keyframes(args):
     """[(image, pixel frame or -1 for the last, strength)]: --sample_last_image at --sample_keyframe_frame (strength
     1), then each image@frame[:strength] of --sample_keyframes, in that order (the order of the tokens, as the
@@ -2298,11 +2342,14 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             "stg_blocks": sorted({b for st in plans[-1][2] if st for b in st[1]}), "cfg_star": plans[-1][3],
             "stochastic": stochastic}))
 
-    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size, then
-        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)  # to the pass's
+    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size,
+        # preprocessed there as the official inference does, then resized to the pass's size (as the pipeline),
+        # encoded alone by rank 0, broadcast
+        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)
         z = torch.zeros(1, *shape)
-        if rank == 0:  # (as the pipeline), encoded alone by rank 0, broadcast
+        if rank == 0:
             img = read_clip(path, 0.0, n, args.fps, (args.height, args.width))  # (3, n, H, W)
+            img = condition_pixels(img, args.sample_image_crf)  # blur + CRF round trip (0: off)
             if tuple(size) != (args.height, args.width):
                 img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
                 img = img.transpose(0, 1)
