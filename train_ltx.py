@@ -1121,15 +1121,20 @@ def load_dit(path, dtype=torch.float32, device="cpu"):
     return model.to(device).eval()
 
 
+def diffusers_vae(path):
+    """-> (the VAE folder, (VAEConfig, renames)) of a diffusers folder: its vae/ or the folder itself."""
+    folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+    with open(os.path.join(folder, "config.json")) as f:
+        return folder, vae_from_diffusers(json.load(f))
+
+
 def read_vae_checkpoint(path, dtype=None):
     """-> (VAEConfig, state dict with the official keys) of an official single file (keys `vae.*`, config from the
     header's "vae" section) or a diffusers folder (vae/ or the folder itself: config.json +
     diffusion_pytorch_model*.safetensors, keys renamed by rename_prefixes)."""
     path = str(path)
     if os.path.isdir(path):
-        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-        with open(os.path.join(folder, "config.json")) as f:
-            vcfg, renames = vae_from_diffusers(json.load(f))
+        folder, (vcfg, renames) = diffusers_vae(path)
         return vcfg, rename_prefixes(read_prefixed(safetensors_files(folder, "diffusion_pytorch_model"), "", dtype),
                                      renames)
     cfg = header_config(path)
@@ -1279,6 +1284,15 @@ def lora_for_export(sd, rank, alpha):
     if alpha == rank:
         return sd, float(rank)
     return {k: v * (alpha / rank) if k.endswith(".lora_B.weight") else v for k, v in sd.items()}, float(rank)
+
+
+def read_lora(path):
+    """A LoRA file -> (state dict under our module names, rank, alpha): ComfyUI's format (ours, diffusion-pipe's:
+    diffusion_model.<module>) or diffusers' (transformer.<module>: LTX-Video-Trainer's save_lora_weights,
+    finetrainers). Inside the blocks diffusers' LTX transformer names every Linear as the official code does
+    (attn1/attn2.to_q/to_k/to_v/to_out.0, ff.net.0.proj, ff.net.2; only the weight-only q/k norms differ), so
+    stripping the prefix is the whole conversion."""
+    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1674,6 +1688,8 @@ class Args:
     sample_keyframe_frame: int = -1  # the pixel frame of --sample_last_image's keyframe (-1: the last frame)
     sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
     sample_image_strength: float = 1.0  # the conditioning strength of --sample_image / --sample_video (1: exact)
+    sample_image_crf: int = 29  # the conditioning images / frames blurred and H.264-compressed at this CRF, as the
+    #   official inference does (condition_pixels); 0 = the pixels as read
     sample_reference: str = ""  # IC-LoRA samples: this reference video (its first frames) or image, at their size
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
@@ -1687,7 +1703,7 @@ class Args:
     sample_cond_noise: float = 0.15  # noise on the image / keyframe latents, x t^2 each step (inference.py's default)
     sample_frames: int = 0  # frames of the samples; 0 = --frames
     decode_timestep: float = 0.05  # the VAE decoder's timestep (the official configs)
-    decode_noise: float = 0.0  # the pipeline's decode noise (its configs: 0.025); 0 = none
+    decode_noise: float = 0.025  # the decode noise of every official config (decode_noise_scale); 0 = none
     val_every: int = 0  # validation loss every N steps (needs --val_count)
     log_every: int = 10  # a log line (log.jsonl) every N steps
     tensorboard: bool = False  # also log to TensorBoard (<out_dir>/tb)
@@ -1736,6 +1752,8 @@ def check_args(args):
     for k in ("global_batch", "fps", "log_every", "sample_steps", "bench_steps", "sp"):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
+    need(0 <= args.sample_image_crf <= 51, f"--sample_image_crf {args.sample_image_crf}: expected 0 (off) to 51 "
+         "(libx264's CRF range)")
     for k in ("caption_dropout", "ema", "first_frame_p", "prefix_p", "last_frame_p", "keyframe_p", "decode_noise",
               "sample_cond_noise"):
         need(0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
@@ -1823,14 +1841,16 @@ def check_args(args):
 
 def ckpt_file(args):
     """The official single file: --ckpt_dir itself, or --ckpt_file (default: the preset's release) inside it; or
-    --ckpt_dir itself when it is a diffusers folder (transformer/ + vae/, text_encoder/, tokenizer/)."""
+    --ckpt_dir itself when it is a diffusers folder (transformer/ + vae/, text_encoder/, tokenizer/) and holds no
+    such file. The Hugging Face repo Lightricks/LTX-Video has both: the ltxv-*.safetensors releases next to the
+    0.9.0 model as diffusers folders, so the preset's file comes first."""
     if not args.ckpt_dir or os.path.isfile(args.ckpt_dir):
-        return args.ckpt_dir
-    if not args.ckpt_file and all(os.path.isfile(os.path.join(args.ckpt_dir, d, "config.json"))
-                                  for d in ("transformer", "vae")):
         return args.ckpt_dir
     name = args.ckpt_file or CKPT_FILES.get(args.preset, "")
     path = os.path.join(args.ckpt_dir, name)
+    if not args.ckpt_file and not (name and os.path.isfile(path)) and \
+            all(os.path.isfile(os.path.join(args.ckpt_dir, d, "config.json")) for d in ("transformer", "vae")):
+        return args.ckpt_dir
     if not name or not os.path.isfile(path):
         found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(args.ckpt_dir, "ltxv-*.safetensors")))
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no {name or 'checkpoint'} in it; pass --ckpt_file (there: "
@@ -2233,6 +2253,46 @@ def check_sample_config(args, cfg):
                         "--sample_upscaler, the ltxv-spatial-upscaler-0.9.8.safetensors file)")
 
 
+def gaussian_blur3(x, sigma=1.0):
+    """(..., H, W) -> the same blurred as torchvision's gaussian_blur(kernel_size=3, sigma) does it: the kernel
+    exp(-d^2 / 2 sigma^2) at d = -1, 0, 1, normalised, its outer product as one 3x3 conv, reflect padding."""
+    k = torch.exp(-0.5 * (torch.arange(-1.0, 2.0, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(y, (k[:, None] * k[None, :])[None, None]).reshape(x.shape)
+
+
+def crf_round_trip(img, crf):
+    """(H, W, 3) in [0, 1] -> (H, W, 3) uint8: the image as a one-frame H.264 video at this CRF shows it, made as
+    upstream's crf_compressor.compress makes it (truncated to uint8, rgb24 -> yuv420p, libx264 "veryfast", decoded
+    back to rgb24). H and W even (yuv420p)."""
+    import io
+
+    import av
+    arr = (img * 255.0).to(torch.uint8).numpy()  # truncation, as upstream's .byte()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=1, options={"crf": str(crf), "preset": "veryfast"})
+        s.height, s.width = arr.shape[:2]
+        c.mux(s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24").reformat(format="yuv420p")))
+        c.mux(s.encode())
+    with av.open(io.BytesIO(buf.getvalue())) as c:
+        return torch.from_numpy(next(c.decode(video=0)).to_ndarray(format="rgb24"))
+
+
+def condition_pixels(video, crf=29):
+    """The official inference's preprocessing of a conditioning image, and of each frame of a conditioning video
+    (inference.py load_image_to_tensor_with_resize_and_crop), after the resize to the sample's size: the [0, 1]
+    pixels blurred (3x3, sigma 1), then each frame alone through an H.264 encode / decode at `crf`, so that the
+    model is conditioned on what a compressed video looks like. (3, F, H, W) in [-1, 1] -> the same; crf 0: the
+    pixels as they are (neither step, as diffusers' pipelines)."""
+    if not crf:
+        return video
+    x = gaussian_blur3(((video + 1) * 127.5).round() / 255)  # the uint8 pixels as to_tensor gives them, blurred
+    frames = [crf_round_trip(x[:, i].permute(1, 2, 0), crf).float() / 255.0 for i in range(x.shape[1])]
+    return torch.stack(frames).permute(3, 0, 1, 2) * 255.0 / 127.5 - 1.0  # upstream's ops, in its order
+
+
 def sample_keyframes(args):
     """[(image, pixel frame or -1 for the last, strength)]: --sample_last_image at --sample_keyframe_frame (strength
     1), then each image@frame[:strength] of --sample_keyframes, in that order (the order of the tokens, as the
@@ -2282,11 +2342,14 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             "stg_blocks": sorted({b for st in plans[-1][2] if st for b in st[1]}), "cfg_star": plans[-1][3],
             "stochastic": stochastic}))
 
-    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size, then
-        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)  # to the pass's
+    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size,
+        # preprocessed there as the official inference does, then resized to the pass's size (as the pipeline),
+        # encoded alone by rank 0, broadcast
+        shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)
         z = torch.zeros(1, *shape)
-        if rank == 0:  # (as the pipeline), encoded alone by rank 0, broadcast
+        if rank == 0:
             img = read_clip(path, 0.0, n, args.fps, (args.height, args.width))  # (3, n, H, W)
+            img = condition_pixels(img, args.sample_image_crf)  # blur + CRF round trip (0: off)
             if tuple(size) != (args.height, args.width):
                 img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
                 img = img.transpose(0, 1)
@@ -2351,6 +2414,53 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
     return paths
 
 
+# What upstream's from_config (transformer3d.py Transformer3DModel, causal_video_autoencoder.py
+# CausalVideoAutoencoder) needs spelled out, because its defaults are another architecture (geglu, layer norm, no
+# q/k norm; group norm, a quant conv, and `dims` has none): the keys of the official headers, with the values every
+# 0.9.x release has (diffusers_config_mapping.py OURS_TRANSFORMER_CONFIG / the VAE's `config` property).
+HEADER_TRANSFORMER = dict(
+    _class_name="Transformer3DModel", activation_fn="gelu-approximate", attention_bias=True, attention_type="default",
+    adaptive_norm="single_scale_shift", standardization_norm="rms_norm", norm_elementwise_affine=False,
+    qk_norm="rms_norm", positional_embedding_type="rope", timestep_scale_multiplier=1000, num_embeds_ada_norm=1000,
+    dropout=0.0, norm_num_groups=32, num_vector_embeds=None, only_cross_attention=False, double_self_attention=False,
+    upcast_attention=False, use_linear_projection=False, project_to_2d_pos=True)
+HEADER_VAE = dict(_class_name="CausalVideoAutoencoder", dims=3, scaling_factor=1.0, norm_layer="pixel_norm",
+                  latent_log_var="uniform", use_quant_conv=False, normalize_latent_channels=False)
+
+
+def header_transformer(cfg, base=None):
+    """The header "transformer" section of `cfg`: the base file's own section (`base`, when the DiT was fine-tuned
+    from an official file) or upstream's fixed keys, with our fields on top (the architecture that was trained;
+    causal_temporal_positioning always written, so no reader has to guess it)."""
+    ours = dataclasses.asdict(cfg)
+    ours["positional_embedding_max_pos"] = list(ours["positional_embedding_max_pos"])
+    if ours["qk_norm_eps"] == 1e-5:  # upstream's fixed q/k RMSNorm eps (attention.py): not one of its keys
+        del ours["qk_norm_eps"]
+    return {**HEADER_TRANSFORMER, **(base or {}), **ours, "_class_name": "Transformer3DModel"}
+
+
+def header_vae(vcfg):
+    """The header "vae" section of a VAEConfig (a diffusers folder's VAE, exported in the official layout)."""
+    return {**HEADER_VAE, **dataclasses.asdict(vcfg)}
+
+
+def export_config(args, cfg):
+    """The header config of a full fine-tune's export: the base file's own sections, the transformer's updated to
+    `cfg`, both completed with upstream's keys where the base leaves some out; from a diffusers folder the complete
+    upstream-style sections of its VAE and the LinearQuadratic schedule our sampler uses for it (upstream's
+    inference reads "scheduler" from every single file)."""
+    base = ckpt_file(args) if args.ckpt_dir else ""
+    if not base:
+        return {"transformer": header_transformer(cfg)}
+    if os.path.isfile(base):  # its VAE section completed by what our loader took for what it leaves out
+        header = header_config(base)
+        return {**header, "transformer": header_transformer(cfg, header.get("transformer")),
+                "vae": {**header_vae(vae_config_from(header["vae"])), **header["vae"]}}
+    return {"transformer": header_transformer(cfg), "vae": header_vae(diffusers_vae(base)[1][0]),
+            "scheduler": {"_class_name": "RectifiedFlowScheduler", "num_train_timesteps": 1000,
+                          "sampler": "LinearQuadratic", "shifting": None, "target_shift_terminal": None}}
+
+
 def export_weights(model, args, cfg, path):
     """The LoRA in ComfyUI's key format (diffusion_model.<official module>.lora_A/.lora_B.weight + .alpha), which
     ComfyUI and diffusers load as they are; a full fine-tune as the official single file (the DiT in bf16 under
@@ -2368,14 +2478,9 @@ def export_weights(model, args, cfg, path):
         return
     from safetensors.torch import save_file
     out = {DIT_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-    header = {"transformer": {**dataclasses.asdict(cfg), "_class_name": "Transformer3DModel"}}
-    base = ckpt_file(args) if args.ckpt_dir else ""
-    if base:  # the VAE (and scheduler) of the base file, unchanged
-        vcfg, vae_sd = read_vae_checkpoint(base)  # a diffusers folder's VAE is written with the official keys
-        header.update({k: v for k, v in header_config(base).items() if k != "transformer"} if os.path.isfile(base)
-                      else {"vae": {**dataclasses.asdict(vcfg), "_class_name": "CausalVideoAutoencoder"}})
-        out.update({VAE_PREFIX + k: v for k, v in vae_sd.items()})
-    meta["config"] = json.dumps(header)
+    if args.ckpt_dir:  # the VAE of the base, unchanged (a diffusers folder's is written with the official keys)
+        out.update({VAE_PREFIX + k: v for k, v in read_vae_checkpoint(ckpt_file(args))[1].items()})
+    meta["config"] = json.dumps(export_config(args, cfg))
     save_file(out, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
 
@@ -2507,7 +2612,7 @@ def main(argv=None):
     # straight into the compute dtype.
     lora_alpha, lsd = None, None
     if args.mode == "sample" and args.lora:
-        lsd, args.lora_rank, lora_alpha = lora_file.read_lora(args.lora)
+        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
         outside = [k for k in lsd if not k.startswith("transformer_blocks.")]
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")

@@ -173,3 +173,24 @@ def test_distilled_header_allows_only_its_timesteps(tmp_path):
     save_file({"x": torch.zeros(1)}, plain, metadata={"config": json.dumps({})})
     assert L.allowed_timesteps(L.Args(**{**args.__dict__, "ckpt_dir": str(plain)})) is None
     L.check_sample_config(L.Args(**{**args.__dict__, "ckpt_dir": str(plain)}), cfg)
+
+
+def test_ckpt_dir_prefers_the_presets_file_to_the_diffusers_folders(tmp_path):
+    """The Hugging Face repo Lightricks/LTX-Video holds the ltxv-*.safetensors releases next to transformer/ and
+    vae/ (diffusers folders of 0.9.0): --preset 2B --ckpt_dir LTX-Video takes the 2B release file; --ckpt_file wins
+    over both; the folders are --ckpt_dir's model only where no such file is there."""
+    root = tmp_path / "LTX-Video"
+    for d in ("transformer", "vae"):
+        (root / d).mkdir(parents=True)
+        (root / d / "config.json").write_text(json.dumps({"_class_name": "LTXVideoTransformer3DModel"}))
+    release = root / L.CKPT_FILES["2B"]
+    make_single_file(str(release))
+    make_single_file(str(root / "ltxv-other.safetensors"))
+    args = L.Args(preset="2B", ckpt_dir=str(root))
+    assert L.ckpt_file(args) == str(release)
+    assert L.dit_config(args).num_layers == 3  # the DiT comes from the file's header, not transformer/config.json
+    assert L.ckpt_file(L.Args(preset="2B", ckpt_dir=str(root), ckpt_file="ltxv-other.safetensors")) == \
+        str(root / "ltxv-other.safetensors")
+    assert L.ckpt_file(L.Args(preset="13B", ckpt_dir=str(root))) == str(root)  # no 13B file: the folders
+    os.remove(release)
+    assert L.ckpt_file(args) == str(root)

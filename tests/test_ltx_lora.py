@@ -62,3 +62,44 @@ def test_exported_lora_loads_in_diffusers(tmp_path):
     theirs = theirs.transpose(1, 2).reshape(ours.shape)
     assert (ours - plain).abs().max() > 1e-2  # the adapter does something
     assert (ours - theirs).abs().max() <= 1e-5, (ours - theirs).abs().max()
+
+
+def test_diffusers_format_lora_file_is_read(tmp_path):
+    """A LoRA in diffusers' format, as LTX-Video-Trainer (and finetrainers) save it: PEFT on diffusers' transformer,
+    get_peft_model_state_dict, LTXPipeline.save_lora_weights (keys transformer.transformer_blocks.N.<module>.lora_A/B
+    .weight, no alpha). read_lora gives the same state dict as the same LoRA in ComfyUI's diffusion_model. keys, and
+    our model with it computes what diffusers' model with the adapter computes."""
+    from diffusers import LTXPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    base = tiny_dit()
+    ref = diffusers_twin(base)
+    targets = L.LORA_TARGETS_FFN.split(",")
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=True, target_modules=targets))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # B != 0: an adapter that does something
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    LTXPipeline.save_lora_weights(str(tmp_path / "df"), transformer_lora_layers=get_peft_model_state_dict(ref))
+    path = str(tmp_path / "df" / "pytorch_lora_weights.safetensors")
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("transformer.transformer_blocks.") for k in keys) and len(keys) == 2 * 10 * 2
+    sd, rank, alpha = L.read_lora(path)
+    comfy = str(tmp_path / "comfy.safetensors")
+    lora_file.write_lora(comfy, sd, 4.0, dtype=torch.float32)  # diffusion_model.<module> + .alpha
+    sd2, rank2, alpha2 = L.read_lora(comfy)
+    assert (rank, alpha) == (rank2, alpha2) == (4, 4.0) and sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    model = L.add_lora(tiny_dit(), 4, 4.0, L.LORA_TARGETS_FFN)
+    model.load_state_dict({**base.state_dict(), **sd})  # strict: every adapter key has its module
+    x, t, ctx, mask = inputs(base.cfg)
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=25.0)
+        grid = L.rope_grid(2, 3, 4, 25.0, base.cfg.causal_temporal_positioning)[None].repeat(2, 1, 1)
+        theirs = ref(x.flatten(2).transpose(1, 2), ctx, t, mask, video_coords=grid, return_dict=False)[0]
+        plain = base(x, t, ctx, mask)
+    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    assert (ours - plain).abs().max() > 1e-2
+    assert (ours - theirs).abs().max() <= 1e-5, (ours - theirs).abs().max()

@@ -105,6 +105,10 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     from data.video import read_clip
     c = read_clip(str(tmp_path / "s2" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (a - c).abs().float().mean() > 0.01
+    # the image as read, without the official blur + CRF 29 round trip (condition_pixels): another sample
+    ltx(*s, "--out_dir", str(tmp_path / "s2raw"), "--sample_image", clip, "--sample_image_crf", "0")
+    raw = read_clip(str(tmp_path / "s2raw" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
+    assert (raw - c).abs().float().mean() > 0.001
     ltx(*s, "--out_dir", str(tmp_path / "s3"), "--sample_image", clip, "--sample_last_image", clip)  # + a last frame
     d = read_clip(str(tmp_path / "s3" / "samples" / "step_00000000_0.mp4"), 0, 9, 16, (32, 32))
     assert (d - c).abs().float().mean() > 0.01
@@ -150,7 +154,7 @@ def test_sample_configs_through_main(folder, tmp_path):
                             "--sample_stg_blocks", "1")
     ltx(*s, "--out_dir", str(tmp_path / "flags"))
     base = dict(pipeline_type="base", num_inference_steps=3, guidance_scale=3, stg_scale=1, rescaling_scale=0.7,
-                skip_block_list=[1], decode_timestep=0.05, decode_noise_scale=0.0)
+                skip_block_list=[1], decode_timestep=0.05, decode_noise_scale=0.025)  # the flags' defaults
     (tmp_path / "base.json").write_text(json.dumps(base))
     ltx(*s, "--out_dir", str(tmp_path / "base"), "--sample_config", str(tmp_path / "base.json"))
     assert torch.equal(sample_video(tmp_path / "flags"), sample_video(tmp_path / "base"))
@@ -260,6 +264,7 @@ def test_bench_in_bf16(folder):
     (["--sample_keyframes", __file__ + "@x"], "expected image@frame[:strength],..."),
     (["--sample_keyframes", __file__ + "@4:1.5"], "@4:1.5: a strength in (0, 1]"),
     (["--sample_image_strength", "0"], "--sample_image_strength 0.0: expected a strength in (0, 1]"),
+    (["--sample_image_crf", "52"], "--sample_image_crf 52: expected 0 (off) to 51 (libx264's CRF range)"),
     (["--sample_keyframes", __file__ + "@9"], "@9: expected -1 (the last frame) or a frame 1..8"),
     (["--sample_keyframe_frame", "9"], "--sample_keyframe_frame 9: expected -1 (the last frame) or a frame 1..8"),
     (["--reference_dir", os.path.dirname(__file__)], "--reference_dir names the references of --reference 1"),
