@@ -17,6 +17,7 @@ official trainer of v1). The tests' parity references: diffusers HunyuanVideoTra
 AutoencoderKLHunyuanVideo, transformers LlamaModel and CLIPTextModel.
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_g
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at
 from common.stop import StopSignal
-from common.weights import check_keys, check_shapes, read_weights
+from common.weights import check_keys, check_shapes, read_weights, safetensors_header
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
 from data.loader import batch_key, batches, split_val, val_batches, with_repeats
@@ -508,8 +509,9 @@ def count_flops(cfg: HunyuanConfig, t, h, w, text_len=256):
 # conv is causal in time: all of its temporal padding (kernel - 1 frames, replicating frame 0) is in front, so the
 # first frame is encoded on its own and images are 1-frame videos. Not strictly causal overall: the GroupNorms take
 # their statistics over all frames. Inference only, frozen; same keys as the official pytorch_model.pt (248 tensors,
-# 246,478,803 params). By default the whole video goes through at once: exact, and memory-hungry at full size
-# (HunyuanVAE.tiling and .temporal_tiling trade exactness for memory, as upstream's inference does).
+# 246,478,803 params). HunyuanVAE.tiling and .temporal_tiling trade exactness for memory, as upstream's inference
+# does (on by default in the script, --vae_tiling: clips larger than a tile only); unset, the whole video goes
+# through at once: exact, and memory-hungry at full size.
 
 VAE_SCALE = 0.476986  # latents for the DiT = posterior mean * this (no shift)
 VAE_TILING = (256, 192)  # upstream's spatial tiles: 256 px, overlapping by 1/4 (tile_overlap_factor 0.25)
@@ -573,7 +575,10 @@ class VAEAttention(nn.Module):
         B, C, T, H, W = x.shape
         h = self.group_norm(x.flatten(2)).transpose(1, 2)  # (B, T*H*W, C), statistics over all frames
         frame = torch.arange(T, device=x.device).repeat_interleave(H * W)
-        mask = frame[None, :] <= frame[:, None]  # (L, L): key frame <= query frame
+        # (L, L): key frame <= query frame. Quadratic in L (at 544x960x129 untiled L = 269,280, a 72 GB bool mask):
+        # --vae_tiling bounds it to one tile, L <= 17 * 32 * 32 (0.3 GB). One call per query frame over the keys
+        # before it would need no mask but is not bit-equal (1e-5 apart after the decoder): upstream's call kept.
+        mask = frame[None, :] <= frame[:, None]
         q, k, v = (f(h)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # (B, 1, L, C)
         y = self.to_out[0](F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, 0])
         return x + y.transpose(1, 2).reshape(B, C, T, H, W)
@@ -738,13 +743,25 @@ class HunyuanVAE(nn.Module):
         self.decoder = DecoderCausal3D(cfg)
         self.quant_conv = nn.Conv3d(2 * C, 2 * C, 1)
         self.post_quant_conv = nn.Conv3d(C, C, 1)
-        # spatial tiling, off by default (the exact path): (tile, stride) in pixels, upstream's (256, 192) = tiles of
-        # 256 px overlapping by 1/4. For memory only: at 544x960x129 the fp32 activations of a whole frame stack run
-        # to tens of GB; tiles bound them, at the price of seams blended away (the output differs from untiled).
+        # spatial tiling, off on a bare HunyuanVAE (the exact path; build_encoders turns it on with --vae_tiling 1,
+        # the default): (tile, stride) in pixels, upstream's (256, 192) = tiles of 256 px overlapping by 1/4. For
+        # memory only: at 544x960x129 the fp32 activations of a whole frame stack run to tens of GB; tiles bound
+        # them, at the price of seams blended away (the output differs from untiled).
         self.tiling = None
-        # temporal tiling, off by default too: (tile, stride) in video frames, upstream's (64, 48). Clips longer than
-        # the tile go through in overlapping chunks of 1 + 64 frames (the GroupNorms then see one chunk at a time)
+        # temporal tiling, likewise: (tile, stride) in video frames, upstream's (64, 48). Clips longer than the tile
+        # go through in overlapping chunks of 1 + 64 frames (the GroupNorms then see one chunk at a time)
         self.temporal_tiling = None
+
+    def tiles(self, shape, latent=False):
+        """(spatial, temporal): whether a video (..., T, H, W) is encoded, or latents (..., t, h, w) with
+        latent=True are decoded, in tiles. Upstream's rule (autoencoder_kl_causal_3d.py encode / _decode): only
+        what is larger than one tile is tiled, H or W > 256 and T > 64 (latents: h or w > 32, t > 16); a smaller
+        clip goes through whole, exactly as untiled."""
+        T, H, W = shape[-3:]
+        size, ts = (self.tiling or (0,))[0], (self.temporal_tiling or (0,))[0]
+        if latent:
+            size, ts = size // 8, ts // 4
+        return bool(self.tiling) and max(H, W) > size, bool(self.temporal_tiling) and T > ts
 
     def posterior(self, video):
         """(B, 3, T, H, W) in [-1, 1] -> mean, std (B, 16, 1 + (T-1)/4, H/8, W/8), unscaled, fp32."""
@@ -753,10 +770,9 @@ class HunyuanVAE(nn.Module):
             f"video must be (B, 3, 1+4k, 8m, 8n), got {tuple(video.shape)}"
         video = video.to(self.quant_conv.weight.dtype)
         plain = lambda v: self.quant_conv(self.encoder(v))  # noqa: E731
-        size, stride = self.tiling or (0, 0)
-        enc = (lambda v: _tiled(plain, v, size, stride, 1 / 8)) if self.tiling and max(H, W) > size else plain
-        ts, tstride = self.temporal_tiling or (0, 0)
-        moments = _tiled_time(enc, video, ts, tstride, 1 / 4) if self.temporal_tiling and T > ts else enc(video)
+        spatial, temporal = self.tiles(video.shape)
+        enc = (lambda v: _tiled(plain, v, *self.tiling, 1 / 8)) if spatial else plain
+        moments = _tiled_time(enc, video, *self.temporal_tiling, 1 / 4) if temporal else enc(video)
         moments = moments.float()
         mean, logvar = moments.chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -772,12 +788,11 @@ class HunyuanVAE(nn.Module):
         """DiT latents (B, 16, t, h, w) -> video (B, 3, 1 + 4(t-1), 8h, 8w) in [-1, 1], fp32."""
         z = (latents.float() / self.cfg.scaling_factor).to(self.post_quant_conv.weight.dtype)
         plain = lambda z: self.decoder(self.post_quant_conv(z))  # noqa: E731
+        spatial, temporal = self.tiles(z.shape, latent=True)
         size, stride = self.tiling or (0, 0)
-        tiled = self.tiling and max(z.shape[-2:]) > size // 8
-        dec = (lambda z: _tiled(plain, z, size // 8, stride // 8, 8)) if tiled else plain
+        dec = (lambda z: _tiled(plain, z, size // 8, stride // 8, 8)) if spatial else plain
         ts, tstride = self.temporal_tiling or (0, 0)
-        tiled = self.temporal_tiling and z.shape[2] > ts // 4
-        out = _tiled_time(dec, z, ts // 4, tstride // 4, 4) if tiled else dec(z)
+        out = _tiled_time(dec, z, ts // 4, tstride // 4, 4) if temporal else dec(z)
         return out.float().clamp(-1, 1)
 
 
@@ -1181,7 +1196,20 @@ def kohya_module_name(flat):
 def read_lora(path):
     """A LoRA file in ComfyUI's format (ours, diffusion-pipe's `diffusion_model.` or `transformer.` prefix) or
     musubi's kohya format -> (official-key state dict, rank, alpha); common/lora_file.py has the rules."""
+    check_lora_layout(path)
     return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), kohya_name=kohya_module_name)
+
+
+def check_lora_layout(path):
+    """One clear line for a diffusers-format LoRA (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`), from
+    the header alone. Not mapped: its adapters on the split to_q / to_k / to_v (add_*_proj; to_q/k/v + proj_mlp in
+    the single blocks) would become one block-diagonal adapter of 3 or 4 times the rank on each fused Linear."""
+    names = [k.removeprefix("transformer.").removeprefix("diffusion_model.") for k in safetensors_header(path)[1]]
+    if any(k.startswith(DIFFUSERS_DIT) for k in names):
+        raise UserError(f"{path}: diffusers-format LoRA (transformer_blocks.N.attn.to_q...): not supported; the "
+                        "formats that load: ComfyUI's with the official names (ours, diffusion-pipe's: "
+                        "[diffusion_model.|transformer.]double_blocks.N.img_attn_qkv.lora_A.weight) and musubi's / "
+                        "kohya's (lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight)")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1266,7 +1294,8 @@ def sample_euler(model, noise, text, neg_text=None, steps=50, shift=7.0, embedde
 
 DIT_FILE = "mp_rank_00_model_states.pt"
 DIT_HINT = ("train_hunyuan.py loads the HunyuanVideo t2v DiT: mp_rank_00_model_states.pt (key 'module') or a "
-            "single .safetensors with the official key names.")
+            "single .safetensors with the official key names (img_in.*, double_blocks.N.*, single_blocks.N.*).")
+DIFFUSERS_DIT = ("x_embedder.", "transformer_blocks.", "single_transformer_blocks.")  # HunyuanVideoTransformer3DModel
 
 
 def dit_file(path):
@@ -1279,8 +1308,21 @@ def dit_file(path):
             f = os.path.join(path, sub, name)
             if os.path.isfile(f):
                 return f
+    if any(glob.glob(os.path.join(path, sub, "diffusion_pytorch_model*.safetensors")) for sub in ("", "transformer")):
+        raise FileNotFoundError(f"{path}: a diffusers-format folder (diffusion_pytorch_model*.safetensors): not "
+                                f"supported. {DIT_HINT}")
     raise FileNotFoundError(f"{path}: expected {DIT_FILE} (in it, in transformers/ or in "
                             f"hunyuan-video-t2v-720p/transformers/) or a .safetensors file")
+
+
+def check_dit_layout(keys, path):
+    """One clear line for a DiT file in another layout (rather than dit_config_from's KeyError on img_in)."""
+    if "img_in.proj.weight" in keys:
+        return
+    if any(k.startswith(DIFFUSERS_DIT) for k in keys):
+        raise UserError(f"{path}: a diffusers-format HunyuanVideo transformer (x_embedder.*, transformer_blocks.N.*): "
+                        f"not supported. {DIT_HINT}")
+    raise UserError(f"{path}: not a HunyuanVideo DiT (no img_in.proj.weight). {DIT_HINT}")
 
 
 def official_dit_keys(sd):
@@ -1330,6 +1372,7 @@ def read_dit_checkpoint(path, dtype=None):
     """-> (HunyuanConfig, state dict with official keys on CPU; a .pt is memory-mapped, cast tensor by tensor)."""
     f = dit_file(path)
     sd = official_dit_keys(read_weights(f))  # .pt through torch.load(weights_only=True, mmap=True)
+    check_dit_layout(sd, f)
     if f.endswith(".pt") and os.path.exists(f[:-3] + "_map.pt"):  # the official fp8 file and its scales
         sd = dequantize_fp8(sd, read_weights(f[:-3] + "_map.pt"))
     if dtype is not None:
@@ -1342,10 +1385,11 @@ def read_dit_config(path):
     memory-mapped .pt (its tensors are not paged in)."""
     f = dit_file(path)
     if f.endswith(".safetensors"):
-        from common.weights import safetensors_header
-        return dit_config_from(official_dit_keys({k: torch.empty(v, device="meta")
-                                                  for k, v in safetensors_header(f)[1].items()}))
-    return dit_config_from(official_dit_keys(read_weights(f)))
+        sd = official_dit_keys({k: torch.empty(v, device="meta") for k, v in safetensors_header(f)[1].items()})
+    else:
+        sd = official_dit_keys(read_weights(f))
+    check_dit_layout(sd, f)
+    return dit_config_from(sd)
 
 
 def load_dit(path, dtype=torch.float32, device="cpu"):
@@ -1419,7 +1463,9 @@ class Args:
     clips_per_video: int = 1  # consecutive clips from one long video (0 = as many as fit)
     val_count: int = 0  # source files held out for the validation loss
     caption_dropout: float = 0.0  # probability that a sample trains with the empty prompt (upstream's I2V LoRA: 0.1)
-    vae_tiling: bool = False  # VAE in 256-px tiles and 64-frame chunks (upstream's inference): less memory, inexact
+    vae_tiling: bool = True  # VAE tiles for clips over 256 px / 64 frames, as upstream: less memory, inexact; 0: none
+    # (upstream's enable_tiling, its --vae-tiling default: 256-px tiles every 192, 65-frame chunks every 48, blended;
+    # smaller clips go through whole, exactly. 0: every clip whole, exact; 544x960x129 then needs far over 80 GB)
     # LoRA (rank 0 = full fine-tune)
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
@@ -1437,7 +1483,7 @@ class Args:
     ema: float = 0.0  # EMA decay of the trainable weights (e.g. 0.999); 0 = off. Samples use it; it is checkpointed
     ema_export: bool = False  # export the EMA weights (with --ema) instead of the last ones
     seed: int = 0  # one seed for init, data order, noise, sigmas and caption dropout
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift (U(0,1) through --shift; not with 1)
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (upstream's I2V LoRA recipe: logit_normal, 7)
     train_guidance: float = 1.0  # the embedded guidance scale fed while training (x 1000; see Flow matching)
     # speed
@@ -1511,6 +1557,10 @@ def check_args(args):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
+    # musubi-tuner's `shift` is sigmoid(N(0, 1)) through the shift; ours is U(0, 1) through it, so a recipe copied
+    # without --shift would silently train on plain uniform sigmas
+    need(not (args.timestep_sampling == "shift" and args.shift == 1), "--timestep_sampling shift with --shift 1 is "
+         "plain uniform: give --shift N (musubi's `shift` is --timestep_sampling logit_normal --shift N here)")
     st, sh, sw = LATENT_STRIDE[args.encoders]
     cfg = DIT_PRESETS[args.preset]
     mh, mw = sh * cfg.patch_size[1], sw * cfg.patch_size[2]
@@ -1527,6 +1577,15 @@ def check_args(args):
     for k in ("ckpt_dir", "dit_path", "lora"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
+    if weights:  # the DiT file is found and, for a .safetensors (header only), in a layout that loads
+        try:
+            f = dit_file(weights)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        if f.endswith(".safetensors"):
+            read_dit_config(f)
+    if args.lora and args.lora.endswith(".safetensors"):
+        check_lora_layout(args.lora)
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
     if args.mode in ("train", "cache", "sample") and args.encoders == "official":
@@ -1599,9 +1658,10 @@ def build_encoders(args, cfg, device, video=True, text=True):
     enc_v = dec_v = enc_t = None
     paths = official_paths(args.ckpt_dir)
     if video:
-        vae = load_vae(paths["vae"], dtype=torch.float32, device=device)  # fp32, untiled: the exact path
+        vae = load_vae(paths["vae"], dtype=torch.float32, device=device)  # fp32
+        # upstream's enable_tiling, both kinds; HunyuanVAE.tiles picks per clip (only clips larger than a tile)
         vae.tiling = VAE_TILING if args.vae_tiling else None
-        vae.temporal_tiling = VAE_TEMPORAL_TILING if args.vae_tiling else None  # upstream's enable_tiling: both
+        vae.temporal_tiling = VAE_TEMPORAL_TILING if args.vae_tiling else None
         enc_v = lambda v: vae.encode(v.to(device)).cpu()  # noqa: E731
         dec_v = lambda z: vae.decode(z.float().to(device))  # noqa: E731
     if text:
@@ -1772,8 +1832,9 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
 
 
 def export_weights(model, args, cfg, path):
-    """The LoRA in ComfyUI's key format (common/lora_file.py, alpha folded into B), or a full fine-tune as the official-key DiT in bf16 (load_dit
-    reads it back, the config off the shapes). Collective (every rank gathers); rank 0 writes."""
+    """The LoRA in ComfyUI's key format (common/lora_file.py, alpha folded into B), or a full fine-tune as the
+    official-key DiT in bf16 (load_dit reads it back, the config off the shapes). Collective (every rank gathers);
+    rank 0 writes."""
     lora = args.lora_rank > 0
     sd = gather_params(model, only=(lambda k: ".lora_" in k) if lora else None)
     if torch.distributed.get_rank() != 0:

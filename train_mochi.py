@@ -957,9 +957,23 @@ def read_lora(path):
     path = str(path)
     if not path.endswith(".safetensors"):
         return read_genmo_lora(path)
+    check_lora_layout(path)
     if any(k.endswith((".lora_A", ".lora_B")) for k in safetensors_header(path)[1]):
         return read_genmo_lora(path)
     return lora_file.read_lora(path)
+
+
+def check_lora_layout(path):
+    """One clear line for a diffusers-format LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`), from
+    the header alone. Not mapped: its adapters on the split to_q / to_k / to_v would become one block-diagonal
+    adapter of 3 times the rank on each fused qkv, w1's B would need its halves swapped, and PEFT keeps alpha
+    outside the tensors."""
+    names = [k.removeprefix("transformer.").removeprefix("diffusion_model.") for k in safetensors_header(path)[1]]
+    if any(k.startswith("transformer_blocks.") for k in names):
+        raise UserError(f"{path}: diffusers-format LoRA (transformer_blocks.N.attn1.to_q...): not supported; the "
+                        "formats that load: ComfyUI's with the official names (ours, diffusion-pipe's: "
+                        "diffusion_model.blocks.N.attn.qkv_x.lora_A.weight) and Genmo's fine-tuner's "
+                        "(blocks.N.attn.qkv_x.lora_A, .safetensors or .pt)")
 
 
 def export_weights(model, args, cfg, path):
@@ -1188,6 +1202,10 @@ def dit_source(path):
         folder = diffusers_dit_folder(path)
         if folder:
             return "diffusers", folder
+    if os.path.isfile(path) and os.path.basename(path).startswith(DIFFUSERS_WEIGHTS):
+        folder = diffusers_dit_folder(os.path.dirname(os.path.abspath(path)))
+        if folder:  # one file (a shard) of diffusers' transformer/ folder: the folder, all of its shards
+            return "diffusers", folder
     return "official", dit_file(path)
 
 
@@ -1206,6 +1224,9 @@ def read_dit_config(path):
     meta, shapes = safetensors_header(where)
     if "mochi_config" in meta:
         return MochiConfig(**json.loads(meta["mochi_config"]))
+    if any(k.startswith("transformer_blocks.") for k in shapes):
+        raise KeyError("diffusers-format MochiTransformer3DModel weights without their config.json: give "
+                       f"--dit_path the transformer/ folder (config.json + {DIFFUSERS_WEIGHTS}*.safetensors)")
     return dit_config_from(official_dit_keys(shapes))
 
 
@@ -1410,7 +1431,7 @@ class Args:
     ema: float = 0.0  # EMA decay of the trainable weights (e.g. 0.999); 0 = off. Samples use it; it is checkpointed
     ema_export: bool = False  # export the EMA weights (with --ema) instead of the last ones
     seed: int = 0  # one seed for init, data order, noise, sigmas and caption dropout
-    timestep_sampling: str = "uniform"  # uniform (Genmo's fine-tuner) | logit_normal | shift
+    timestep_sampling: str = "uniform"  # uniform (Genmo's fine-tuner) | logit_normal | shift (U(0,1) via --shift != 1)
     shift: float = 1.0  # applied to the sampled sigmas when != 1 (see sample_sigmas)
     # speed
     dtype: str = "auto"  # compute dtype of the blocks: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -1482,6 +1503,10 @@ def check_args(args):
         need(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
     need(args.lora_alpha >= 0 and args.lr >= 0, "--lora_alpha and --lr must be >= 0")
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
+    # musubi-tuner's `shift` is sigmoid(N(0, 1)) through the shift; ours is U(0, 1) through it, so a recipe copied
+    # without --shift would silently train on plain uniform sigmas
+    need(not (args.timestep_sampling == "shift" and args.shift == 1), "--timestep_sampling shift with --shift 1 is "
+         "plain uniform: give --shift N (musubi's `shift` is --timestep_sampling logit_normal --shift N here)")
     need(0 < args.sample_threshold < 1, "--sample_threshold must be in (0, 1)")
     tiles = args.sample_tiles.split("x")
     need(args.sample_tiles == "auto" or (len(tiles) == 2 and all(t.isdigit() and int(t) & (int(t) - 1) == 0
@@ -1503,6 +1528,15 @@ def check_args(args):
     for k in ("ckpt_dir", "dit_path", "lora"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
+    if weights:  # the DiT is found, in a layout that loads (the headers only; main reads the config again)
+        try:
+            read_dit_config(weights)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        except KeyError as e:  # not a Mochi DiT, or a diffusers file without its folder
+            raise UserError(f"{weights}: {e.args[0]}") from None
+    if args.lora and args.lora.endswith(".safetensors"):
+        check_lora_layout(args.lora)
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
     if args.mode in ("train", "cache", "sample") and args.encoders == "official":

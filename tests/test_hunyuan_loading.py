@@ -66,6 +66,25 @@ def test_wrong_checkpoint_names_the_keys(tmp_path):
         H.load_dit(str(tmp_path / "nothing_here"))
 
 
+def test_diffusers_dit_is_refused_in_one_line(tmp_path):
+    """diffusers' HunyuanVideoTransformer3DModel layout (x_embedder.*, transformer_blocks.N.*), as its own
+    save_pretrained names it: a UserError saying so and what loads, not dit_config_from's KeyError on img_in."""
+    from common.args import UserError
+    from tests.test_hunyuan_dit import diffusers_twin
+    d = tmp_path / "transformer"
+    diffusers_twin(tiny_dit()).save_pretrained(str(d), safe_serialization=True)
+    f = d / "diffusion_pytorch_model.safetensors"
+    for read in (H.read_dit_config, H.load_dit):
+        with pytest.raises(UserError, match="diffusers-format HunyuanVideo transformer.*official key names"):
+            read(str(f))
+    for where in (d, tmp_path):  # its folder, or the pipeline folder above it
+        with pytest.raises(FileNotFoundError, match="a diffusers-format folder.*not supported"):
+            H.load_dit(str(where))
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(tmp_path / "wan.safetensors"))
+    with pytest.raises(UserError, match="not a HunyuanVideo DiT"):
+        H.read_dit_config(str(tmp_path / "wan.safetensors"))
+
+
 @pytest.mark.parametrize("layout", ["plain", "state_dict", "vae_prefix"])
 def test_vae_pt_layouts(tmp_path, layout):
     m = tiny_vae()

@@ -92,6 +92,25 @@ def test_read_lora_kohya_and_prefixes(tmp_path):
     assert (rank, alpha) == (RANK, float(RANK)) and set(got) == set(sd)
 
 
+def test_diffusers_lora_is_refused_in_one_line(tmp_path):
+    """A diffusers-format LoRA (our file through diffusers' own converter, HunyuanVideoLoraLoaderMixin.lora_state_dict:
+    transformer.transformer_blocks.N.attn.to_q.lora_A.weight) is refused naming the formats that load, not with
+    "LoRA on modules outside the blocks"."""
+    import pytest
+    from diffusers import HunyuanVideoPipeline
+
+    from common.args import UserError
+    m = H.add_lora(tiny_dit(), RANK, ALPHA, H.LORA_TARGETS.replace(",linear1", ""))
+    f, g = str(tmp_path / "ours.safetensors"), str(tmp_path / "diffusers.safetensors")
+    write_lora(f, random_lora(m), ALPHA, fold_alpha=True)
+    conv = HunyuanVideoPipeline.lora_state_dict(f)
+    assert any(k.startswith("transformer.transformer_blocks.0.attn.to_q.lora_A") for k in conv)
+    save_file({k: v.clone() for k, v in conv.items()}, g)  # (its q/k/v share one lora_A tensor)
+    with pytest.raises(UserError, match="diffusers-format LoRA.*not supported; the formats that load: ComfyUI"):
+        H.read_lora(g)
+    H.check_lora_layout(f)  # ours passes
+
+
 def test_flow_convention():
     x0, noise = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4)
     seen = {}

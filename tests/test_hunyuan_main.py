@@ -86,10 +86,38 @@ def test_bench_in_bf16(folder):
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
     (["--sp", "0"], "--sp 0 must be >= 1"),
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
+    (["--timestep_sampling", "shift"], "--timestep_sampling shift with --shift 1 is plain uniform: give --shift N "
+     "(musubi's `shift` is --timestep_sampling logit_normal --shift N here)"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
     checks.check_user_error(hy, [*base, *flags], says, tmp_path / "o")
+
+
+def test_shift_sampling_with_a_shift_passes_the_checks():
+    from common.args import parse
+    H.check_args(parse(H.Args, ["--mode", "bench", "--preset", "tiny", "--timestep_sampling", "shift", "--shift", "3"]))
+
+
+def test_other_layouts_are_one_line_before_any_work(tmp_path):
+    """A diffusers-format DiT (--dit_path) or LoRA (--lora) stops in check_args, before the process group, the
+    cache or any weights: one line naming the layout, exit 2, no run folder."""
+    from safetensors.torch import save_file
+    dit = tiny_dit()
+    sd = dit.state_dict()
+    diffusers = {"x_embedder.proj.weight": sd["img_in.proj.weight"],
+                 "transformer_blocks.0.attn.to_q.weight": sd["double_blocks.0.img_attn_qkv.weight"][:64]}
+    save_file({k: v.contiguous() for k, v in diffusers.items()}, str(tmp_path / "diffusers.safetensors"))
+    out = tmp_path / "o"
+    checks.check_user_error(hy, ["--mode", "bench", "--dit_path", tmp_path / "diffusers.safetensors", "--out_dir",
+                                 out], "diffusers-format HunyuanVideo transformer", out)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dit.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(tmp_path / "lora.safetensors"))
+    checks.check_user_error(hy, ["--mode", "sample", "--encoders", "toy", "--dit_path", tmp_path / "dit.safetensors",
+                                 "--lora", tmp_path / "lora.safetensors", "--sample_prompts", "a", "--out_dir", out],
+                            "diffusers-format LoRA (transformer_blocks.N.attn.to_q...): not supported", out)
 
 
 def test_one_frame_samples_use_the_image_template(folder, tmp_path):

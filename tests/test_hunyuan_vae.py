@@ -90,8 +90,8 @@ def test_full_size_keys_and_shapes():
 
 
 def test_tiling_matches_diffusers_tiled_path():
-    """Spatial tiling (off by default) against diffusers' tiled_encode / tiled_decode at the same tile and stride
-    (small ones here: 32 px tiles every 24 px, upstream's 1/4 overlap)."""
+    """Spatial tiling (off on a bare HunyuanVAE; --vae_tiling sets it) against diffusers' tiled_encode /
+    tiled_decode at the same tile and stride (small ones here: 32 px tiles every 24 px, upstream's 1/4 overlap)."""
     model = tiny_vae()
     ref = diffusers_twin(model)
     ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
@@ -109,4 +109,4 @@ def test_tiling_matches_diffusers_tiled_path():
         ref_out = ref.decode(z / H.VAE_SCALE).sample.clamp(-1, 1)
         assert out.shape == (1, 3, 5, 56, 40) and (out - ref_out).abs().max() <= 1e-5
         model.tiling = None
-        assert (model.encode(video) - lat).abs().max() > 1e-4  # tiling is not exact: off by default for that
+        assert (model.encode(video) - lat).abs().max() > 1e-4  # tiling is not exact: only above a tile for that

@@ -169,6 +169,30 @@ def test_diffusers_dit_loads_and_matches(diffusers_folder, where):
     assert worst <= 1e-5, worst
 
 
+def test_a_file_of_the_diffusers_folder_is_the_folder(diffusers_folder, tmp_path):
+    """--dit_path at one shard of diffusers' transformer/ folder reads the whole folder (its config.json, every
+    shard); the same weights in one file without a config.json are refused, saying what to give instead."""
+    root, ref = diffusers_folder
+    shard = sorted((root / "transformer").glob(M.DIFFUSERS_WEIGHTS + "*.safetensors"))[0]
+    a, b = M.load_dit(str(shard)).state_dict(), M.load_dit(str(root / "official.safetensors")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "mochi.safetensors"))
+    with pytest.raises(KeyError, match="diffusers-format MochiTransformer3DModel weights without their config.json"):
+        M.load_dit(str(tmp_path / "mochi.safetensors"))
+
+
+def test_diffusers_lora_is_refused_in_one_line(tmp_path):
+    """A diffusers-format Mochi LoRA (PEFT on the split to_q / to_k / to_v, as diffusers' save_lora_weights writes
+    it: transformer.transformer_blocks.N.attn1.to_q.lora_A.weight) is refused naming the formats that load, not with
+    "LoRA on modules outside the blocks"."""
+    from common.args import UserError
+    keys = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)}
+    save_file(keys, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(UserError, match="diffusers-format LoRA.*not supported; the formats that load: ComfyUI"):
+        M.read_lora(str(tmp_path / "pytorch_lora_weights.safetensors"))
+
+
 def test_diffusers_dit_in_bf16_keeps_upstream_fp32_tensors(diffusers_folder):
     root, _ = diffusers_folder
     cfg, sd = M.read_dit_checkpoint(str(root / "transformer"), torch.bfloat16)

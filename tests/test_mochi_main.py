@@ -110,7 +110,34 @@ def test_bench_in_bf16(folder):
     (["--global_batch", "3"], "--global_batch 3 must be a multiple of --micro_batch x processes = 2 x 1"),
     (["--sp", "0"], "--sp 0 must be >= 1"),
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
+    (["--timestep_sampling", "shift"], "--timestep_sampling shift with --shift 1 is plain uniform: give --shift N "
+     "(musubi's `shift` is --timestep_sampling logit_normal --shift N here)"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
     checks.check_user_error(mochi, [*base, *flags], says, tmp_path / "o")
+
+
+def test_shift_sampling_with_a_shift_passes_the_checks():
+    from common.args import parse
+    M.check_args(parse(M.Args, ["--mode", "bench", "--preset", "tiny", "--timestep_sampling", "shift", "--shift", "3"]))
+
+
+def test_other_layouts_are_one_line_before_any_work(folder, tmp_path):
+    """A DiT file that is not Mochi's, a diffusers-format DiT file without its folder, a folder without the DiT
+    (--dit_path / --ckpt_dir), or a diffusers-format LoRA (--lora) stops in check_args, before the process group
+    or any work: one line naming the reason, exit 2, no run folder."""
+    out = tmp_path / "o"
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, str(tmp_path / "wan.safetensors"))
+    save_file({"transformer_blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, str(tmp_path / "diffusers.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(tmp_path / "lora.safetensors"))
+    bench = ["--mode", "bench", "--out_dir", out]
+    checks.check_user_error(mochi, [*bench, "--dit_path", tmp_path / "wan.safetensors"], "not a Mochi DiT", out)
+    checks.check_user_error(mochi, [*bench, "--dit_path", tmp_path / "diffusers.safetensors"],
+                            "diffusers-format MochiTransformer3DModel weights without their config.json", out)
+    checks.check_user_error(mochi, [*bench, "--ckpt_dir", tmp_path], "expected a folder with dit.safetensors", out)
+    checks.check_user_error(mochi, ["--mode", "sample", "--ckpt_dir", folder["ckpt"], "--lora",
+                                    tmp_path / "lora.safetensors", "--sample_prompts", "a", "--out_dir", out],
+                            "diffusers-format LoRA (transformer_blocks.N.attn1.to_q...): not supported", out)
