@@ -1977,7 +1977,10 @@ def main(argv=None):
     # straight into the compute dtype.
     lora_alpha, lsd = None, None
     if args.mode == "sample" and args.lora:
-        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
+        try:
+            lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
+        except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
+            raise UserError(str(e)) from None
         outside = [k for k in lsd if not k.startswith(("double_blocks.", "single_blocks."))]
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")

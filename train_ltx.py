@@ -1807,6 +1807,13 @@ def check_args(args):
     need(0 < args.sample_image_strength <= 1, f"--sample_image_strength {args.sample_image_strength}: expected a "
          "strength in (0, 1]")
     need(not args.reference_dir or args.reference, "--reference_dir names the references of --reference 1 (IC-LoRA)")
+    if args.sample_video and os.path.exists(args.sample_video):  # its first n frames at --fps must be there
+        try:
+            vid = probe(args.sample_video)
+        except Exception as e:
+            raise UserError(f"--sample_video {args.sample_video}: not a readable video ({e})") from None
+        need(frames_available(vid["duration"], 0.0, args.fps) >= n, f"--sample_video {args.sample_video}: "
+             f"{vid['duration']:.3f}s holds fewer than --sample_video_frames {n} frames at --fps {args.fps}")
     if args.sample_reference:
         try:
             ref = probe(args.sample_reference)
@@ -2612,7 +2619,10 @@ def main(argv=None):
     # straight into the compute dtype.
     lora_alpha, lsd = None, None
     if args.mode == "sample" and args.lora:
-        lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
+        try:
+            lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
+        except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
+            raise UserError(str(e)) from None
         outside = [k for k in lsd if not k.startswith("transformer_blocks.")]
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")

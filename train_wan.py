@@ -2192,9 +2192,8 @@ def check_args(args):
     need(0 <= args.caption_dropout < 1 and 0 <= args.ema < 1, "--caption_dropout and --ema must be in [0, 1)")
     # musubi's `--timestep_sampling shift` is sigmoid(N(0,1)) then the shift; ours is U(0,1) then the shift, which at
     # --shift 1 is plain uniform: a musubi user would silently get another distribution
-    need(args.timestep_sampling != "shift" or args.shift != 1.0, "--timestep_sampling shift is U(0,1) through --shift, "
-         "and --shift is 1 (plain uniform): give --shift S (e.g. 3), or --timestep_sampling uniform; for musubi's "
-         "`shift` (sigmoid(N(0,1)) then the shift) use --timestep_sampling logit_normal --shift S")
+    need(not (args.timestep_sampling == "shift" and args.shift == 1), "--timestep_sampling shift with --shift 1 is "
+         "plain uniform: give --shift N (musubi's `shift` is --timestep_sampling logit_normal --shift N here)")
     weights = args.dit_path or args.ckpt_dir
     for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
         for path in getattr(args, k).split(",") if k == "lora" else [getattr(args, k)]:  # A14B: --lora HIGH,LOW

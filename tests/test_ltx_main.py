@@ -248,6 +248,17 @@ def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(ltx, os.path.join(folder["ckpt"], "ltxv-tiny.safetensors"), CLIP, 2 * 2)
 
 
+def test_a_sample_video_shorter_than_its_frames_is_one_line(folder, tmp_path):
+    from data.video import write_video
+    write_video(tmp_path / "short.mp4", torch.zeros(3, 5, 32, 32), fps=16)  # 5 frames: fewer than the 9 asked
+    base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
+            "--out_dir", str(tmp_path / "o"), *CLIP, "--sample_frames", "17"]
+    checks.check_user_error(ltx, [*base, "--sample_video", str(tmp_path / "short.mp4"), "--sample_video_frames", "9"],
+                            "short.mp4: 0.312s holds fewer than --sample_video_frames 9 frames at --fps 16",
+                            tmp_path / "o")
+    checks.check_user_error(ltx, [*base, "--sample_video", __file__], "not a readable video", tmp_path / "o")
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--height", "48"], "--height 48 --width 32: both must be positive multiples of 32"),
     (["--frames", "5"], "--frames 5: must be 1 + 8k"),
