@@ -33,6 +33,17 @@ def test_zero_b_is_the_base_and_only_adapters_train():
     assert any(n.endswith("ff.net.0.proj.lora_A.weight") for n, _ in ffn.named_parameters())
 
 
+def with_and_without(model, ref, base):
+    """(our model with the LoRA, diffusers' with its adapter, the plain base) on the same inputs, (B, C, f, h, w)."""
+    x, t, ctx, mask = inputs(base.cfg)
+    with torch.no_grad():
+        ours = model(x, t, ctx, mask, frame_rate=25.0)
+        grid = L.rope_grid(2, 3, 4, 25.0, base.cfg.causal_temporal_positioning)[None].repeat(2, 1, 1)
+        theirs = ref(x.flatten(2).transpose(1, 2), ctx, t, mask, video_coords=grid, return_dict=False)[0]
+        plain = base(x, t, ctx, mask)
+    return ours, theirs.transpose(1, 2).reshape(ours.shape), plain
+
+
 def test_exported_lora_loads_in_diffusers(tmp_path):
     from diffusers import LTXPipeline
     base = tiny_dit()
@@ -53,13 +64,7 @@ def test_exported_lora_loads_in_diffusers(tmp_path):
     ref.load_lora_adapter(state, prefix="transformer", adapter_name="x")
     model = L.add_lora(tiny_dit(), 4, 8.0, L.LORA_TARGETS_FFN)
     model.load_state_dict({**tiny_dit().state_dict(), **lsd}, strict=False)
-    x, t, ctx, mask = inputs(base.cfg)
-    with torch.no_grad():
-        ours = model(x, t, ctx, mask, frame_rate=25.0)
-        grid = L.rope_grid(2, 3, 4, 25.0, base.cfg.causal_temporal_positioning)[None].repeat(2, 1, 1)
-        theirs = ref(x.flatten(2).transpose(1, 2), ctx, t, mask, video_coords=grid, return_dict=False)[0]
-        plain = base(x, t, ctx, mask)
-    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    ours, theirs, plain = with_and_without(model, ref, base)
     assert (ours - plain).abs().max() > 1e-2  # the adapter does something
     assert (ours - theirs).abs().max() <= 1e-5, (ours - theirs).abs().max()
 
@@ -94,12 +99,6 @@ def test_diffusers_format_lora_file_is_read(tmp_path):
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     model = L.add_lora(tiny_dit(), 4, 4.0, L.LORA_TARGETS_FFN)
     model.load_state_dict({**base.state_dict(), **sd})  # strict: every adapter key has its module
-    x, t, ctx, mask = inputs(base.cfg)
-    with torch.no_grad():
-        ours = model(x, t, ctx, mask, frame_rate=25.0)
-        grid = L.rope_grid(2, 3, 4, 25.0, base.cfg.causal_temporal_positioning)[None].repeat(2, 1, 1)
-        theirs = ref(x.flatten(2).transpose(1, 2), ctx, t, mask, video_coords=grid, return_dict=False)[0]
-        plain = base(x, t, ctx, mask)
-    theirs = theirs.transpose(1, 2).reshape(ours.shape)
+    ours, theirs, plain = with_and_without(model, ref, base)
     assert (ours - plain).abs().max() > 1e-2
     assert (ours - theirs).abs().max() <= 1e-5, (ours - theirs).abs().max()
