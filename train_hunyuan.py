@@ -1984,6 +1984,12 @@ def main(argv=None):
         outside = [k for k in lsd if not k.startswith(("double_blocks.", "single_blocks."))]
         if outside:
             raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+        with torch.device("meta"):
+            fit = HunyuanVideoDiT(cfg)
+        try:  # a LoRA of another model (more blocks, another width) in one line, before any weight is read
+            lora_file.check_fits(args.lora, lsd, args.lora_rank, fit)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
     if lsd is not None and rank == 0:

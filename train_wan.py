@@ -1520,27 +1520,14 @@ def lora_for(path, cfg):
     lacks (a Wan 2.1 i2v LoRA's cross_attn.k_img on a Wan 2.2 expert, a 14B LoRA's blocks.35 on the 1.3B) or a shape
     it does not have is one UserError line naming the keys."""
     diffs = {}
-    try:
-        lsd, rank, alpha = read_lora(path, diffs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     with torch.device("meta"):
         model = WanModel(cfg)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    params = model.state_dict()
+    try:
+        lsd, rank, alpha = read_lora(path, diffs)
+        lora_file.check_fits(path, lsd, rank, model, diffs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
-    lacks = [m for m in mods if m not in linears] + [k for k in diffs if k not in params]
-    if lacks:
-        raise UserError(f"{path}: adapters on modules this {cfg.model_type} model does not have (no such Linear, or "
-                        f"weight): {lacks[:4]}{f' ({len(lacks)} in all)' if len(lacks) > 4 else ''}")
-    want = {}
-    for m in mods:
-        want[m + ".lora_A.weight"] = (rank, linears[m].in_features)
-        want[m + ".lora_B.weight"] = (linears[m].out_features, rank)
-    bad = [f"{k} {tuple(v.shape)} vs {want.get(k, 'none')}" for k, v in lsd.items() if tuple(v.shape) != want.get(k)]
-    bad += [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in diffs.items() if v.shape != params[k].shape]
-    if bad:
-        raise UserError(f"{path}: LoRA shapes that do not fit this model: {'; '.join(bad[:4])}")
     for m in [m for m in mods if not m.startswith("blocks.")]:
         delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
         diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta

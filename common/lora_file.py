@@ -70,3 +70,26 @@ def read_lora(path, prefixes=("diffusion_model.",), kohya_name=None, diffs=None)
             sd[m + SUFFIX_B] *= a / rank
         return sd, rank, float(rank)
     return sd, rank, next(iter(per.values()), float(rank))
+
+
+def check_fits(path, sd, rank, model, diffs=None):
+    """ValueError naming the keys unless the LoRA of `path` (read_lora's sd and rank; diffs: its deltas) fits
+    `model` (a build on the meta device is enough): every adapter on one of its nn.Linear modules, A (rank, in) and
+    B (out, rank), every delta on one of its tensors, with that tensor's shape. A LoRA of another model (more blocks,
+    another width, modules this one lacks) then stops in one line instead of deep in a state-dict load."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    params = model.state_dict()
+    mods = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    lacks = [m for m in mods if m not in linears] + [k for k in diffs or {} if k not in params]
+    if lacks:
+        raise ValueError(f"{path}: adapters on modules this model does not have (no such Linear, or weight): "
+                         f"{lacks[:4]}{f' ({len(lacks)} in all)' if len(lacks) > 4 else ''}")
+    want = {}
+    for m in mods:
+        want[m + SUFFIX_A] = (rank, linears[m].in_features)
+        want[m + SUFFIX_B] = (linears[m].out_features, rank)
+    bad = [f"{k} {tuple(v.shape)} vs {want.get(k, 'none')}" for k, v in sd.items() if tuple(v.shape) != want.get(k)]
+    bad += [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in (diffs or {}).items()
+            if v.shape != params[k].shape]
+    if bad:
+        raise ValueError(f"{path}: LoRA shapes that do not fit this model: {'; '.join(bad[:4])}")

@@ -158,7 +158,8 @@ def _decode_at(c, s, t0, targets, out, seek):
     # (a faststart mp4 cut mid-download keeps its full index, so the probe counted frames that are not there, and the
     # threaded decoder stops without an error): refuse it rather than repeat the last frame.
     t = prev.time - t0 if prev.time is not None else 0.0
-    end = t + (float(prev.duration * s.time_base) if prev.duration else 1 / float(s.guessed_rate or 25))
+    dur = getattr(prev, "duration", None)  # (Frame.duration: PyAV 13+)
+    end = t + (float(dur * s.time_base) if dur else 1 / float(s.guessed_rate or 25))
     if k < len(targets) and targets[-1] > end + tol:
         raise ValueError(f"decoding stopped at {end:.3f} s of the {targets[-1]:.3f} s asked (truncated or damaged)")
     while k < len(targets):

@@ -259,3 +259,18 @@ def test_a_cut_off_log_line_does_not_stop_a_resume(tmp_path):
     assert read_log(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
     RunLog(str(tmp_path), start_step=1).log({"step": 2, "loss": 0.25}, echo=None)
     assert read_log(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+
+
+def test_a_lora_that_does_not_fit_the_model_names_the_keys():
+    from common.lora_file import check_fits
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+    ok = {"0.lora_A.weight": torch.zeros(2, 4), "0.lora_B.weight": torch.zeros(6, 2)}
+    check_fits("l.safetensors", ok, 2, model, diffs={"1.weight": torch.zeros(6)})
+    with pytest.raises(ValueError, match=r"l.safetensors: adapters on modules this model does not have .*\['1', '5'\]"):
+        extra = {"1.lora_A.weight": torch.zeros(2, 6), "5.lora_A.weight": torch.zeros(2, 4)}
+        check_fits("l.safetensors", {**ok, **extra}, 2, model)  # 1 is a LayerNorm, 5 is not there
+    with pytest.raises(ValueError, match=r"does not have .*\['2.bias'\]"):
+        check_fits("l.safetensors", ok, 2, model, diffs={"2.bias": torch.zeros(6)})
+    with pytest.raises(ValueError, match=r"shapes that do not fit this model: 0.lora_A.weight \(2, 8\) vs \(2, 4\)"):
+        check_fits("l.safetensors", {**ok, "0.lora_A.weight": torch.zeros(2, 8)}, 2, model)

@@ -259,6 +259,18 @@ def test_a_sample_video_shorter_than_its_frames_is_one_line(folder, tmp_path):
     checks.check_user_error(ltx, [*base, "--sample_video", __file__], "not a readable video", tmp_path / "o")
 
 
+def test_a_lora_of_another_model_is_one_line(folder, tmp_path):
+    """--mode sample --lora with a LoRA of a deeper model (a block this 2-block DiT lacks): one line naming it."""
+    from common import lora_file
+    sd = {f"transformer_blocks.{b}.attn1.to_q.lora_{ab}.weight": torch.zeros(shape)
+          for b in (0, 7) for ab, shape in (("A", (4, 64)), ("B", (64, 4)))}
+    lora_file.write_lora(str(tmp_path / "deep.safetensors"), sd, 4.0)
+    base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--out_dir", str(tmp_path / "o"),
+            *CLIP, "--mode", "sample", "--sample_prompts", "a", "--lora", str(tmp_path / "deep.safetensors")]
+    checks.check_user_error(ltx, base, "adapters on modules this model does not have (no such Linear, or weight): "
+                            "['transformer_blocks.7.attn1.to_q']", tmp_path / "o")
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--height", "48"], "--height 48 --width 32: both must be positive multiples of 32"),
     (["--frames", "5"], "--frames 5: must be 1 + 8k"),
