@@ -373,5 +373,5 @@ def test_a_lora_the_model_cannot_take_is_one_line(tmp_path, key, says):
     with pytest.raises(W.UserError) as e:
         W.check_args(args)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'bad.safetensors'}: adapters on modules this t2v model "
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'bad.safetensors'}: adapters on modules this model "
                                               "does not have") and says in msg, msg
