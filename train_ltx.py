@@ -1689,7 +1689,7 @@ class Args:
     sample_keyframes: str = ""  # more keyframes for the samples: image@frame[:strength],... (frame -1: the last)
     sample_image_strength: float = 1.0  # the conditioning strength of --sample_image / --sample_video (1: exact)
     sample_image_crf: int = 29  # the conditioning images / frames blurred and H.264-compressed at this CRF, as the
-    #   official inference does (condition_pixels); 0 = the pixels as read
+    #   official inference does (condition_pixels); 0 = the pixels as read (--sample_reference: always, as trained)
     sample_reference: str = ""  # IC-LoRA samples: this reference video (its first frames) or image, at their size
     sample_steps: int = 40  # sampler steps
     sample_guidance: float = 3.0  # classifier-free guidance scale (<= 1: none, as the official pipeline)
@@ -2349,14 +2349,14 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
             "stg_blocks": sorted({b for st in plans[-1][2] if st for b in st[1]}), "cfg_star": plans[-1][3],
             "stochastic": stochastic}))
 
-    def encode_image(path, size, n=1):  # its first n frames, resized and centre-cropped to the asked size,
-        # preprocessed there as the official inference does, then resized to the pass's size (as the pipeline),
-        # encoded alone by rank 0, broadcast
+    def encode_image(path, size, n=1, crf=args.sample_image_crf):  # its first n frames, resized and centre-cropped
+        # to the asked size, preprocessed there as the official inference does (crf 0: not), then resized to the
+        # pass's size (as the pipeline), encoded alone by rank 0, broadcast
         shape = latent_shape(cfg, dataclasses.replace(args, height=size[0], width=size[1]), n)
         z = torch.zeros(1, *shape)
         if rank == 0:
             img = read_clip(path, 0.0, n, args.fps, (args.height, args.width))  # (3, n, H, W)
-            img = condition_pixels(img, args.sample_image_crf)  # blur + CRF round trip (0: off)
+            img = condition_pixels(img, crf)  # blur + CRF round trip (0: off)
             if tuple(size) != (args.height, args.width):
                 img = F.interpolate(img.transpose(0, 1).float(), size=size, mode="bilinear", align_corners=False)
                 img = img.transpose(0, 1)
@@ -2390,7 +2390,9 @@ def write_samples(model, args, cfg, text_ctx, negative, out_dir, step, device):
         cond_start = m + 2
     if args.sample_reference:  # IC-LoRA: the reference at frame 0 (the video's own positions), first, as trained
         n_ref = 1 if probe(args.sample_reference)["is_image"] else frames
-        keyframes = [[(encode_image(args.sample_reference, size, n_ref), 0, 1.0), *(kfs or [])]
+        # its pixels as read (crf 0): training caches the references that way, and what the adapter learned from
+        # is what it must be given
+        keyframes = [[(encode_image(args.sample_reference, size, n_ref, crf=0), 0, 1.0), *(kfs or [])]
                      for (_, size), kfs in zip(passes, keyframes)]
     paths = []
     for i, prompt in enumerate(prompts_from(args.sample_prompts)):
