@@ -2272,7 +2272,8 @@ def gaussian_blur3(x, sigma=1.0):
 def crf_round_trip(img, crf):
     """(H, W, 3) in [0, 1] -> (H, W, 3) uint8: the image as a one-frame H.264 video at this CRF shows it, made as
     upstream's crf_compressor.compress makes it (truncated to uint8, rgb24 -> yuv420p, libx264 "veryfast", decoded
-    back to rgb24). H and W even (yuv420p)."""
+    back to rgb24). H and W even (yuv420p). One x264 thread: its output depends on the thread count (upstream's
+    default is the machine's cores), so this way a conditioning image gives the same pixels on every machine."""
     import io
 
     import av
@@ -2281,6 +2282,7 @@ def crf_round_trip(img, crf):
     with av.open(buf, "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=1, options={"crf": str(crf), "preset": "veryfast"})
         s.height, s.width = arr.shape[:2]
+        s.codec_context.thread_count, s.codec_context.thread_type = 1, "NONE"
         c.mux(s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24").reformat(format="yuv420p")))
         c.mux(s.encode())
     with av.open(io.BytesIO(buf.getvalue())) as c:

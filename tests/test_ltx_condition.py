@@ -1,6 +1,6 @@
 """The conditioning images' preprocessing of the official inference (ltx_video/inference.py
 load_image_to_tensor_with_resize_and_crop: a 3x3 gaussian blur, then crf_compressor.compress, an H.264 CRF 29
-round trip per frame), which --sample_image / --sample_video / the keyframes / --sample_reference go through."""
+round trip per frame), which --sample_image / --sample_video / the keyframes go through (not --sample_reference)."""
 import math
 
 import torch
@@ -73,3 +73,22 @@ def test_the_decode_noise_default_is_the_official_configs():
     official = L.SAMPLE_CONFIGS["ltxv-2b-0.9.6-dev"]
     assert (args.decode_noise, args.decode_timestep) == (official["decode_noise_scale"], official["decode_timestep"])
     assert L.sample_config(args)["decode_noise_scale"] == 0.025
+
+
+def test_the_crf_round_trip_is_the_same_on_any_number_of_cores(tmp_path):
+    """x264 picks its thread count from the cores it may use, and its output depends on it: a process pinned to one
+    core must give the pixels this one gives (one x264 thread in both)."""
+    import os
+    import subprocess
+    import sys
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        import pytest
+        pytest.skip("needs a machine with 2 or more cores and sched_setaffinity")
+    v = smooth_video(frames=2, H=128, W=160)
+    torch.save(v, tmp_path / "v.pt")
+    code = ("import os, sys, torch; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
+            "import train_ltx as L; "
+            f"torch.save(L.condition_pixels(torch.load({str(tmp_path / 'v.pt')!r})), {str(tmp_path / 'one.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "one.pt"), L.condition_pixels(v))
