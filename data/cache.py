@@ -225,7 +225,13 @@ def encode_dataset(records, encode_video, encode_text, cache_dir, settings, log=
 
 def load_entry(file, device="cpu"):
     """-> (tensors {"latents": (C, f, h, w), "text": (L, D), ...}, metadata with start/fps/bucket/settings parsed).
-    A damaged entry (cut short by a crash or a full disk after it was written) raises ValueError naming it."""
+    A damaged entry (cut short by a crash or a full disk after it was written) raises ValueError naming it, and so
+    does a missing one: rank 0 listed it or another rank wrote it, so a process that cannot see it has a cache_dir
+    that is not shared (a node-local disk on a multi-node run)."""
+    if not os.path.exists(file):
+        raise ValueError(f"cache entry {file} does not exist here, though it was cached (rank 0 listed it or a rank "
+                         "wrote it): the cache folder must be on a filesystem every rank of every node sees, not a "
+                         "node-local disk")
     try:
         with safe_open(file, "pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -949,3 +949,7 @@ def test_a_clip_listed_twice_is_encoded_once_and_a_damaged_entry_is_named(tmp_pa
         f.truncate(100)
     with pytest.raises(ValueError, match=rf"cache entry {re.escape(entries[0]['file'])} is unreadable .*delete it"):
         load_batch([entries[0]["file"]])
+    os.remove(entries[0]["file"])  # cached on a node-local disk, read on another node
+    with pytest.raises(ValueError, match=rf"cache entry {re.escape(entries[0]['file'])} does not exist here.*every "
+                                         "rank of every node"):
+        load_batch([entries[0]["file"]])
