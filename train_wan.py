@@ -1603,15 +1603,28 @@ def sigma_mass(method, shift, lo, hi):
 def flow_loss(model, x0, context, sigma, noise, y=None, clip_fea=None, clean_first=False):
     """MSE between the predicted and the true velocity; x0, noise (B,C,F,H,W); sigma (B,). y, clip_fea: the image
     conditioning of i2v/flf2v (WanModel.forward). clean_first (TI2V-5B image-to-video, upstream textimage2video.py):
-    latent frame 0 is given clean, its t is 0 (one t per latent frame, (B, F)) and it is left out of the loss."""
+    latent frame 0 is given clean, its t is 0 (one t per latent frame, (B, F)) and it is left out of the loss. True
+    for the whole batch, or a (B,) bool on the CPU, per sample (--first_frame_p: one batch mixes i2v and t2v): the
+    mean is then over the elements that count, as if the batch's samples were one."""
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     t = sigma * 1000
-    if clean_first:
+    first = torch.as_tensor(clean_first).expand(len(x0))  # (B,) bool, CPU: testing it costs no device sync
+    kw = {k: c for k, c in (("y", y), ("clip_fea", clip_fea)) if c is not None}
+    if first.any() and not first.all():
+        f0 = first.to(x0.device, non_blocking=True)
+        xt = torch.cat([torch.where(f0.view(-1, 1, 1, 1, 1), x0[:, :, :1], xt[:, :, :1]), xt[:, :, 1:]], dim=2)
+        t = per_token_t(t, x0.shape[2], 1, 1)  # (B, F)
+        t[:, 0] = torch.where(f0, 0.0, t[:, 0])
+        err = (model(xt, t, context, **kw).float() - (noise - x0).float()) ** 2
+        keep = torch.ones(len(x0), 1, x0.shape[2], 1, 1, device=x0.device)  # (B, 1, F, 1, 1): 0 where frame 0 is
+        keep[:, :, 0] = (~f0).float().view(-1, 1, 1, 1)                     # given clean
+        return (err * keep).sum() / (keep.sum() * err[0, :, 0].numel())
+    if first.all():
         xt = torch.cat([x0[:, :, :1], xt[:, :, 1:]], dim=2)
         t = per_token_t(t, x0.shape[2], 1, 1, clean_first=True)  # (B, F): 0 on latent frame 0
-    v = model(xt, t, context, **{k: c for k, c in (("y", y), ("clip_fea", clip_fea)) if c is not None})
-    k = int(clean_first)
+    v = model(xt, t, context, **kw)
+    k = int(first.all())
     return F.mse_loss(v[:, :, k:].float(), (noise - x0)[:, :, k:].float())
 
 
@@ -1996,6 +2009,9 @@ class Args:
     # t2v | i2v | flf2v; "" = the model's own (config.json's model_type; TI2V-5B: t2v). TI2V-5B does either from one
     # checkpoint: i2v trains with the clip's first latent frame kept clean (t = 0, out of the loss)
     task: str = ""  # t2v | i2v | flf2v; "" = the model's own (TI2V-5B: t2v; --task i2v keeps frame 0 clean)
+    # TI2V-5B learns both tasks in one run with a share of the samples trained as i2v (upstream trained it on both;
+    # LTX's first_frame_p likewise): each sample's draw is a pure function of (seed, step, index), as the sigmas
+    first_frame_p: float = -1.0  # TI2V-5B: the share of samples trained as i2v; -1: 1 with --task i2v, 0 with t2v
     # Wan 2.2 A14B (--ckpt_dir or --dit_path holding high_noise_model/ and low_noise_model/, or diffusers'
     # transformer/ and transformer_2/): which expert trains. high | low: one,
     # on its sigma range; both ("" too): each step's sigmas fall on one side of the boundary and pick the expert
@@ -2209,6 +2225,9 @@ def check_args(args):
     need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
          f"{' or '.join(TASKS[cfg.model_type])}")
     need(not args.sample_image or cfg.model_type != "t2v", "--sample_image: a t2v model samples from text alone")
+    need(args.first_frame_p == -1 or (cfg.model_type == "ti2v" and 0 <= args.first_frame_p <= 1),
+         f"--first_frame_p {args.first_frame_p}: the share of TI2V-5B samples trained as i2v, in [0, 1] (a "
+         f"{cfg.model_type} model trains its --task on every sample)")
     need(not args.sample_last_image or task == "flf2v", "--sample_last_image is the last frame of flf2v samples")
     if args.mode in ("train", "sample") and prompts_from(args.sample_prompts):  # y needs the image(s)
         need(args.sample_image or cfg.in_dim == cfg.out_dim, f"a {cfg.model_type} model samples from an image: "
@@ -2406,6 +2425,20 @@ def training_draws(args, step, index, n, device, lo=0.0, hi=1.0):
     return torch.cat(sig).to(device, non_blocking=True), torch.cat(drop)
 
 
+def first_frame_draws(args, task, step, index, n, frames):
+    """(n,) bool on CPU: which of the samples index, index+1, ... of the global batch of `step` train TI2V-5B's i2v
+    (latent frame 0 clean), each with probability --first_frame_p (-1: all with --task i2v, none with t2v); a pure
+    function of (seed, step, index) in its own stream, so the sigmas and noise are those of a run without it. A
+    batch of single frames (images, frames = 1 latent) has nothing left to learn with frame 0 clean: none."""
+    p = args.first_frame_p if args.first_frame_p >= 0 else float(task == "i2v")
+    if frames < 2 or p <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if p >= 1:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.cat([torch.rand(1, generator=noise.generator(args.seed, step, index + j, "first")) < p
+                      for j in range(n)])
+
+
 def training_noise(args, step, index, shape, n, device):
     """(n, *shape) noise made on the training device, one seeded generator per sample (no host-to-device copy)."""
     return torch.stack([noise.randn(shape, args.seed, step, index + j, "noise", device=device) for j in range(n)])
@@ -2435,13 +2468,14 @@ def make_y(cond, task):
     return torch.cat([mask[None].expand(B, -1, -1, -1, -1), cond.float()], dim=1)
 
 
-def conditioning(batch, cfg, task, device):
+def conditioning(batch, cfg, task, device, first=None):
     """flow_loss's image-conditioning keywords for a cached batch. TI2V-5B's i2v (clean_first) needs nothing cached:
     the VAE is causal (frame 0 is encoded alone), so latent frame 0 of the clip is exactly the latent of its first
-    frame as an image, which is what upstream conditions on. i2v/flf2v: y from the cached conditioning latents (the
+    frame as an image, which is what upstream conditions on; `first` (B,) bool: the samples trained so (training's
+    first_frame_draws), None: all of them with --task i2v. i2v/flf2v: y from the cached conditioning latents (the
     clip's own first / last frame, zeros between) and, for Wan 2.1, the cached CLIP tokens."""
     if cfg.in_dim == cfg.out_dim:
-        return dict(clean_first=task == "i2v")
+        return dict(clean_first=task == "i2v" if first is None else first)
     y = make_y(batch["latents.cond"].to(device, non_blocking=True), task)
     clip = batch["latents.clip"].to(device, non_blocking=True).float() if cfg.img_dim else None
     return dict(y=y, clip_fea=clip)
@@ -2674,6 +2708,8 @@ def main(argv=None):
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
     if task != "t2v" or "" not in experts:  # only where they exist: a t2v run folder of before still resumes
         fingerprint.update(task=task, experts=",".join(experts), boundary=boundary)
+    if args.first_frame_p >= 0:
+        fingerprint.update(first_frame_p=args.first_frame_p)
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -2749,7 +2785,8 @@ def main(argv=None):
                 ctx = drop_captions(ctx, drop, empty)
             eps = training_noise(args, step, first, x0.shape[1:], len(x0), device)
             dit.set_requires_gradient_sync(reduce_now(args, m, len(micro_batches)))
-            loss = flow_loss(dit, x0, ctx, sigma, eps, **conditioning(b, cfg, task, device))
+            cond = conditioning(b, cfg, task, device, first_frame_draws(args, task, step, first, len(x0), x0.shape[2]))
+            loss = flow_loss(dit, x0, ctx, sigma, eps, **cond)
             # --sp: each rank's gradients are the part through its own tokens and FSDP2 averages over all ranks, so
             # x sp makes the average the data-parallel mean of whole-sample gradients (common/sp.py)
             (loss * args.sp / accum).backward()

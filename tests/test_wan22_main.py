@@ -1,6 +1,7 @@
 """Wan 2.2 TI2V-5B through train_wan.py's main(), on a tiny test-made folder in the official Wan2.2-TI2V-5B layout
 (a 48-channel DiT, Wan2.2_VAE.pth, umT5), in --dtype bf16 on CPU: the 2.2 VAE's stride (32-pixel sides) and channels
-everywhere, --task i2v (the clip's first latent frame kept clean: t = 0 there and out of the loss), cache -> train ->
+everywhere, --task i2v (the clip's first latent frame kept clean: t = 0 there and out of the loss; in the resumed
+run for half of the samples, --first_frame_p 0.5, so batches mix i2v and t2v samples), cache -> train ->
 resume -> export, then t2v and i2v samples (--sample_image) from the same export. Plus the pieces in-process: the
 loss ignores frame 0, the causal VAE's first latent frame is the image's latent, the samplers keep the clean frame."""
 import os
@@ -58,6 +59,54 @@ def test_the_first_latent_frame_is_out_of_the_loss():
     assert W.flow_loss(Recorder(out), x0, ctx, sigma, eps) != W.flow_loss(model, x0, ctx, sigma, eps)
 
 
+def test_a_batch_mixing_i2v_and_t2v_samples_is_each_sample_as_it_would_be_alone():
+    """--first_frame_p: clean_first per sample. The i2v sample goes in as in an all-i2v batch, the t2v one as in a
+    t2v batch, and the loss is the mean over the elements that count (frame 0 of the i2v sample does not)."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps, out = (torch.randn(2, 48, 3, 2, 2, generator=g) for _ in range(3))
+    ctx, sigma = torch.randn(2, 4, 8), torch.tensor([0.3, 0.8])
+    model = Recorder(out.clone())
+    mixed = W.flow_loss(model, x0, ctx, sigma, eps, clean_first=torch.tensor([True, False]))
+    xt, t = model.seen
+    alone = []
+    for i, clean in ((0, True), (1, False)):
+        rec = Recorder(out[i:i + 1].clone())
+        alone.append(W.flow_loss(rec, x0[i:i + 1], ctx[i:i + 1], sigma[i:i + 1], eps[i:i + 1], clean_first=clean))
+        assert torch.equal(xt[i:i + 1], rec.seen[0])
+        assert torch.equal(t[i:i + 1], rec.seen[1] if clean else rec.seen[1][:, None].expand(1, 3))
+    n_i2v, n_t2v = 48 * 2 * 4, 48 * 3 * 4  # elements in the loss: frames 1-2 of sample 0, all 3 frames of sample 1
+    assert torch.allclose(mixed, (alone[0] * n_i2v + alone[1] * n_t2v) / (n_i2v + n_t2v), rtol=1e-6)
+    # all True / all False as a tensor: the batch-wide paths, bitwise
+    for flags, clean in ((torch.tensor([True, True]), True), (torch.tensor([False, False]), False)):
+        assert torch.equal(W.flow_loss(Recorder(out), x0, ctx, sigma, eps, clean_first=flags),
+                           W.flow_loss(Recorder(out), x0, ctx, sigma, eps, clean_first=clean))
+    # and in the DiT, the t2v sample's per-frame t (all equal) is its one t: the same velocity
+    torch.manual_seed(0)
+    dit = W.WanModel(W.WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1, in_dim=48, out_dim=48, text_dim=8,
+                                 text_len=4, model_type="ti2v"))
+    dit.init_weights()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        x = torch.randn(1, 48, 3, 4, 4)
+        assert torch.allclose(dit(x, torch.tensor([800.0]), ctx[:1]), dit(x, torch.full((1, 3), 800.0), ctx[:1]),
+                              atol=1e-6)
+
+
+def test_first_frame_draws():
+    """Each sample i2v with probability --first_frame_p, a pure function of (seed, step, index): the same for a
+    sample whichever micro-batch or rank draws it (so 1 or N ranks and a resume agree); -1 follows --task."""
+    args = W.Args(first_frame_p=0.25)
+    d = W.first_frame_draws(args, "t2v", 3, 0, 4000, 2)
+    assert d.dtype == torch.bool and abs(d.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(W.first_frame_draws(args, "t2v", 3, 1000, 8, 2), d[1000:1008])
+    assert not torch.equal(W.first_frame_draws(args, "t2v", 4, 0, 64, 2), d[:64])  # another step, other draws
+    assert not W.first_frame_draws(args, "i2v", 3, 0, 64, 1).any()  # single frames: nothing to predict
+    assert W.first_frame_draws(W.Args(), "i2v", 3, 0, 8, 2).all()
+    assert not W.first_frame_draws(W.Args(), "t2v", 3, 0, 8, 2).any()
+    assert W.first_frame_draws(W.Args(first_frame_p=1.0), "t2v", 3, 0, 8, 2).all()
+
+
 def test_the_first_latent_of_a_clip_is_its_first_frame_encoded_alone(folder):
     """Why --task i2v needs no extra cache: the causal VAE encodes frame 0 alone, so latent frame 0 of the cached clip
     is exactly the image latent upstream conditions on."""
@@ -93,7 +142,7 @@ def test_ti2v_cache_train_i2v_resume_export_and_sample_t2v_and_i2v_in_bf16(folde
 
     image = os.path.join(folder["data"], sorted(f for f in os.listdir(folder["data"]) if f.endswith(".mp4"))[0])
     out = tmp_path / "i2v"
-    i2v = ["--task", "i2v", "--sample_image", image]
+    i2v = ["--task", "i2v", "--sample_image", image, "--first_frame_p", "0.5"]  # half of the samples i2v
     checks.check_train_from_cache(wan, common, out, *i2v)
     checks.check_resume_to_6(wan, common, out, 5, *i2v)
     assert all(r["loss"] < 10 for r in read_log(out) if "loss" in r)
@@ -134,6 +183,7 @@ def test_the_loss_falls_with_a_clean_first_frame(folder, tmp_path):
 @pytest.mark.parametrize("flags, says", [
     (["--height", "48"], "--height 48 --width 32: both must be positive multiples of 32"),
     (["--task", "flf2v"], "--task flf2v: a ti2v model does t2v or i2v"),
+    (["--first_frame_p", "1.5"], "--first_frame_p 1.5: the share of TI2V-5B samples trained as i2v, in [0, 1]"),
 ])
 def test_user_errors_follow_the_22_vae(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
