@@ -40,6 +40,18 @@ class Recorder(torch.nn.Module):
         return self.out
 
 
+def tiny_ti2v():
+    """A one-block 48-channel TI2V DiT, seeded, its weights nudged off the zero-initialised head."""
+    torch.manual_seed(0)
+    model = W.WanModel(W.WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1, in_dim=48, out_dim=48, text_dim=8,
+                                   text_len=4, model_type="ti2v"))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 def test_the_first_latent_frame_is_out_of_the_loss():
     g = torch.Generator().manual_seed(0)
     x0, eps, out = (torch.randn(2, 48, 3, 2, 2, generator=g) for _ in range(3))
@@ -81,13 +93,8 @@ def test_a_batch_mixing_i2v_and_t2v_samples_is_each_sample_as_it_would_be_alone(
         assert torch.equal(W.flow_loss(Recorder(out), x0, ctx, sigma, eps, clean_first=flags),
                            W.flow_loss(Recorder(out), x0, ctx, sigma, eps, clean_first=clean))
     # and in the DiT, the t2v sample's per-frame t (all equal) is its one t: the same velocity
-    torch.manual_seed(0)
-    dit = W.WanModel(W.WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1, in_dim=48, out_dim=48, text_dim=8,
-                                 text_len=4, model_type="ti2v"))
-    dit.init_weights()
+    dit = tiny_ti2v()
     with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
         x = torch.randn(1, 48, 3, 4, 4)
         assert torch.allclose(dit(x, torch.tensor([800.0]), ctx[:1]), dit(x, torch.full((1, 3), 800.0), ctx[:1]),
                               atol=1e-6)
@@ -117,13 +124,7 @@ def test_the_first_latent_of_a_clip_is_its_first_frame_encoded_alone(folder):
 
 
 def test_the_samplers_keep_the_clean_first_frame():
-    torch.manual_seed(0)
-    model = W.WanModel(W.WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=1, in_dim=48, out_dim=48, text_dim=8,
-                                   text_len=4, model_type="ti2v"))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = tiny_ti2v()
     first = torch.randn(1, 48, 1, 4, 4)
     x = torch.randn(1, 48, 3, 4, 4)
     x[:, :, :1] = first
