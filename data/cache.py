@@ -228,10 +228,6 @@ def load_entry(file, device="cpu"):
     A damaged entry (cut short by a crash or a full disk after it was written) raises ValueError naming it, and so
     does a missing one: rank 0 listed it or another rank wrote it, so a process that cannot see it has a cache_dir
     that is not shared (a node-local disk on a multi-node run)."""
-    if not os.path.exists(file):
-        raise ValueError(f"cache entry {file} does not exist here, though it was cached (rank 0 listed it or a rank "
-                         "wrote it): the cache folder must be on a filesystem every rank of every node sees, not a "
-                         "node-local disk")
     try:
         with safe_open(file, "pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -239,6 +235,10 @@ def load_entry(file, device="cpu"):
         meta.update(start=float(meta["start"]), fps=float(meta["fps"]), bucket=json.loads(meta["bucket"]),
                     settings=json.loads(meta["settings"]))
     except Exception as e:  # noqa: BLE001 -- safetensors' own errors name no file
+        if not os.path.exists(file):  # (looked at only on failure: no stat per entry on the loading path)
+            raise ValueError(f"cache entry {file} does not exist here, though it was cached (rank 0 listed it or a "
+                             "rank wrote it): the cache folder must be on a filesystem every rank of every node sees, "
+                             "not a node-local disk") from None
         raise ValueError(f"cache entry {file} is unreadable ({type(e).__name__}: {e}); delete it and run again to "
                          "encode it anew") from None
     return tensors, meta
