@@ -2035,6 +2035,8 @@ class Args:
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1, as diffusion-pipe)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's); A14B: HIGH,LOW or a run folder
+    init_lora: str = ""  # train: the adapter starts from this LoRA file, with its rank, alpha and targets (as --lora)
+    base_lora: str = ""  # merged into the frozen base first (train, sample): PATH[:MULT],...; A14B: high=PATH for one
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
@@ -2124,20 +2126,30 @@ def expert_folders(args):
     return {"": root}
 
 
-def sample_loras(args, experts):
-    """{expert: LoRA file} of --mode sample --lora. One file for a single model; for the A14B experts either a run
-    folder holding our exports (lora_high_noise.safetensors, lora_low_noise.safetensors) or two files "HIGH,LOW"
-    (the high-noise expert's first, as ComfyUI users pair them)."""
-    if "" in experts or len(experts) == 1 and "," not in args.lora and not os.path.isdir(args.lora):
-        return {e: args.lora for e in experts}
-    if os.path.isdir(args.lora):
-        found = {e: os.path.join(args.lora, f"lora_{e}_noise.safetensors") for e in ("high", "low")}
+def lora_files(value, experts, flag="--lora"):
+    """{expert: LoRA file} of --lora (--mode sample) or --init_lora. One file for a single model; for the A14B experts
+    either a run folder holding our exports (lora_high_noise.safetensors, lora_low_noise.safetensors) or two files
+    "HIGH,LOW" (the high-noise expert's first, as ComfyUI users pair them)."""
+    if "" in experts or len(experts) == 1 and "," not in value and not os.path.isdir(value):
+        return {e: value for e in experts}
+    if os.path.isdir(value):
+        found = {e: os.path.join(value, f"lora_{e}_noise.safetensors") for e in ("high", "low")}
     else:
-        parts = [p.strip() for p in args.lora.split(",")]
+        parts = [p.strip() for p in value.split(",")]
         if len(parts) != 2:
-            raise UserError(f"--lora {args.lora}: the A14B experts take two files, HIGH,LOW (or a run folder)")
+            raise UserError(f"{flag} {value}: the A14B experts take two files, HIGH,LOW (or a run folder)")
         found = dict(zip(("high", "low"), parts))
     return {e: found[e] for e in experts}
+
+
+def base_loras(args, experts):
+    """{expert: [(file, multiplier), ...]} of --base_lora, in the order given: an entry without `high=` / `low=`
+    goes to every expert (to the one model of a single-model run)."""
+    try:
+        entries = lora_file.parse_list(args.base_lora, names=() if "" in experts else ("high", "low"))
+    except ValueError as e:
+        raise UserError(f"--base_lora {e}") from None
+    return {e: [(path, mult) for name, path, mult in entries if name in ("", e)] for e in experts}
 
 
 def dit_config(args):
@@ -2214,13 +2226,37 @@ def check_args(args):
     need(a14b or not args.sample_guidance_high, f"--sample_guidance_high {args.sample_guidance_high}: the guidance "
          f"of the high-noise expert's steps, for a Wan 2.2 A14B {flag} (with high_noise_model/ and "
          "low_noise_model/); this model samples with --sample_guidance alone")
-    if a14b and args.lora:
-        for e, path in sample_loras(args, expert_folders(args)).items():
-            need(os.path.isfile(path), f"--lora: no {e}-noise LoRA file {path} (give a run folder holding "
+    for flag, value in (("--lora", args.lora), ("--init_lora", args.init_lora)):
+        for e, path in lora_files(value, expert_folders(args), flag).items() if a14b and value else ():
+            need(os.path.isfile(path), f"{flag}: no {e}-noise LoRA file {path} (give a run folder holding "
                  "lora_high_noise.safetensors and lora_low_noise.safetensors, or HIGH.safetensors,LOW.safetensors)")
     if args.lora and args.mode == "sample":  # read and fitted to the model now, not after the prompts are encoded
-        for path in sample_loras(args, expert_folders(args)).values():
+        for path in lora_files(args.lora, expert_folders(args)).values():
             lora_for(path, cfg)
+    need(not args.init_lora or args.mode == "train", "--init_lora starts a training run's adapter from a file; "
+         "to sample with one use --lora")
+    if args.init_lora and args.mode == "train":
+        # the run's rank, alpha and targets are the file's, set here so that every later check sees a LoRA run
+        got = set()
+        for path in lora_files(args.init_lora, expert_folders(args), "--init_lora").values():
+            lsd, diffs, r, a = lora_for(path, cfg)
+            need(lsd and not diffs, f"--init_lora {path}: its full-weight deltas (.diff / .diff_b) or adapters outside "
+                 "the blocks cannot train as LoRA adapters: merge it into the base with --base_lora")
+            got.add((r, a, ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))))
+        need(len(got) == 1, f"--init_lora {args.init_lora}: the two experts' files differ in rank, alpha or targets "
+             f"({sorted(got)}); one run trains one adapter shape")
+        r, a, targets = got.pop()
+        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
+             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha "
+             "and --lora_targets out or give the file's")
+        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
+    need(not args.base_lora or args.mode in ("train", "sample"), "--base_lora merges a LoRA into the base of a "
+         "training or sampling run")
+    if args.base_lora and args.mode in ("train", "sample"):
+        for files in base_loras(args, expert_folders(args)).values():
+            for path, _ in files:
+                need(os.path.isfile(path), f"--base_lora {path}: no such file")
+                lora_for(path, cfg)
     task = task_of(args, cfg)
     need(task in TASKS[cfg.model_type], f"--task {task}: a {cfg.model_type} model does "
          f"{' or '.join(TASKS[cfg.model_type])}")
@@ -2662,24 +2698,33 @@ def main(argv=None):
     # straight into the compute dtype.
     # Wan 2.2 A14B: one DiT per expert, each with its own LoRA and its own FSDP2 sharding, read one after the other
     experts, boundary = expert_folders(args), boundary_of(args, cfg)
-    loras = sample_loras(args, experts) if args.mode == "sample" and args.lora else {}
+    # --lora (sample) / --init_lora (train): the file's adapters, rank, alpha and targets (each expert its own file)
+    value = args.lora if args.mode == "sample" else args.init_lora if args.mode == "train" else ""
+    loras, bases = lora_files(value, experts) if value else {}, base_loras(args, experts)
     built = {}
     for name, path in experts.items():
         lora_alpha, lsd, diffs = None, None, {}
-        if name in loras:  # --mode sample --lora: the file's rank, alpha and targets (each expert its own)
+        if name in loras:
             lsd, diffs, args.lora_rank, lora_alpha = lora_for(loras[name], cfg)
             args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
             if not lsd:  # only deltas (or adapters outside the blocks, merged): no LoRALinear
                 lsd, args.lora_rank = None, 0
         sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)
         if rank == 0:
-            for k, d in diffs.items():  # W += diff, b += diff_b, in fp32, back to the weight's dtype
-                sd[k] = (sd[k].float() + d).to(sd[k].dtype)
+            for file, mult in bases[name]:  # --base_lora: W += mult (alpha / rank) B @ A, in fp32, then its dtype
+                print0(f"--base_lora: {file} x {mult} merged into the {name or 'DiT'}{' expert' if name else ''}")
+                blsd, bdiffs, brank, balpha = lora_for(file, cfg)
+                lora_file.merge(sd, blsd, brank, balpha, bdiffs, mult)
+            lora_file.merge(sd, {}, 1, 1, diffs)  # --lora's deltas: W += diff, b += diff_b
         if lsd is not None and rank == 0:
             sd.update(lsd)
-            with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+            # a LoRA that skips some blocks: the adapters there start as a fresh one does (training) or as zeros (B =
+            # 0 and A = 0: a no-op in a sample)
+            with torch.device("meta"):
                 probe = add_lora(WanModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-            sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
+            fill = lora_init_state(probe, args.seed) if args.mode == "train" else \
+                {k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k}
+            sd.update({k: v for k, v in fill.items() if k not in sd})
         built[name] = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
         del sd
     model = Experts(built["high"], built["low"], boundary) if len(built) == 2 else built[next(iter(built))]
@@ -2710,6 +2755,10 @@ def main(argv=None):
         fingerprint.update(task=task, experts=",".join(experts), boundary=boundary)
     if args.first_frame_p >= 0:
         fingerprint.update(first_frame_p=args.first_frame_p)
+    if args.init_lora:  # only where set: a run folder of before still resumes
+        fingerprint.update(init_lora={e: os.path.abspath(f) for e, f in loras.items()})
+    if args.base_lora:
+        fingerprint.update(base_lora={e: [[os.path.abspath(f), m] for f, m in b] for e, b in bases.items()})
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -6,6 +6,8 @@ lora_down.weight`), whose flattened module names only the model can map back: th
 `lora_down` / `lora_up` under any prefix (Kijai's and lightx2v's `diffusion_model.X.lora_down.weight`). Full-weight
 deltas (`X.diff` for X.weight, `X.diff_b` for X.bias, which ComfyUI adds as they are) go to the caller's `diffs` dict,
 or are refused when it gives none."""
+import os
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -93,3 +95,43 @@ def check_fits(path, sd, rank, model, diffs=None):
             if v.shape != params[k].shape]
     if bad:
         raise ValueError(f"{path}: LoRA shapes that do not fit this model: {'; '.join(bad[:4])}")
+
+
+def merge(sd, lsd, rank, alpha, diffs=None, mult=1.0):
+    """Merge a LoRA into full weights, in place (--base_lora: a distillation or style LoRA under the one that trains):
+    W += mult * (alpha / rank) * B @ A for every adapter of `lsd` (read_lora's), and mult * delta for every full-weight
+    delta of `diffs` ({"X.weight" / "X.bias": delta}), in fp32, each result cast back to the dtype the weight has in
+    `sd` (official keys; a bf16 base rounds once, as ComfyUI's merge does)."""
+    scale = mult * alpha / rank
+    for k in [k for k in lsd if k.endswith(SUFFIX_A)]:
+        m = k[: -len(SUFFIX_A)] + ".weight"
+        w = sd[m]
+        sd[m] = (w.float() + scale * (lsd[k[: -len(SUFFIX_A)] + SUFFIX_B].float() @ lsd[k].float())).to(w.dtype)
+    for k, d in (diffs or {}).items():
+        sd[k] = (sd[k].float() + mult * d.float()).to(sd[k].dtype)
+
+
+def parse_list(value, names=()):
+    """--base_lora 'PATH[:MULT],...' -> [(name, path, mult)]: MULT (default 1) scales the LoRA's alpha / rank, and a
+    `NAME=` before a path, one of `names` (e.g. the A14B experts high / low), applies it to that part alone (name
+    "": to every part). ValueError, naming the entry, for a malformed one."""
+    out = []
+    for entry in [e.strip() for e in value.split(",") if e.strip()]:
+        name, sep, rest = entry.partition("=")
+        if sep and os.sep not in name:  # NAME=PATH
+            if name not in names:
+                raise ValueError(f"{entry}: {name}= names a part of the model: "
+                                 + (", ".join(names) if names else "this model has no parts"))
+        else:
+            name, rest = "", entry
+        path, mult = rest, 1.0
+        head, sep, tail = rest.rpartition(":")
+        if sep:
+            try:
+                path, mult = head, float(tail)
+            except ValueError:
+                pass
+        if not path:
+            raise ValueError(f"{entry}: expected PATH or PATH:MULTIPLIER")
+        out.append((name, path, mult))
+    return out

@@ -303,6 +303,25 @@ def check_lora_on_export(run, common, out, dit_path, read_lora):
     return lsd
 
 
+def check_init_and_base_lora(run, common, tmp_path, lora, read_lora, tol=1e-5):
+    """--init_lora and --base_lora through main(), one step at lr 0 in fp32 on the base of the `common` flags, with
+    the trained LoRA file `lora` (check_lora_on_export's): (a) --init_lora starts the adapter from the file (rank,
+    alpha and targets its own) and, lr 0, exports it unchanged; (b) a fresh adapter on the base with the file merged
+    by --base_lora sees the loss of (a) (the same model, merged); (c) merged with multiplier 0 it sees the base's
+    loss, which the LoRA changes. Each step-1 loss is the untrained model's on the same draws."""
+    one = [*common, "--max_steps", "1", "--lr", "0", "--dtype", "fp32", "--sample_prompts", ""]
+    run(*one, "--init_lora", str(lora), "--out_dir", str(tmp_path / "init"))
+    run(*one, "--base_lora", str(lora), "--lora_rank", "4", "--out_dir", str(tmp_path / "merged"))
+    run(*one, "--base_lora", f"{lora}:0", "--lora_rank", "4", "--out_dir", str(tmp_path / "zero"))
+    want, rank, alpha = read_lora(str(lora))
+    got, rank2, alpha2 = read_lora(str(tmp_path / "init" / "lora.safetensors"))
+    assert (rank2, alpha2, sorted(got)) == (rank, alpha, sorted(want))
+    assert all(torch.equal(got[k], want[k]) for k in want)  # lr 0: the file's adapter, unchanged
+    a, b, c = (losses(tmp_path / d)[1] for d in ("init", "merged", "zero"))
+    assert abs(a - b) <= tol * abs(a), (a, b)
+    assert abs(a - c) > 1000 * abs(a - b) and abs(a - c) > 1e-4 * abs(a), (a, b, c)
+
+
 def check_lora_changes_the_sample(run, sample, tmp_path, lora, frames, fps):
     """--mode sample (the `sample` flags) into s0 without and s1 with the LoRA file `lora`: the LoRA changes the
     video, and sampling leaves no run files behind. Returns the two clips (read at `frames` frames, `fps`)."""

@@ -55,6 +55,10 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     s = checks.sample_flags(["--ckpt_dir", folder["ckpt"]], str(out / "model.safetensors"), folder["cache"], 5)
     checks.check_lora_changes_the_sample(wan, s, tmp_path, lora / "lora.safetensors", 5, 16)
 
+    # --init_lora / --base_lora with that LoRA, on the same base
+    checks.check_init_and_base_lora(wan, [*common, "--dit_path", str(out / "model.safetensors")], tmp_path,
+                                    lora / "lora.safetensors", W.read_lora)
+
 
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(wan, folder["ckpt"], CLIP, 2 * 8)
