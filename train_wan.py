@@ -2210,8 +2210,8 @@ def check_args(args):
     need(not (args.timestep_sampling == "shift" and args.shift == 1), "--timestep_sampling shift with --shift 1 is "
          "plain uniform: give --shift N (musubi's `shift` is --timestep_sampling logit_normal --shift N here)")
     weights = args.dit_path or args.ckpt_dir
-    for k in ("ckpt_dir", "dit_path", "lora", "sample_image", "sample_last_image"):
-        for path in getattr(args, k).split(",") if k == "lora" else [getattr(args, k)]:  # A14B: --lora HIGH,LOW
+    for k in ("ckpt_dir", "dit_path", "lora", "init_lora", "sample_image", "sample_last_image"):
+        for path in getattr(args, k).split(",") if "lora" in k else [getattr(args, k)]:  # A14B: --lora HIGH,LOW
             need(not path or os.path.exists(path), f"--{k} {path}: no such file or folder")
     try:
         cfg = dit_config(args)

@@ -274,3 +274,40 @@ def test_a_lora_that_does_not_fit_the_model_names_the_keys():
         check_fits("l.safetensors", ok, 2, model, diffs={"2.bias": torch.zeros(6)})
     with pytest.raises(ValueError, match=r"shapes that do not fit this model: 0.lora_A.weight \(2, 8\) vs \(2, 4\)"):
         check_fits("l.safetensors", {**ok, "0.lora_A.weight": torch.zeros(2, 8)}, 2, model)
+
+
+def test_a_merged_lora_is_the_adapted_model():
+    """lora_file.merge (--base_lora): the merged Linear computes what the Linear plus its adapter does, times the
+    multiplier; deltas add to weights and biases; each weight keeps its dtype."""
+    from common.lora_file import merge
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    sd = {"0.weight": lin.weight.detach().clone(), "0.bias": lin.bias.detach().clone(),
+          "1.weight": torch.ones(3, dtype=torch.bfloat16)}
+    A, B = torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g)
+    x = torch.randn(4, 5, generator=g)
+    merged = dict(sd)
+    merge(merged, {"0.lora_A.weight": A, "0.lora_B.weight": B}, 2, 3.0,
+          diffs={"0.bias": torch.full((3,), 0.5), "1.weight": torch.full((3,), 0.25)}, mult=0.5)
+    want = lin(x) + 0.5 * (3.0 / 2) * (x @ A.T @ B.T) + 0.25  # the bias delta x mult
+    got = torch.nn.functional.linear(x, merged["0.weight"], merged["0.bias"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert merged["1.weight"].dtype == torch.bfloat16
+    assert torch.equal(merged["1.weight"].float(), torch.full((3,), 1.125))
+    assert torch.equal(sd["0.weight"], lin.weight)  # merge replaces the entries: the caller's tensors stay
+
+
+def test_lora_lists_parse():
+    from common.lora_file import parse_list
+    assert parse_list("a.safetensors, dir/b.safetensors:0.5,c.safetensors:-1") == [
+        ("", "a.safetensors", 1.0), ("", "dir/b.safetensors", 0.5), ("", "c.safetensors", -1.0)]
+    assert parse_list("high=h.safetensors:2,l.safetensors", names=("high", "low")) == [
+        ("high", "h.safetensors", 2.0), ("", "l.safetensors", 1.0)]
+    assert parse_list("odd:name.safetensors") == [("", "odd:name.safetensors", 1.0)]  # not a number: part of the path
+    assert parse_list("runs/a=b/l.safetensors") == [("", "runs/a=b/l.safetensors", 1.0)]  # = inside a path
+    with pytest.raises(ValueError, match="mid=x.safetensors: mid= names a part of the model: high, low"):
+        parse_list("mid=x.safetensors", names=("high", "low"))
+    with pytest.raises(ValueError, match="this model has no parts"):
+        parse_list("high=x.safetensors")
+    with pytest.raises(ValueError, match=":2: expected PATH or PATH:MULTIPLIER"):
+        parse_list(":2")

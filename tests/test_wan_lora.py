@@ -375,3 +375,76 @@ def test_a_lora_the_model_cannot_take_is_one_line(tmp_path, key, says):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{tmp_path / 'bad.safetensors'}: adapters on modules this model "
                                               "does not have") and says in msg, msg
+
+
+def partial_lora(path, cfg, rank=2, alpha=4.0, seed=5):
+    """A LoRA file on blocks.0.self_attn.q and blocks.1.ffn.2 only (ComfyUI keys + .alpha) -> its adapters."""
+    g = torch.Generator().manual_seed(seed)
+    ad = {}
+    for mod, (o, i) in (("blocks.0.self_attn.q", (cfg.dim, cfg.dim)), ("blocks.1.ffn.2", (cfg.dim, cfg.ffn_dim))):
+        ad[mod + ".lora_A.weight"] = torch.randn(rank, i, generator=g).to(torch.bfloat16).float()
+        ad[mod + ".lora_B.weight"] = torch.randn(o, rank, generator=g).to(torch.bfloat16).float()
+    lora_file.write_lora(str(path), ad, alpha)
+    return ad
+
+
+def check_args_of(argv):
+    args = W.parse(W.Args, argv, presets={"toy": W.TOY_ARGS})
+    W.check_args(args)
+    return args
+
+
+def test_init_lora_takes_the_files_rank_alpha_and_targets(tmp_path):
+    base = tiny_dit(preset="toy")
+    toy_file(tmp_path / "base.safetensors", base.state_dict(), base.cfg)
+    partial_lora(tmp_path / "l.safetensors", base.cfg)
+    args = check_args_of(["--preset", "toy", "--dit_path", str(tmp_path / "base.safetensors"), "--init_lora",
+                          str(tmp_path / "l.safetensors")])
+    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (2, 4.0, "ffn.2,self_attn.q")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--mode", "sample", "--sample_prompts", "a", "--init_lora", "L"], "--init_lora starts a training run's adapter "
+     "from a file; to sample with one use --lora"),
+    (["--init_lora", "L", "--lora_rank", "8"], "--init_lora L: rank 2, alpha 4.0, targets ffn.2,self_attn.q; leave "
+     "--lora_rank, --lora_alpha and --lora_targets out or give the file's"),
+    (["--init_lora", "D"], "--init_lora D: its full-weight deltas (.diff / .diff_b) or adapters outside the blocks "
+     "cannot train as LoRA adapters: merge it into the base with --base_lora"),
+    (["--base_lora", "high=L"], "--base_lora high=L: high= names a part of the model: this model has no parts"),
+    (["--base_lora", "L:0.5,nowhere.safetensors"], "--base_lora nowhere.safetensors: no such file"),
+    (["--init_lora", "nowhere.safetensors"], "--init_lora nowhere.safetensors: no such file or folder"),
+    (["--mode", "bench", "--base_lora", "L"], "--base_lora merges a LoRA into the base of a training or sampling run"),
+])
+def test_init_and_base_lora_mistakes_are_one_line(tmp_path, monkeypatch, flags, says):
+    monkeypatch.chdir(tmp_path)
+    base = tiny_dit(preset="toy")
+    toy_file(tmp_path / "base.safetensors", base.state_dict(), base.cfg)
+    ad = partial_lora(tmp_path / "L", base.cfg)
+    save_file({"diffusion_model." + k: v for k, v in ad.items()} | {"diffusion_model.blocks.0.norm3.diff":
+              torch.ones(base.cfg.dim)}, str(tmp_path / "D"))
+    with pytest.raises(W.UserError) as e:
+        check_args_of(["--preset", "toy", "--dit_path", str(tmp_path / "base.safetensors"), *flags])
+    assert "\n" not in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_init_lora_of_some_blocks_trains_the_others_from_a_fresh_adapter(tmp_path, toy):
+    """--init_lora with a file on two modules only (the toy, 1 step at lr 0): the export holds the file's adapters
+    unchanged and, on every other target of the file, the fresh init's (A random, B zero: an adapter that can learn;
+    zeros in both would never move)."""
+    from tests.procs import SMALL, script_runner
+    wan = script_runner("train_wan.py")
+    base = tiny_dit(preset="toy")
+    toy_file(tmp_path / "base.safetensors", base.state_dict(), base.cfg)
+    ad = partial_lora(tmp_path / "l.safetensors", base.cfg)
+    wan(*SMALL, "--data", toy["data"], "--cache_dir", toy["cache"], "--dit_path", str(tmp_path / "base.safetensors"),
+        "--init_lora", str(tmp_path / "l.safetensors"), "--max_steps", "1", "--lr", "0", "--out_dir",
+        str(tmp_path / "o"))
+    got, rank, alpha = W.read_lora(str(tmp_path / "o" / "lora.safetensors"))
+    assert (rank, alpha) == (2, 4.0)
+    assert sorted(got) == sorted(f"blocks.{i}.{m}.lora_{x}.weight" for i in range(base.cfg.num_layers)
+                                 for m in ("self_attn.q", "ffn.2") for x in "AB")
+    for k, v in got.items():
+        if k in ad:
+            assert torch.equal(v, ad[k]), k
+        else:
+            assert (v.abs().sum() == 0) == (".lora_B." in k), k
