@@ -134,6 +134,20 @@ def test_both_experts_each_step_changes_only_its_expert(folder, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 9))
     assert [r["expert"] for r in log] == [W.step_expert(args, s, {"high": "", "low": ""}, 0.5) for s in range(8)]
 
+    # --init_lora from the run folder and --base_lora high=/low= put each file on its expert: 6 untrained steps (lr
+    # 0, fp32) see the same losses both ways, and other losses with the two files swapped
+    one = [*common, "--dtype", "fp32", "--max_steps", "6", "--lr", "0"]  # the last --dtype counts
+    high, low = f"{out}/lora_high_noise.safetensors", f"{out}/lora_low_noise.safetensors"
+    runs = {"init": ["--init_lora", str(out)], "base": ["--base_lora", f"low={low},high={high}", "--lora_rank", "4"],
+            "swapped": ["--base_lora", f"high={low},low={high}", "--lora_rank", "4"]}
+    got = {}
+    for name, flags in runs.items():
+        wan(*one, *flags, "--out_dir", str(tmp_path / name))
+        got[name] = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
+    assert {r["expert"] for r in read_log(tmp_path / "init") if "loss" in r} == {"high", "low"}
+    for a, b, c in zip(got["init"], got["base"], got["swapped"]):
+        assert abs(a - b) <= 1e-5 * abs(a) and abs(a - c) > 1e-4 * abs(a), got
+
 
 def test_one_expert_trains_alone_on_its_range(folder, tmp_path):
     common = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--cache_dir", folder["cache"], *CLIP, *ROUTE]
