@@ -963,6 +963,35 @@ def read_lora(path):
     return lora_file.read_lora(path)
 
 
+def lora_for(path, cfg):
+    """--lora (--mode sample), --init_lora, --base_lora: the file read and checked against the model of `cfg` ->
+    (adapters of the blocks' Linears, rank, alpha). Full-weight deltas (.diff) and adapters outside the blocks are
+    refused (add_lora adapts the blocks only); a LoRA of another model (more blocks, another width) is one UserError
+    line naming the keys, before any weight is read."""
+    try:
+        lsd, rank, alpha = read_lora(path)
+    except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
+        raise UserError(str(e)) from None
+    outside = [k for k in lsd if not k.startswith("blocks.")]
+    if outside:
+        raise UserError(f"{path}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+    with torch.device("meta"):
+        fit = AsymmDiT(cfg)
+    try:
+        lora_file.check_fits(path, lsd, rank, fit)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return lsd, rank, alpha
+
+
+def base_loras(args):
+    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no NAME= prefix)."""
+    try:
+        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
+    except ValueError as e:
+        raise UserError(f"--base_lora {e}") from None
+
+
 def check_lora_layout(path):
     """One clear line for a diffusers-format LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`), from
     the header alone. Not mapped: its adapters on the split to_q / to_k / to_v would become one block-diagonal
@@ -1419,6 +1448,8 @@ class Args:
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, Genmo's fine-tuner's, .pt too)
+    init_lora: str = ""  # train: the adapter starts from this LoRA file, with its rank, alpha and targets (as --lora)
+    base_lora: str = ""  # merged into the frozen base first (train, sample): PATH[:MULT],...
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
@@ -1525,18 +1556,35 @@ def check_args(args):
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
     weights = args.dit_path or args.ckpt_dir
-    for k in ("ckpt_dir", "dit_path", "lora"):
+    need(not args.init_lora or args.mode == "train", "--init_lora starts a training run's adapter from a file; "
+         "to sample with one use --lora")
+    need(not args.base_lora or args.mode in ("train", "sample"), "--base_lora merges a LoRA into the base of a "
+         "training or sampling run")
+    for k in ("ckpt_dir", "dit_path", "lora", "init_lora"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
     if weights:  # the DiT is found, in a layout that loads (the headers only; main reads the config again)
         try:
-            read_dit_config(weights)
+            cfg = read_dit_config(weights)
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
         except KeyError as e:  # not a Mochi DiT, or a diffusers file without its folder
             raise UserError(f"{weights}: {e.args[0]}") from None
     if args.lora and args.lora.endswith(".safetensors"):
         check_lora_layout(args.lora)
+    need(weights or not (args.init_lora or args.base_lora), "--init_lora and --base_lora need base weights to "
+         "adapt: --ckpt_dir or --dit_path")
+    if args.init_lora:
+        # the run's rank, alpha and targets are the file's, set here so that every later check sees a LoRA run
+        lsd, r, a = lora_for(args.init_lora, cfg)
+        targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
+             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha "
+             "and --lora_targets out or give the file's")
+        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
+    for path, _ in base_loras(args) if args.base_lora else ():
+        need(os.path.isfile(path), f"--base_lora {path}: no such file")
+        lora_for(path, cfg)
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
     if args.mode in ("train", "cache", "sample") and args.encoders == "official":
@@ -1854,28 +1902,27 @@ def main(argv=None):
 
     # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
     # straight into the compute dtype (keep_fp32's tensors stay fp32).
-    lora_alpha, lsd = None, None
-    if args.mode == "sample" and args.lora:
-        try:
-            lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
-        except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
-            raise UserError(str(e)) from None
-        outside = [k for k in lsd if not k.startswith("blocks.")]
-        if outside:
-            raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
-        with torch.device("meta"):
-            fit = AsymmDiT(cfg)
-        try:  # a LoRA of another model (more blocks, another width) in one line, before any weight is read
-            lora_file.check_fits(args.lora, lsd, args.lora_rank, fit)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    # --lora (sample) / --init_lora (train): the file's adapters, rank, alpha and targets
+    value = args.lora if args.mode == "sample" else args.init_lora if args.mode == "train" else ""
+    lora_alpha, lsd, bases = None, None, base_loras(args)
+    if value:
+        lsd, args.lora_rank, lora_alpha = lora_for(value, cfg)
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
+    if rank == 0:
+        for file, mult in bases:  # --base_lora: W += mult (alpha / rank) B @ A, in fp32, then its dtype
+            print0(f"--base_lora: {file} x {mult} merged into the DiT")
+            blsd, brank, balpha = lora_for(file, cfg)
+            lora_file.merge(sd, blsd, brank, balpha, mult=mult)
     if lsd is not None and rank == 0:
         sd.update(lsd)
-        with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+        # a LoRA that skips some blocks: the adapters there start as a fresh one does (training) or as zeros (B = 0
+        # and A = 0: a no-op in a sample)
+        with torch.device("meta"):
             probe = add_lora(AsymmDiT(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-        sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
+        fill = lora_init_state(probe, args.seed) if args.mode == "train" else \
+            {k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k}
+        sd.update({k: v for k, v in fill.items() if k not in sd})
     model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
@@ -1898,6 +1945,10 @@ def main(argv=None):
                        lora_targets=args.lora_targets, timestep_sampling=args.timestep_sampling, shift=args.shift,
                        caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders,
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
+    if args.init_lora:  # only where set: a run folder of before still resumes
+        fingerprint.update(init_lora=os.path.abspath(args.init_lora))
+    if args.base_lora:
+        fingerprint.update(base_lora=[[os.path.abspath(f), m] for f, m in bases])
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_mochi as M
+from common import lora_file
 from tests import checks
 from tests.procs import script_runner
 from tests.test_mochi_vae import golden_weight
@@ -96,6 +97,10 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     s = checks.sample_flags(["--ckpt_dir", folder["ckpt"]], str(out / "model.safetensors"), folder["cache"], 7)
     checks.check_lora_changes_the_sample(mochi, s, tmp_path, lora / "lora.safetensors", 7, 30)
 
+    # --init_lora / --base_lora with that LoRA, on the same base
+    checks.check_init_and_base_lora(mochi, [*common, "--dit_path", str(out / "model.safetensors")], tmp_path,
+                                    lora / "lora.safetensors", M.read_lora)
+
 
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(mochi, folder["ckpt"], CLIP, 2 * 8)
@@ -112,9 +117,22 @@ def test_bench_in_bf16(folder):
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
     (["--timestep_sampling", "shift"], "--timestep_sampling shift with --shift 1 is plain uniform: give --shift N "
      "(musubi's `shift` is --timestep_sampling logit_normal --shift N here)"),
+    (["--mode", "sample", "--init_lora", "LORA", "--sample_prompts", "a"], "--init_lora starts a training run's "
+     "adapter from a file; to sample with one use --lora"),
+    (["--init_lora", "LORA", "--lora_rank", "8"], "rank 4, alpha 4.0, targets attn.proj_x,attn.proj_y,attn.qkv_x,"
+     "attn.qkv_y; leave --lora_rank, --lora_alpha and --lora_targets out or give the file's"),
+    (["--base_lora", "x=LORA"], "x= names a part of the model: this model has no parts"),
+    (["--base_lora", "LORA", "--mode", "bench"], "--base_lora merges a LoRA into the base of a training or sampling "
+     "run"),
+    (["--base_lora", "nowhere.safetensors:0.5"], "--base_lora nowhere.safetensors: no such file"),
+    (["--ckpt_dir", "", "--preset", "tiny", "--init_lora", "LORA"], "--init_lora and --base_lora need base weights"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
+    lora = str(tmp_path / "lora.safetensors")  # LORA in the flags: a rank-4 LoRA file of the tiny DiT
+    model = M.add_lora(M.AsymmDiT(TINY_DIT), 4, 4)
+    lora_file.write_lora(lora, M.lora_init_state(model, 0), 4)
+    flags = [f.replace("LORA", lora) for f in flags]
     checks.check_user_error(mochi, [*base, *flags], says, tmp_path / "o")
 
 
