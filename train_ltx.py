@@ -1286,13 +1286,35 @@ def lora_for_export(sd, rank, alpha):
     return {k: v * (alpha / rank) if k.endswith(".lora_B.weight") else v for k, v in sd.items()}, float(rank)
 
 
-def read_lora(path):
+def read_lora(path, diffs=None):
     """A LoRA file -> (state dict under our module names, rank, alpha): ComfyUI's format (ours, diffusion-pipe's:
     diffusion_model.<module>) or diffusers' (transformer.<module>: LTX-Video-Trainer's save_lora_weights,
     finetrainers). Inside the blocks diffusers' LTX transformer names every Linear as the official code does
     (attn1/attn2.to_q/to_k/to_v/to_out.0, ff.net.0.proj, ff.net.2; only the weight-only q/k norms differ), so
-    stripping the prefix is the whole conversion."""
-    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."))
+    stripping the prefix is the whole conversion. diffs: common/lora_file.py's (a dict for the file's full-weight
+    deltas; None refuses them)."""
+    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), diffs=diffs)
+
+
+def lora_for(path, cfg, diffs=None):
+    """A LoRA file (--lora, --init_lora, --base_lora) read and checked against the model of `cfg` -> (state dict,
+    rank, alpha): a LoRA of another model (more blocks, another width) is one UserError line naming the keys, before
+    any weight is read. diffs None: adapters of the blocks' Linears only (add_lora adapts those), no full-weight
+    deltas; a dict (--base_lora, merged into the weights): it receives the deltas, and adapters may be anywhere."""
+    try:
+        lsd, rank, alpha = read_lora(path, diffs)
+    except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
+        raise UserError(str(e)) from None
+    outside = [k for k in lsd if not k.startswith("transformer_blocks.")]
+    if outside and diffs is None:
+        raise UserError(f"{path}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
+    with torch.device("meta"):
+        fit = Transformer3DModel(cfg)
+    try:
+        lora_file.check_fits(path, lsd, rank, fit, diffs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return lsd, rank, alpha
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1648,6 +1670,8 @@ class Args:
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each block) that get an adapter; + ff.net.0.proj,ff.net.2
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, ComfyUI's)
+    init_lora: str = ""  # train: the adapter starts from this LoRA file, with its rank, alpha and targets (as --lora)
+    base_lora: str = ""  # merged into the frozen base first (train, sample): PATH[:MULT],...
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
@@ -1777,6 +1801,10 @@ def check_args(args):
          "distilled configs' first pass; with --sample_config the config's own timesteps apply: pass one of them")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
+    need(not args.init_lora or args.mode == "train", "--init_lora starts a training run's adapter from a file; "
+         "to sample with one use --lora")
+    need(not args.base_lora or args.mode in ("train", "sample"), "--base_lora merges a LoRA into the base of a "
+         "training or sampling run")
     for k in ("ckpt_dir", "dit_path", "lora", "text_encoder", "sample_image", "sample_video", "sample_last_image",
               "sample_reference", "reference_dir"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
@@ -1823,6 +1851,25 @@ def check_args(args):
         need(ref["is_image"] or frames_available(ref["duration"], 0.0, args.fps) >= frames, f"--sample_reference "
              f"{args.sample_reference}: {ref['duration']:.3f}s holds fewer than the samples' {frames} frames at "
              f"--fps {args.fps}")
+    cfg = dit_config(args) if args.lora or args.init_lora or args.base_lora else None
+    if args.lora:  # read and fitted to the model now, not after the prompts are encoded
+        lora_for(args.lora, cfg)
+    if args.init_lora:
+        # the run's rank, alpha and targets are the file's, set here so that every later check sees a LoRA run
+        need(os.path.isfile(args.init_lora), f"--init_lora {args.init_lora}: no such file")
+        diffs = {}
+        lsd, r, a = lora_for(args.init_lora, cfg, diffs)
+        need(not diffs and all(k.startswith("transformer_blocks.") for k in lsd), f"--init_lora {args.init_lora}: "
+             "its full-weight deltas (.diff / .diff_b) or adapters outside the blocks cannot train as LoRA adapters: "
+             "merge it into the base with --base_lora")
+        targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
+             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, "
+             "--lora_alpha and --lora_targets out or give the file's")
+        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
+    for path, _ in base_loras(args):
+        need(os.path.isfile(path), f"--base_lora {path}: no such file")
+        lora_for(path, cfg, {})
     weights = args.dit_path or args.ckpt_dir
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
@@ -1942,6 +1989,14 @@ def build_encoders(args, cfg, device, video=True, text=True):
             ctx, mask = te.encode(prompts)
             return ctx[:, : int(mask.sum(1).max())].float()
     return enc_v, dec_v, enc_t
+
+
+def base_loras(args):
+    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no NAME= prefix)."""
+    try:
+        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
+    except ValueError as e:
+        raise UserError(f"--base_lora {e}") from None
 
 
 def dit_config(args):
@@ -2621,28 +2676,29 @@ def main(argv=None):
 
     # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
     # straight into the compute dtype.
+    # --lora (sample) / --init_lora (train): the file's adapters, rank, alpha and targets
     lora_alpha, lsd = None, None
-    if args.mode == "sample" and args.lora:
-        try:
-            lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
-        except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
-            raise UserError(str(e)) from None
-        outside = [k for k in lsd if not k.startswith("transformer_blocks.")]
-        if outside:
-            raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
-        with torch.device("meta"):
-            fit = Transformer3DModel(cfg)
-        try:  # a LoRA of another model (more blocks, another width) in one line, before any weight is read
-            lora_file.check_fits(args.lora, lsd, args.lora_rank, fit)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    value = args.lora if args.mode == "sample" else args.init_lora
+    if value:
+        lsd, args.lora_rank, lora_alpha = lora_for(value, cfg)
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+    bases = base_loras(args)
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
+    if rank == 0:
+        for file, mult in bases:  # --base_lora: W += mult (alpha / rank) B @ A (+ deltas), in fp32, then its dtype
+            print0(f"--base_lora: {file} x {mult} merged into the DiT")
+            diffs = {}
+            blsd, brank, balpha = lora_for(file, cfg, diffs)
+            lora_file.merge(sd, blsd, brank, balpha, diffs, mult)
     if lsd is not None and rank == 0:
         sd.update(lsd)
-        with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+        # a LoRA that skips some blocks: the adapters there start as a fresh one does (training) or as zeros (B = 0
+        # and A = 0: a no-op in a sample)
+        with torch.device("meta"):
             probe = add_lora(Transformer3DModel(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-        sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
+        fill = lora_init_state(probe, args.seed) if args.mode == "train" else \
+            {k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k}
+        sd.update({k: v for k, v in fill.items() if k not in sd})
     model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
@@ -2669,6 +2725,10 @@ def main(argv=None):
                        **({"prefix_p": args.prefix_p} if args.prefix_p else {}),
                        **({"reference": True} if args.reference else {}),
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
+    if args.init_lora:  # only where set: a run folder of before still resumes
+        fingerprint.update(init_lora=os.path.abspath(args.init_lora))
+    if args.base_lora:
+        fingerprint.update(base_lora=[[os.path.abspath(f), m] for f, m in bases])
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -100,6 +100,12 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     s = checks.sample_flags(["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors"], exported,
                             folder["cache"], 9, "--fps", "16", "--sample_stg_blocks", "1")
     a, _ = checks.check_lora_changes_the_sample(ltx, s, tmp_path, lora / "lora.safetensors", 9, 16)
+
+    # --init_lora / --base_lora with that LoRA, on the same base
+    checks.check_init_and_base_lora(ltx, [*common, "--dit_path", exported], tmp_path, lora / "lora.safetensors",
+                                    L.read_lora)
+
+    # image-to-video, on the sample flags above
     clip = os.path.join(folder["data"], sorted(f for f in os.listdir(folder["data"]) if f.endswith(".mp4"))[0])
     ltx(*s, "--out_dir", str(tmp_path / "s2"), "--sample_image", clip)  # image-to-video changes it too
     from data.video import read_clip
@@ -271,6 +277,29 @@ def test_a_lora_of_another_model_is_one_line(folder, tmp_path):
                             "['transformer_blocks.7.attn1.to_q']", tmp_path / "o")
 
 
+def test_init_and_base_lora_files_are_checked_in_one_line(folder, tmp_path):
+    """--init_lora: a rank other than the file's, or a file with full-weight deltas (it trains adapters only);
+    --base_lora: a missing file, a LoRA of a deeper model. Each one line before any work."""
+    from common import lora_file
+    def write(name, blocks, extra=None):
+        sd = {f"transformer_blocks.{b}.attn1.to_q.lora_{ab}.weight": torch.zeros(shape)
+              for b in blocks for ab, shape in (("A", (4, 32)), ("B", (32, 4)))}
+        lora_file.write_lora(str(tmp_path / name), {**sd, **(extra or {})}, 4.0)
+        return str(tmp_path / name)
+    good, deep = write("good.safetensors", (0, 1)), write("deep.safetensors", (0, 7))
+    delta = write("delta.safetensors", (0,), {"proj_out.diff_b": torch.zeros(8)})
+    base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
+            "--out_dir", str(tmp_path / "o"), *CLIP]
+    for flags, says in [
+            (["--init_lora", good, "--lora_rank", "8"], f"--init_lora {good}: rank 4, alpha 4.0, targets attn1.to_q; "
+             "leave --lora_rank, --lora_alpha and --lora_targets out or give the file's"),
+            (["--init_lora", delta], "cannot train as LoRA adapters: merge it into the base with --base_lora"),
+            (["--base_lora", f"{tmp_path / 'nope.safetensors'}:0.5"], "nope.safetensors: no such file"),
+            (["--base_lora", f"{good},{deep}"], "adapters on modules this model does not have (no such Linear, or "
+             "weight): ['transformer_blocks.7.attn1.to_q']")]:
+        checks.check_user_error(ltx, [*base, *flags], says, tmp_path / "o")
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--height", "48"], "--height 48 --width 32: both must be positive multiples of 32"),
     (["--frames", "5"], "--frames 5: must be 1 + 8k"),
@@ -306,6 +335,12 @@ def test_a_lora_of_another_model_is_one_line(folder, tmp_path):
     (["--sample_config", "ltxv-2b-0.9.8-distilled", "--sample_prompts", "a"], "too small for the multi-scale"),
     (["--sample_config", "ltxv-2b-0.9.8-distilled", "--sample_schedule", "distilled"],
      "--sample_schedule distilled is the distilled configs' first pass"),
+    (["--mode", "sample", "--init_lora", __file__], "--init_lora starts a training run's adapter from a file; to "
+     "sample with one use --lora"),
+    (["--base_lora", "x=" + __file__], f"--base_lora x={__file__}: x= names a part of the model: this model has no "
+     "parts"),
+    (["--mode", "bench", "--base_lora", __file__], "--base_lora merges a LoRA into the base of a training or "
+     "sampling run"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--ckpt_file", "ltxv-tiny.safetensors", "--data", folder["data"],
