@@ -1193,11 +1193,42 @@ def kohya_module_name(flat):
     return f"{kind}_blocks.{i}.{mod}"
 
 
-def read_lora(path):
+def read_lora(path, diffs=None):
     """A LoRA file in ComfyUI's format (ours, diffusion-pipe's `diffusion_model.` or `transformer.` prefix) or
-    musubi's kohya format -> (official-key state dict, rank, alpha); common/lora_file.py has the rules."""
+    musubi's kohya format -> (official-key state dict, rank, alpha); common/lora_file.py has the rules. diffs: a dict
+    for the full-weight deltas (`X.diff`, `X.diff_b`) as {"X.weight": .., "X.bias": ..}; None refuses them."""
     check_lora_layout(path)
-    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), kohya_name=kohya_module_name)
+    return lora_file.read_lora(path, prefixes=("diffusion_model.", "transformer."), kohya_name=kohya_module_name,
+                               diffs=diffs)
+
+
+def lora_for(path, cfg):
+    """--mode sample --lora, --init_lora, --base_lora: the file read and checked against the model of `cfg` ->
+    (adapters of the blocks' Linears, {"X.weight" / "X.bias": delta to add}, rank, alpha). The deltas are the file's
+    .diff / .diff_b and its adapters outside the blocks merged ((alpha / rank) B @ A: add_lora adapts the blocks
+    only). A module the model lacks (a LoRA of more blocks, another width) is one UserError line naming the keys,
+    before any weight is read."""
+    diffs = {}
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(cfg)
+    try:
+        lsd, rank, alpha = read_lora(path, diffs)
+        lora_file.check_fits(path, lsd, rank, model, diffs)
+    except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
+        raise UserError(str(e)) from None
+    mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
+    for m in [m for m in mods if not m.startswith(("double_blocks.", "single_blocks."))]:
+        delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
+        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+    return lsd, diffs, rank, alpha
+
+
+def base_loras(args):
+    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no `NAME=`)."""
+    try:
+        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
+    except ValueError as e:
+        raise UserError(f"--base_lora {e}") from None
 
 
 def check_lora_layout(path):
@@ -1471,6 +1502,8 @@ class Args:
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each double/single block) that get an adapter
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's)
+    init_lora: str = ""  # train: the adapter starts from this LoRA file, with its rank, alpha and targets (as --lora)
+    base_lora: str = ""  # merged into the frozen base first (train, sample): PATH[:MULT],...
     # optimisation
     global_batch: int = 8  # samples per optimizer step, over all ranks; accumulation = global / (micro * world / sp)
     micro_batch: int = 1  # samples per forward on one rank; 0 = global_batch / (world / sp) (no accumulation)
@@ -1573,8 +1606,12 @@ def check_args(args):
              f"--{k} {n}: must be 1 + {st}k (the VAE compresses {st} frames into one latent after the first)")
     need(not args.lora or args.mode == "sample", "--lora applies a LoRA file in --mode sample; to train one use "
          "--lora_rank")
+    need(not args.init_lora or args.mode == "train", "--init_lora starts a training run's adapter from a file; "
+         "to sample with one use --lora")
+    need(not args.base_lora or args.mode in ("train", "sample"), "--base_lora merges a LoRA into the base of a "
+         "training or sampling run")
     weights = args.dit_path or args.ckpt_dir
-    for k in ("ckpt_dir", "dit_path", "lora"):
+    for k in ("ckpt_dir", "dit_path", "lora", "init_lora"):
         need(not getattr(args, k) or os.path.exists(getattr(args, k)),
              f"--{k} {getattr(args, k)}: no such file or folder")
     if weights:  # the DiT file is found and, for a .safetensors (header only), in a layout that loads
@@ -1586,6 +1623,25 @@ def check_args(args):
             read_dit_config(f)
     if args.lora and args.lora.endswith(".safetensors"):
         check_lora_layout(args.lora)
+    if args.lora or args.init_lora or args.base_lora:  # (each only in the modes it is for, checked above)
+        # read and fitted to the model now (the checkpoint's shapes, no weights read), not after the cache is built
+        fit = read_dit_config(f) if weights else cfg
+        if args.lora:
+            lora_for(args.lora, fit)
+        if args.init_lora:
+            # the run's rank, alpha and targets are the file's, set here so that every later check sees a LoRA run
+            lsd, diffs, r, a = lora_for(args.init_lora, fit)
+            need(lsd and not diffs, f"--init_lora {args.init_lora}: its full-weight deltas (.diff / .diff_b) or "
+                 "adapters outside the blocks cannot train as LoRA adapters: merge it into the base with --base_lora")
+            targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+            same_targets = args.lora_targets in (LORA_TARGETS, targets)  # left at the default, or the file's
+            need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and same_targets, f"--init_lora "
+                 f"{args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha and "
+                 "--lora_targets out or give the file's")
+            args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
+        for path, _ in base_loras(args):
+            need(os.path.isfile(path), f"--base_lora {path}: no such file")
+            lora_for(path, fit)
     if args.mode in ("train", "cache"):
         need(args.data, "--data is needed: a folder of videos/images with .txt captions, or a .jsonl / .csv")
     if args.mode in ("train", "cache", "sample") and args.encoders == "official":
@@ -1975,28 +2031,30 @@ def main(argv=None):
 
     # 2. The DiT: (LoRA), FSDP2, weights. A full fine-tune keeps fp32 master weights; a LoRA's frozen base is read
     # straight into the compute dtype.
-    lora_alpha, lsd = None, None
-    if args.mode == "sample" and args.lora:
-        try:
-            lsd, args.lora_rank, lora_alpha = read_lora(args.lora)
-        except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
-            raise UserError(str(e)) from None
-        outside = [k for k in lsd if not k.startswith(("double_blocks.", "single_blocks."))]
-        if outside:
-            raise UserError(f"{args.lora}: LoRA on modules outside the blocks is not supported: {outside[:4]}")
-        with torch.device("meta"):
-            fit = HunyuanVideoDiT(cfg)
-        try:  # a LoRA of another model (more blocks, another width) in one line, before any weight is read
-            lora_file.check_fits(args.lora, lsd, args.lora_rank, fit)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    # --lora (sample) / --init_lora (train): the file's adapters, rank, alpha and targets
+    value = args.lora if args.mode == "sample" else args.init_lora if args.mode == "train" else ""
+    lora_alpha, lsd, diffs = None, None, {}
+    if value:
+        lsd, diffs, args.lora_rank, lora_alpha = lora_for(value, cfg)
         args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        if not lsd:  # only adapters outside the blocks (merged as deltas): no LoRALinear
+            lsd, args.lora_rank = None, 0
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
+    if rank == 0:
+        for file, mult in base_loras(args):  # --base_lora: W += mult (alpha / rank) B @ A, in fp32, then its dtype
+            print0(f"--base_lora: {file} x {mult} merged into the DiT")
+            blsd, bdiffs, brank, balpha = lora_for(file, cfg)
+            lora_file.merge(sd, blsd, brank, balpha, bdiffs, mult)
+        lora_file.merge(sd, {}, 1, 1, diffs)  # --lora's deltas: W += diff, b += diff_b
     if lsd is not None and rank == 0:
         sd.update(lsd)
-        with torch.device("meta"):  # a LoRA that skips some blocks: zero adapters there (B = 0 is a no-op)
+        # a LoRA that skips some blocks: the adapters there start as a fresh one does (training) or as zeros (B = 0
+        # and A = 0: a no-op in a sample)
+        with torch.device("meta"):
             probe = add_lora(HunyuanVideoDiT(cfg), args.lora_rank, lora_alpha, args.lora_targets)
-        sd.update({k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k and k not in sd})
+        fill = lora_init_state(probe, args.seed) if args.mode == "train" else \
+            {k: torch.zeros(v.shape) for k, v in probe.state_dict().items() if ".lora_" in k}
+        sd.update({k: v for k, v in fill.items() if k not in sd})
     model = build_dit(args, cfg, sd, device, compute_dtype, lora_alpha, sp_group)
     del sd
     if args.mode == "sample":
@@ -2019,6 +2077,10 @@ def main(argv=None):
                        timestep_sampling=args.timestep_sampling, shift=args.shift, train_guidance=args.train_guidance,
                        caption_dropout=args.caption_dropout, ema=args.ema, encoders=args.encoders,
                        **({"base_dtype": "float8"} if args.base_dtype == "float8" else {}))  # not offload: exact
+    if args.init_lora:  # only where set: a run folder of before still resumes
+        fingerprint.update(init_lora=os.path.abspath(args.init_lora))
+    if args.base_lora:
+        fingerprint.update(base_lora=[[os.path.abspath(f), m] for f, m in base_loras(args)])
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

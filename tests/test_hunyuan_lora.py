@@ -111,6 +111,37 @@ def test_diffusers_lora_is_refused_in_one_line(tmp_path):
     H.check_lora_layout(f)  # ours passes
 
 
+def test_lora_for_merges_what_add_lora_cannot_adapt(tmp_path):
+    """lora_for (--lora, --init_lora, --base_lora): an adapter outside the blocks (txt_in.input_embedder) and a
+    .diff_b become deltas ((alpha / rank) B @ A, the delta itself), the blocks' adapters stay adapters; merged with
+    multiplier 0.5 each lands scaled; --init_lora refuses such a file in one line (naming --base_lora)."""
+    import pytest
+
+    from common import lora_file
+    from common.args import UserError, parse
+    m = tiny_dit()
+    sd = m.state_dict()
+    g = torch.Generator().manual_seed(0)
+    out, blk = "txt_in.input_embedder", "double_blocks.0.img_attn_qkv"
+    ab = {n: (torch.randn(RANK, sd[n + ".weight"].shape[1], generator=g),
+              torch.randn(sd[n + ".weight"].shape[0], RANK, generator=g)) for n in (out, blk)}
+    d = torch.randn(sd["final_layer.linear.bias"].shape, generator=g)
+    f = {f"diffusion_model.{n}.{k}": v for n, (a, b) in ab.items()
+         for k, v in (("lora_A.weight", a), ("lora_B.weight", b), ("alpha", torch.tensor(ALPHA)))}
+    save_file({**f, "diffusion_model.final_layer.linear.diff_b": d}, str(tmp_path / "l.safetensors"))
+    lsd, diffs, rank, alpha = H.lora_for(str(tmp_path / "l.safetensors"), m.cfg)
+    assert (rank, alpha) == (RANK, ALPHA) and sorted(lsd) == [blk + ".lora_A.weight", blk + ".lora_B.weight"]
+    assert sorted(diffs) == ["final_layer.linear.bias", out + ".weight"]
+    merged = dict(sd)
+    lora_file.merge(merged, lsd, rank, alpha, diffs, 0.5)
+    for n, (a, b) in ab.items():
+        assert torch.allclose(merged[n + ".weight"], sd[n + ".weight"] + 0.5 * ALPHA / RANK * b @ a, atol=1e-5)
+    assert torch.allclose(merged["final_layer.linear.bias"], sd["final_layer.linear.bias"] + 0.5 * d)
+    with pytest.raises(UserError, match="cannot train as LoRA adapters: merge it into the base with --base_lora"):
+        H.check_args(parse(H.Args, ["--preset", "tiny", "--encoders", "toy", "--data", "x", "--init_lora",
+                                    str(tmp_path / "l.safetensors")]))
+
+
 def test_flow_convention():
     x0, noise = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4)
     seen = {}

@@ -2,7 +2,8 @@
 upstream's ckpts/ layout (hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt, .../vae/pytorch_model.pt +
 config.json, text_encoder/, text_encoder_2/): the VAE and both text encoders encode into the cache (--mode cache),
 a full fine-tune trains and resumes, a LoRA trains on its export, --mode sample decodes through the VAE with and
-without the LoRA, bench runs. Plus the flag checks: one clear line and exit code 2, before any work."""
+without the LoRA, the LoRA starts a run (--init_lora) and merges into the base (--base_lora), bench runs. Plus the
+flag checks: one clear line and exit code 2, before any work."""
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import train_hunyuan as H
+from common.lora_file import write_lora
 from tests import checks
 from tests.procs import script_runner
 from tests.test_hunyuan_dit import tiny_dit
@@ -72,6 +74,10 @@ def test_cache_train_resume_sample_export_lora_in_bf16(folder, tmp_path):
     s = checks.sample_flags(["--ckpt_dir", folder["ckpt"]], str(out / "model.safetensors"), folder["cache"], 5)
     checks.check_lora_changes_the_sample(hy, s, tmp_path, lora / "lora.safetensors", 5, 24)
 
+    # --init_lora / --base_lora with that LoRA, on the same base
+    checks.check_init_and_base_lora(hy, [*common, "--dit_path", str(out / "model.safetensors")], tmp_path,
+                                    lora / "lora.safetensors", H.read_lora)
+
 
 def test_bench_in_bf16(folder):
     checks.check_bench_in_bf16(hy, folder["ckpt"], CLIP, 2 * 8)
@@ -88,10 +94,22 @@ def test_bench_in_bf16(folder):
     (["--sp", "2"], "--sp 2 must divide the number of processes (1)"),
     (["--timestep_sampling", "shift"], "--timestep_sampling shift with --shift 1 is plain uniform: give --shift N "
      "(musubi's `shift` is --timestep_sampling logit_normal --shift N here)"),
+    (["--mode", "sample", "--sample_prompts", "a", "--init_lora", "LORA"], "--init_lora starts a training run's "
+     "adapter from a file; to sample with one use --lora"),
+    (["--init_lora", "LORA", "--lora_rank", "8"], "--init_lora LORA: rank 4, alpha 4.0, targets img_attn_proj,"),
+    (["--init_lora", "LORA", "--lora_alpha", "8"], "leave --lora_rank, --lora_alpha and --lora_targets out or give "
+     "the file's"),
+    (["--base_lora", "x=LORA"], "--base_lora x=LORA: x= names a part of the model: this model has no parts"),
+    (["--base_lora", "LORA,nowhere.safetensors:0.5"], "--base_lora nowhere.safetensors: no such file"),
+    (["--mode", "bench", "--base_lora", "LORA"], "--base_lora merges a LoRA into the base of a training or sampling "
+     "run"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
-    checks.check_user_error(hy, [*base, *flags], says, tmp_path / "o")
+    lora = str(tmp_path / "lora.safetensors")  # LORA: a rank-4 LoRA (alpha 4) that fits the folder's DiT
+    write_lora(lora, checks.random_lora(H.add_lora(tiny_dit(), 4, 4.0)), 4.0)
+    checks.check_user_error(hy, [*base, *[f.replace("LORA", lora) for f in flags]], says.replace("LORA", lora),
+                            tmp_path / "o")
 
 
 def test_shift_sampling_with_a_shift_passes_the_checks():
