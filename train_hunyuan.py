@@ -1216,19 +1216,8 @@ def lora_for(path, cfg):
         lora_file.check_fits(path, lsd, rank, model, diffs)
     except ValueError as e:  # common/lora_file.py's: the file and what is wrong with it, in one line
         raise UserError(str(e)) from None
-    mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
-    for m in [m for m in mods if not m.startswith(("double_blocks.", "single_blocks."))]:
-        delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
-        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+    lora_file.fold_outside(lsd, rank, alpha, ("double_blocks.", "single_blocks."), diffs)
     return lsd, diffs, rank, alpha
-
-
-def base_loras(args):
-    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no `NAME=`)."""
-    try:
-        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
-    except ValueError as e:
-        raise UserError(f"--base_lora {e}") from None
 
 
 def check_lora_layout(path):
@@ -1633,13 +1622,8 @@ def check_args(args):
             lsd, diffs, r, a = lora_for(args.init_lora, fit)
             need(lsd and not diffs, f"--init_lora {args.init_lora}: its full-weight deltas (.diff / .diff_b) or "
                  "adapters outside the blocks cannot train as LoRA adapters: merge it into the base with --base_lora")
-            targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-            same_targets = args.lora_targets in (LORA_TARGETS, targets)  # left at the default, or the file's
-            need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and same_targets, f"--init_lora "
-                 f"{args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha and "
-                 "--lora_targets out or give the file's")
-            args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
-        for path, _ in base_loras(args):
+            lora_file.adopt(args, r, a, lora_file.targets_of(lsd), LORA_TARGETS)
+        for _, path, _ in lora_file.parse_list(args.base_lora):
             need(os.path.isfile(path), f"--base_lora {path}: no such file")
             lora_for(path, fit)
     if args.mode in ("train", "cache"):
@@ -2036,12 +2020,12 @@ def main(argv=None):
     lora_alpha, lsd, diffs = None, None, {}
     if value:
         lsd, diffs, args.lora_rank, lora_alpha = lora_for(value, cfg)
-        args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        args.lora_targets = lora_file.targets_of(lsd)
         if not lsd:  # only adapters outside the blocks (merged as deltas): no LoRALinear
             lsd, args.lora_rank = None, 0
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
     if rank == 0:
-        for file, mult in base_loras(args):  # --base_lora: W += mult (alpha / rank) B @ A, in fp32, then its dtype
+        for _, file, mult in lora_file.parse_list(args.base_lora):  # W += mult (alpha / rank) B @ A, fp32
             print0(f"--base_lora: {file} x {mult} merged into the DiT")
             blsd, bdiffs, brank, balpha = lora_for(file, cfg)
             lora_file.merge(sd, blsd, brank, balpha, bdiffs, mult)
@@ -2080,7 +2064,7 @@ def main(argv=None):
     if args.init_lora:  # only where set: a run folder of before still resumes
         fingerprint.update(init_lora=os.path.abspath(args.init_lora))
     if args.base_lora:
-        fingerprint.update(base_lora=[[os.path.abspath(f), m] for f, m in base_loras(args)])
+        fingerprint.update(base_lora=[[os.path.abspath(f), m] for _, f, m in lora_file.parse_list(args.base_lora)])
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

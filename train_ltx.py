@@ -1862,12 +1862,8 @@ def check_args(args):
         need(not diffs and all(k.startswith("transformer_blocks.") for k in lsd), f"--init_lora {args.init_lora}: "
              "its full-weight deltas (.diff / .diff_b) or adapters outside the blocks cannot train as LoRA adapters: "
              "merge it into the base with --base_lora")
-        targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
-             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, "
-             "--lora_alpha and --lora_targets out or give the file's")
-        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
-    for path, _ in base_loras(args):
+        lora_file.adopt(args, r, a, lora_file.targets_of(lsd), LORA_TARGETS)
+    for _, path, _ in lora_file.parse_list(args.base_lora):
         need(os.path.isfile(path), f"--base_lora {path}: no such file")
         lora_for(path, cfg, {})
     weights = args.dit_path or args.ckpt_dir
@@ -1989,14 +1985,6 @@ def build_encoders(args, cfg, device, video=True, text=True):
             ctx, mask = te.encode(prompts)
             return ctx[:, : int(mask.sum(1).max())].float()
     return enc_v, dec_v, enc_t
-
-
-def base_loras(args):
-    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no NAME= prefix)."""
-    try:
-        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
-    except ValueError as e:
-        raise UserError(f"--base_lora {e}") from None
 
 
 def dit_config(args):
@@ -2681,8 +2669,8 @@ def main(argv=None):
     value = args.lora if args.mode == "sample" else args.init_lora
     if value:
         lsd, args.lora_rank, lora_alpha = lora_for(value, cfg)
-        args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-    bases = base_loras(args)
+        args.lora_targets = lora_file.targets_of(lsd)
+    bases = [(f, m) for _, f, m in lora_file.parse_list(args.base_lora)]  # --base_lora: (file, multiplier)
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
     if rank == 0:
         for file, mult in bases:  # --base_lora: W += mult (alpha / rank) B @ A (+ deltas), in fp32, then its dtype

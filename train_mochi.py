@@ -984,14 +984,6 @@ def lora_for(path, cfg):
     return lsd, rank, alpha
 
 
-def base_loras(args):
-    """[(file, multiplier), ...] of --base_lora, in the order given (this model has no parts: no NAME= prefix)."""
-    try:
-        return [(path, mult) for _, path, mult in lora_file.parse_list(args.base_lora)]
-    except ValueError as e:
-        raise UserError(f"--base_lora {e}") from None
-
-
 def check_lora_layout(path):
     """One clear line for a diffusers-format LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`), from
     the header alone. Not mapped: its adapters on the split to_q / to_k / to_v would become one block-diagonal
@@ -1577,12 +1569,8 @@ def check_args(args):
     if args.init_lora:
         # the run's rank, alpha and targets are the file's, set here so that every later check sees a LoRA run
         lsd, r, a = lora_for(args.init_lora, cfg)
-        targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
-        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
-             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha "
-             "and --lora_targets out or give the file's")
-        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
-    for path, _ in base_loras(args) if args.base_lora else ():
+        lora_file.adopt(args, r, a, lora_file.targets_of(lsd), LORA_TARGETS)
+    for _, path, _ in lora_file.parse_list(args.base_lora):
         need(os.path.isfile(path), f"--base_lora {path}: no such file")
         lora_for(path, cfg)
     if args.mode in ("train", "cache"):
@@ -1904,10 +1892,11 @@ def main(argv=None):
     # straight into the compute dtype (keep_fp32's tensors stay fp32).
     # --lora (sample) / --init_lora (train): the file's adapters, rank, alpha and targets
     value = args.lora if args.mode == "sample" else args.init_lora if args.mode == "train" else ""
-    lora_alpha, lsd, bases = None, None, base_loras(args)
+    lora_alpha, lsd = None, None
+    bases = [(f, m) for _, f, m in lora_file.parse_list(args.base_lora)]  # --base_lora: (file, multiplier)
     if value:
         lsd, args.lora_rank, lora_alpha = lora_for(value, cfg)
-        args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+        args.lora_targets = lora_file.targets_of(lsd)
     sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype)
     if rank == 0:
         for file, mult in bases:  # --base_lora: W += mult (alpha / rank) B @ A, in fp32, then its dtype

@@ -1527,10 +1527,7 @@ def lora_for(path, cfg):
         lora_file.check_fits(path, lsd, rank, model, diffs)
     except ValueError as e:
         raise UserError(str(e)) from None
-    mods = sorted({k.rsplit(".lora_", 1)[0] for k in lsd})
-    for m in [m for m in mods if not m.startswith("blocks.")]:
-        delta = (alpha / rank) * lsd.pop(m + ".lora_B.weight") @ lsd.pop(m + ".lora_A.weight")
-        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+    lora_file.fold_outside(lsd, rank, alpha, "blocks.", diffs)
     return lsd, diffs, rank, alpha
 
 
@@ -2145,10 +2142,7 @@ def lora_files(value, experts, flag="--lora"):
 def base_loras(args, experts):
     """{expert: [(file, multiplier), ...]} of --base_lora, in the order given: an entry without `high=` / `low=`
     goes to every expert (to the one model of a single-model run)."""
-    try:
-        entries = lora_file.parse_list(args.base_lora, names=() if "" in experts else ("high", "low"))
-    except ValueError as e:
-        raise UserError(f"--base_lora {e}") from None
+    entries = lora_file.parse_list(args.base_lora, names=() if "" in experts else ("high", "low"))
     return {e: [(path, mult) for name, path, mult in entries if name in ("", e)] for e in experts}
 
 
@@ -2242,14 +2236,11 @@ def check_args(args):
             lsd, diffs, r, a = lora_for(path, cfg)
             need(lsd and not diffs, f"--init_lora {path}: its full-weight deltas (.diff / .diff_b) or adapters outside "
                  "the blocks cannot train as LoRA adapters: merge it into the base with --base_lora")
-            got.add((r, a, ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))))
+            got.add((r, a, lora_file.targets_of(lsd)))
         need(len(got) == 1, f"--init_lora {args.init_lora}: the two experts' files differ in rank, alpha or targets "
              f"({sorted(got)}); one run trains one adapter shape")
         r, a, targets = got.pop()
-        need(args.lora_rank in (0, r) and args.lora_alpha in (0, a) and args.lora_targets in (LORA_TARGETS, targets),
-             f"--init_lora {args.init_lora}: rank {r}, alpha {a}, targets {targets}; leave --lora_rank, --lora_alpha "
-             "and --lora_targets out or give the file's")
-        args.lora_rank, args.lora_alpha, args.lora_targets = r, a, targets
+        lora_file.adopt(args, r, a, targets, LORA_TARGETS)
     need(not args.base_lora or args.mode in ("train", "sample"), "--base_lora merges a LoRA into the base of a "
          "training or sampling run")
     if args.base_lora and args.mode in ("train", "sample"):
@@ -2706,7 +2697,7 @@ def main(argv=None):
         lora_alpha, lsd, diffs = None, None, {}
         if name in loras:
             lsd, diffs, args.lora_rank, lora_alpha = lora_for(loras[name], cfg)
-            args.lora_targets = ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in lsd}))
+            args.lora_targets = lora_file.targets_of(lsd)
             if not lsd:  # only deltas (or adapters outside the blocks, merged): no LoRALinear
                 lsd, args.lora_rank = None, 0
         sd = read_dit_weights(args, cfg, rank, torch.float32 if args.lora_rank == 0 else compute_dtype, path)

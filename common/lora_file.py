@@ -11,6 +11,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.args import UserError
+
 SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -111,17 +113,17 @@ def merge(sd, lsd, rank, alpha, diffs=None, mult=1.0):
         sd[k] = (sd[k].float() + mult * d.float()).to(sd[k].dtype)
 
 
-def parse_list(value, names=()):
+def parse_list(value, names=(), flag="--base_lora"):
     """--base_lora 'PATH[:MULT],...' -> [(name, path, mult)]: MULT (default 1) scales the LoRA's alpha / rank, and a
     `NAME=` before a path, one of `names` (e.g. the A14B experts high / low), applies it to that part alone (name
-    "": to every part). ValueError, naming the entry, for a malformed one."""
+    "": to every part). A malformed entry is a UserError line naming `flag` and the entry."""
     out = []
     for entry in [e.strip() for e in value.split(",") if e.strip()]:
         name, sep, rest = entry.partition("=")
         if sep and os.sep not in name:  # NAME=PATH
             if name not in names:
-                raise ValueError(f"{entry}: {name}= names a part of the model: "
-                                 + (", ".join(names) if names else "this model has no parts"))
+                raise UserError(f"{flag} {entry}: {name}= names a part of the model: "
+                                + (", ".join(names) if names else "this model has no parts"))
         else:
             name, rest = "", entry
         path, mult = rest, 1.0
@@ -132,6 +134,31 @@ def parse_list(value, names=()):
             except ValueError:
                 pass
         if not path:
-            raise ValueError(f"{entry}: expected PATH or PATH:MULTIPLIER")
+            raise UserError(f"{flag} {entry}: expected PATH or PATH:MULTIPLIER")
         out.append((name, path, mult))
     return out
+
+
+def fold_outside(lsd, rank, alpha, inside, diffs):
+    """Adapters on modules whose names do not start with `inside` (the blocks' prefixes: what add_lora wraps) moved
+    from `lsd` into `diffs` as the weight deltas they are, (alpha / rank) B @ A (added to a delta already there), in
+    place: a file's adapter on e.g. an input embedding is then merged into that weight."""
+    for m in sorted({k.rsplit(".lora_", 1)[0] for k in lsd if not k.startswith(inside)}):
+        delta = (alpha / rank) * lsd.pop(m + SUFFIX_B) @ lsd.pop(m + SUFFIX_A)
+        diffs[m + ".weight"] = diffs.get(m + ".weight", 0) + delta
+
+
+def targets_of(sd):
+    """The --lora_targets of a LoRA state dict: the module paths inside a block (`blocks.3.self_attn.q` ->
+    `self_attn.q`, `double_blocks.0.img_attn_qkv` -> `img_attn_qkv`), sorted, comma-separated."""
+    return ",".join(sorted({k.split(".", 2)[2].rsplit(".lora_", 1)[0] for k in sd}))
+
+
+def adopt(args, rank, alpha, targets, default_targets):
+    """--init_lora: the run takes its file's rank, alpha and targets (set on `args`, so that every later check sees a
+    LoRA run). Flags left at their defaults, or equal to the file's, agree; any other is one UserError line."""
+    if not (args.lora_rank in (0, rank) and args.lora_alpha in (0, alpha)
+            and args.lora_targets in (default_targets, targets)):
+        raise UserError(f"--init_lora {args.init_lora}: rank {rank}, alpha {alpha}, targets {targets}; leave "
+                        "--lora_rank, --lora_alpha and --lora_targets out or give the file's")
+    args.lora_rank, args.lora_alpha, args.lora_targets = rank, alpha, targets

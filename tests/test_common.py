@@ -305,9 +305,9 @@ def test_lora_lists_parse():
         ("high", "h.safetensors", 2.0), ("", "l.safetensors", 1.0)]
     assert parse_list("odd:name.safetensors") == [("", "odd:name.safetensors", 1.0)]  # not a number: part of the path
     assert parse_list("runs/a=b/l.safetensors") == [("", "runs/a=b/l.safetensors", 1.0)]  # = inside a path
-    with pytest.raises(ValueError, match="mid=x.safetensors: mid= names a part of the model: high, low"):
+    with pytest.raises(UserError, match="--base_lora mid=x.safetensors: mid= names a part of the model: high, low"):
         parse_list("mid=x.safetensors", names=("high", "low"))
-    with pytest.raises(ValueError, match="this model has no parts"):
+    with pytest.raises(UserError, match="this model has no parts"):
         parse_list("high=x.safetensors")
-    with pytest.raises(ValueError, match=":2: expected PATH or PATH:MULTIPLIER"):
+    with pytest.raises(UserError, match="--base_lora :2: expected PATH or PATH:MULTIPLIER"):
         parse_list(":2")
