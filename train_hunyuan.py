@@ -1610,8 +1610,6 @@ def check_args(args):
             raise UserError(str(e)) from None
         if f.endswith(".safetensors"):
             read_dit_config(f)
-    if args.lora and args.lora.endswith(".safetensors"):
-        check_lora_layout(args.lora)
     if args.lora or args.init_lora or args.base_lora:  # (each only in the modes it is for, checked above)
         # read and fitted to the model now (the checkpoint's shapes, no weights read), not after the cache is built
         fit = read_dit_config(f) if weights else cfg

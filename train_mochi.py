@@ -922,7 +922,10 @@ def read_genmo_lora(path):
         with safe_open(path, framework="pt", device="cpu") as f:
             raw, kw = {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("kwargs", "{}"))
     else:  # plain dicts, tensors and numbers only: weights_only loads it without running pickled code
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a pickle (or one with more than tensors): one line naming the file
+            raise ValueError(f"{path}: not a readable LoRA .pt file ({type(e).__name__}: {str(e)[:200]})") from None
         # pipelines.py reads {"state_dict", "kwargs"}; the fine-tuner itself (train.py, save_safetensors: false)
         # writes torch.save(model_sd): the bare tensor dict, no kwargs (then scale 1, as for a bare .safetensors)
         raw, kw = (obj["state_dict"], obj.get("kwargs", {})) if "state_dict" in obj else (obj, {})
@@ -1562,8 +1565,8 @@ def check_args(args):
             raise UserError(str(e)) from None
         except KeyError as e:  # not a Mochi DiT, or a diffusers file without its folder
             raise UserError(f"{weights}: {e.args[0]}") from None
-    if args.lora and args.lora.endswith(".safetensors"):
-        check_lora_layout(args.lora)
+    if args.lora and weights:  # read and fitted to the model now, not after the prompts are encoded
+        lora_for(args.lora, cfg)
     need(weights or not (args.init_lora or args.base_lora), "--init_lora and --base_lora need base weights to "
          "adapt: --ckpt_dir or --dit_path")
     if args.init_lora:

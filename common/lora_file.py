@@ -9,9 +9,10 @@ or are refused when it gives none."""
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common.args import UserError
+from common.weights import open_safetensors
 
 SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -42,7 +43,9 @@ def read_lora(path, prefixes=("diffusion_model.",), kohya_name=None, diffs=None)
     diffs: a dict that receives the file's full-weight deltas, {"X.weight": diff, "X.bias": diff_b} in fp32 (to be
     added to the weights: no alpha, no rank); None refuses a file that has some."""
     sd, alphas = {}, {}
-    for k, v in load_file(path).items():
+    with open_safetensors(path) as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in raw.items():
         if k.startswith("lora_unet_"):
             if kohya_name is None:
                 raise ValueError(f"{path}: kohya-format keys ({k}) but this model gives no kohya name map")

@@ -25,8 +25,20 @@ def read_safetensors(files, dtype=None):
 
 def safetensors_header(file):
     """(metadata dict, {key: shape}) of a .safetensors file, reading only its header (no tensor data)."""
-    with safe_open(file, framework="pt", device="cpu") as f:
+    with open_safetensors(file) as f:
         return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def open_safetensors(file):
+    """safe_open(file) on CPU; a folder, or a file that is not a whole .safetensors (a .pt renamed, a download cut
+    short), is a ValueError naming the file instead of the reader's bare "header too small" / "os error 19"."""
+    from safetensors import SafetensorError
+    if os.path.isdir(file):
+        raise ValueError(f"{file}: a folder, where a .safetensors file was expected")
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable .safetensors file ({e})") from None
 
 
 def read_pth(path):

@@ -311,3 +311,12 @@ def test_lora_lists_parse():
         parse_list("high=x.safetensors")
     with pytest.raises(UserError, match="--base_lora :2: expected PATH or PATH:MULTIPLIER"):
         parse_list(":2")
+
+
+def test_a_lora_file_that_is_not_one_is_one_line(tmp_path):
+    from common.lora_file import read_lora
+    (tmp_path / "cut.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"cut.safetensors: not a readable .safetensors file \(.*header"):
+        read_lora(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(ValueError, match="a folder, where a .safetensors file was expected"):
+        read_lora(str(tmp_path))

@@ -126,13 +126,17 @@ def test_bench_in_bf16(folder):
      "run"),
     (["--base_lora", "nowhere.safetensors:0.5"], "--base_lora nowhere.safetensors: no such file"),
     (["--ckpt_dir", "", "--preset", "tiny", "--init_lora", "LORA"], "--init_lora and --base_lora need base weights"),
+    (["--mode", "sample", "--sample_prompts", "a", "--lora", "BAD.pt"], "BAD.pt: not a readable LoRA .pt file"),
+    (["--init_lora", "BAD.safetensors"], "BAD.safetensors: not a readable .safetensors file"),
 ])
 def test_user_errors_are_one_line_before_any_work(folder, tmp_path, flags, says):
     base = ["--ckpt_dir", folder["ckpt"], "--data", folder["data"], "--out_dir", str(tmp_path / "o"), *CLIP]
     lora = str(tmp_path / "lora.safetensors")  # LORA in the flags: a rank-4 LoRA file of the tiny DiT
     model = M.add_lora(M.AsymmDiT(TINY_DIT), 4, 4)
     lora_file.write_lora(lora, M.lora_init_state(model, 0), 4)
-    flags = [f.replace("LORA", lora) for f in flags]
+    for ext in ("pt", "safetensors"):  # BAD.*: garbage, as a download cut short
+        (tmp_path / f"BAD.{ext}").write_bytes(b"garbage")
+    flags = [f.replace("LORA", lora).replace("BAD.", str(tmp_path / "BAD.")) for f in flags]
     checks.check_user_error(mochi, [*base, *flags], says, tmp_path / "o")
 
 
