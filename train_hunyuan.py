@@ -38,7 +38,7 @@ from common.fsdp import clean_name, gather_params, load_full_state_dict, paralle
 from common.log import RunLog
 from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_gb, pinned_gb, reset_peak_memory
 from common.prefetch import prefetch
-from common.schedule import EMA, lr_at
+from common.schedule import EMA, lr_at, param_groups
 from common.stop import StopSignal
 from common.weights import check_keys, check_shapes, read_weights, safetensors_header
 from data.cache import cache_entries, encode_dataset, load_batch
@@ -1490,6 +1490,7 @@ class Args:
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: float = 0.0  # LoRA alpha; 0 = the rank (scale 1)
     lora_targets: str = LORA_TARGETS  # the Linears (inside each double/single block) that get an adapter
+    lora_plus: float = 1.0  # LoRA+: lora_B learns at this multiple of --lr (the paper: 16; musubi's loraplus_lr_ratio)
     lora: str = ""  # --mode sample: a LoRA file to apply (ours, diffusion-pipe's, musubi's)
     init_lora: str = ""  # train: the adapter starts from this LoRA file, with its rank, alpha and targets (as --lora)
     base_lora: str = ""  # merged into the frozen base first (train, sample): PATH[:MULT],...
@@ -1633,6 +1634,8 @@ def check_args(args):
         need(weights or args.preset in ("toy", "tiny"), f"--preset {args.preset} trains from the released weights: "
              "pass --ckpt_dir (random init is for the toy and tiny presets only)")
         need(not (args.lora_rank and not weights), "--lora_rank needs base weights to adapt: --ckpt_dir or --dit_path")
+    need(args.lora_plus > 0 and (args.lora_plus == 1 or args.lora_rank), f"--lora_plus {args.lora_plus}: the "
+         "multiple of --lr at which a LoRA's B matrices learn, > 0, for a LoRA run (--lora_rank or --init_lora)")
     memory.check_flags(args)  # --base_dtype float8 / --offload 1: where they do not apply
     if args.mode == "sample":
         need(weights, "--mode sample needs trained weights: --dit_path (e.g. runs/hunyuan-toy/model.safetensors) or "
@@ -2063,6 +2066,8 @@ def main(argv=None):
         fingerprint.update(init_lora=os.path.abspath(args.init_lora))
     if args.base_lora:
         fingerprint.update(base_lora=[[os.path.abspath(f), m] for _, f, m in lora_file.parse_list(args.base_lora)])
+    if args.lora_plus != 1:
+        fingerprint.update(lora_plus=args.lora_plus)
     run_folder.start_or_resume(out_dir, fingerprint, args.resume, rank)
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -2071,7 +2076,8 @@ def main(argv=None):
            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else " (full fine-tune)"))
     # fused on CPU too: one kernel over all tensors; the for-loop default costs a DTensor dispatch per op per tensor,
     # more than the arithmetic on a small model (the Wan toy's bench step, 2 CPU threads: 0.15 -> 0.11 s; BENCHMARKS.md)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=True)
+    opt = torch.optim.AdamW(param_groups(named, args.lora_plus), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay, fused=True)
     ema = EMA(named, args.ema) if args.ema else None
     extra_state = {"ema": ema} if ema else None
     state, start = {"epoch": 0, "pos": 0}, 0
@@ -2117,7 +2123,7 @@ def main(argv=None):
         micro_batches, state_after = next(it)
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)  # --lora_plus: lora_B's group at a multiple
         loss_sum = torch.zeros((), device=device)
         tokens = flops = 0
         for m, b in enumerate(micro_batches):

@@ -59,3 +59,14 @@ class EMA:
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
+
+
+def param_groups(named, lora_plus=1.0):
+    """AdamW's parameters from [(name, parameter)]: as they are, or with LoRA+ (lora_plus != 1) in two groups, the
+    lora_B matrices at lora_plus times the schedule's lr (Hayou et al. 2024: B learns with a larger step than A; the
+    paper's ratio is 16, musubi-tuner's loraplus_lr_ratio). The training loop sets each group's lr to the schedule's
+    times its "lr_mult"."""
+    if lora_plus == 1:
+        return [p for _, p in named]
+    return [{"params": [p for n, p in named if ".lora_B." not in n], "lr_mult": 1.0},
+            {"params": [p for n, p in named if ".lora_B." in n], "lr_mult": lora_plus}]

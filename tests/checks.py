@@ -101,6 +101,22 @@ def check_lora_trains_only_the_adapters(run, toy, tmp_path, *base_flags):
     meta = dcp.FileSystemReader(str(out / "checkpoints" / "step_00000004")).read_metadata()
     model_keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys), model_keys[:5]
+    # --lora_plus 4: one step moves B exactly 4 times as far as without (the same gradients; Adam's step scales with
+    # the lr, and by a power of two exactly) and leaves A as the plain run does (B = 0: no gradient reaches A)
+    one, lora = {}, ["--lora_rank", "4", "--lr", "1e-2", "--dit_path", str(tmp_path / "base" / "model.safetensors"),
+                     "--dtype", "bf16", "--ckpt_every", "1"]
+    for plus in ("1", "4"):
+        run(toy, tmp_path / f"plus{plus}", "--max_steps", "1", "--lora_plus", plus, *lora)
+        one[plus] = load_file(str(tmp_path / f"plus{plus}" / "lora.safetensors"))
+    bs = [k for k in one["1"] if ".lora_B." in k]
+    assert bs and any(one["1"][k].abs().max() > 0 for k in bs)
+    assert all(torch.equal(one["4"][k].float(), 4 * one["1"][k].float()) if k in bs else torch.equal(one["4"][k],
+               one["1"][k]) for k in one["1"])
+    # and its two parameter groups come back from the checkpoint: resumed to 3, it runs as a 3-step run does
+    run(toy, tmp_path / "plus4", "--max_steps", "3", "--lora_plus", "4", "--resume", "1", *lora)
+    run(toy, tmp_path / "plus4_full", "--max_steps", "3", "--lora_plus", "4", *lora)
+    assert losses(tmp_path / "plus4") == losses(tmp_path / "plus4_full"), (losses(tmp_path / "plus4"),
+                                                                         losses(tmp_path / "plus4_full"))
     return sd
 
 

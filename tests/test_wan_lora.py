@@ -413,6 +413,9 @@ def test_init_lora_takes_the_files_rank_alpha_and_targets(tmp_path):
     (["--base_lora", "high=L"], "--base_lora high=L: high= names a part of the model: this model has no parts"),
     (["--base_lora", "L:0.5,nowhere.safetensors"], "--base_lora nowhere.safetensors: no such file"),
     (["--init_lora", "nowhere.safetensors"], "--init_lora nowhere.safetensors: no such file or folder"),
+    (["--lora_plus", "4"], "--lora_plus 4.0: the multiple of --lr at which a LoRA's B matrices learn, > 0, for a "
+     "LoRA run"),
+    (["--lora_plus", "0", "--init_lora", "L"], "--lora_plus 0.0: the multiple"),
     (["--mode", "bench", "--base_lora", "L"], "--base_lora merges a LoRA into the base of a training or sampling run"),
 ])
 def test_init_and_base_lora_mistakes_are_one_line(tmp_path, monkeypatch, flags, says):
