@@ -1123,8 +1123,8 @@ def keep_fp32(key):
 
 
 def official_dit_keys(sd):
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
-        if sd and all(k.startswith(prefix) for k in sd):
+    for prefix in ("model.diffusion_model.", "diffusion_model."):  # ComfyUI's fp8_scaled marker is unprefixed
+        if sd and all(k.startswith(prefix) for k in sd if k != "scaled_fp8"):
             return {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 

@@ -46,7 +46,7 @@ from common.perf import StepTimer, device_name, device_peak_flops, peak_memory_g
 from common.prefetch import prefetch
 from common.schedule import EMA, lr_at, param_groups
 from common.stop import StopSignal
-from common.weights import (check_keys, check_shapes, read_weights, safetensors_files,
+from common.weights import (check_keys, check_shapes, dequantize_scaled_fp8, read_weights, safetensors_files,
                             safetensors_header)
 from data.cache import cache_entries, encode_dataset, load_batch
 from data.dataset import load_dataset
@@ -1905,17 +1905,6 @@ def dit_files(path):
     if path.endswith(".safetensors") and os.path.isfile(path):
         return [path], None
     raise FileNotFoundError(f"{path}: expected a DiT checkpoint folder or a .safetensors file")
-
-
-def dequantize_scaled_fp8(sd, dtype_of):
-    """ComfyUI's "fp8_scaled" files (the DiT's and umT5's): an fp8 `<name>.weight` with a per-tensor fp32
-    `<name>.scale_weight`, plus markers that hold no weight (the top-level `scaled_fp8`, `<name>.scale_input`).
-    -> sd with each such weight = weight.float() * scale, cast at once to dtype_of(its key) (a tensor at a time: no fp32
-    copy of the model is ever made), the scales and markers gone. Works on meta tensors too (the header's shapes)."""
-    for k in [k for k in sd if k.endswith(".scale_weight")]:
-        w = k[: -len("scale_weight")] + "weight"
-        sd[w] = (sd[w].float() * sd.pop(k).float()).to(dtype_of(w))
-    return {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
 
 
 def official_dit_keys(sd, dtype=None, root_dtype=None):

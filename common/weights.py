@@ -13,14 +13,32 @@ from safetensors import safe_open
 
 def read_safetensors(files, dtype=None):
     """Read one or more .safetensors files into one dict on CPU, casting each floating tensor as it is read (so a
-    57 GB fp32 checkpoint needs 28.6 GB of host memory when it is wanted in bf16)."""
+    57 GB fp32 checkpoint needs 28.6 GB of host memory when it is wanted in bf16). ComfyUI's fp8_scaled files
+    (mochi_preview_fp8_scaled, t5xxl_fp8_e4m3fn_scaled, ...) come back dequantized: dequantize_scaled_fp8."""
     sd = {}
     for fn in files:
         with safe_open(fn, framework="pt", device="cpu") as f:
             for k in f.keys():
                 t = f.get_tensor(k)
-                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return sd
+                keep = t.element_size() == 1 or k.endswith(SCALE_KEYS)  # fp8 and its fp32 scale: cast after
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() and not keep else t
+    sd = dequantize_scaled_fp8(sd, lambda k: dtype or torch.float32)
+    return sd if dtype is None else {k: v.to(dtype) if v.is_floating_point() and v.element_size() == 1 else v
+                                     for k, v in sd.items()}  # unscaled fp8 (a plain cast) and nothing else
+
+
+SCALE_KEYS = (".scale_weight", ".scale_input")
+
+
+def dequantize_scaled_fp8(sd, dtype_of):
+    """ComfyUI's "fp8_scaled" files (a DiT's or a text encoder's): an fp8 `<name>.weight` with a per-tensor fp32
+    `<name>.scale_weight`, plus markers that hold no weight (the top-level `scaled_fp8`, `<name>.scale_input`).
+    -> sd with each such weight = weight.float() * scale, cast at once to dtype_of(its key) (a tensor at a time: no fp32
+    copy of the model is ever made), the scales and markers gone. Works on meta tensors too (the header's shapes)."""
+    for k in [k for k in sd if k.endswith(".scale_weight")]:
+        w = k[: -len("scale_weight")] + "weight"
+        sd[w] = (sd[w].float() * sd.pop(k).float()).to(dtype_of(w))
+    return {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(".scale_input")}
 
 
 def safetensors_header(file):

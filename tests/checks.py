@@ -612,3 +612,20 @@ def check_split_equals_whole(model, forward, weight, outputs="close", partial=Fa
         assert err < 1e-5, (n, err)
         if partial:
             assert not torch.allclose(p.grad, ref[n], rtol=1e-3, atol=1e-3), n  # one rank alone holds only a part
+
+
+def fp8_scaled(sd, prefix):
+    """ComfyUI's fp8_scaled layout (of any DiT whose blocks are `blocks.N`): each 2-d block weight in float8_e4m3fn with a per-tensor fp32 .scale_weight and
+    a .scale_input, the unprefixed `scaled_fp8` marker, the rest as it is (fp32 here), all but the marker prefixed.
+    -> (the file's tensors, {key: the dequantized weight the loader must give})."""
+    out, want = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().max() / 448
+            w8 = (v / scale).to(torch.float8_e4m3fn)
+            out[prefix + k], out[prefix + k[:-len("weight")] + "scale_weight"] = w8, scale.reshape(())
+            out[prefix + k[:-len("weight")] + "scale_input"] = torch.ones(())
+            want[k] = w8.float() * scale
+        else:
+            out[prefix + k], want[k] = v.contiguous(), v
+    return out, want

@@ -320,3 +320,24 @@ def test_a_lora_file_that_is_not_one_is_one_line(tmp_path):
         read_lora(str(tmp_path / "cut.safetensors"))
     with pytest.raises(ValueError, match="a folder, where a .safetensors file was expected"):
         read_lora(str(tmp_path))
+
+
+def test_read_safetensors_dequantizes_comfyui_fp8_scaled(tmp_path):
+    """A ComfyUI fp8_scaled file (any model's: mochi_preview_fp8_scaled, t5xxl_fp8_e4m3fn_scaled) reads back
+    dequantized, weight.float() x scale then the dtype asked for; a plain float8 tensor is just cast; markers go."""
+    from safetensors.torch import save_file
+    from common.weights import read_safetensors
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g)
+    scale = w.abs().max() / 448
+    w8 = (w / scale).to(torch.float8_e4m3fn)
+    plain = torch.randn(5, generator=g).to(torch.float8_e4m3fn)
+    save_file({"a.weight": w8, "a.scale_weight": scale.reshape(()), "a.scale_input": torch.ones(()),
+               "b.weight": plain, "c.bias": torch.ones(3), "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)},
+              str(tmp_path / "f.safetensors"))
+    for dtype in (None, torch.bfloat16):
+        sd = read_safetensors([str(tmp_path / "f.safetensors")], dtype)
+        assert set(sd) == {"a.weight", "b.weight", "c.bias"}
+        assert torch.equal(sd["a.weight"], (w8.float() * scale).to(dtype or torch.float32))
+        assert torch.equal(sd["b.weight"], plain.to(dtype) if dtype else plain)
+        assert sd["c.bias"].dtype == (dtype or torch.float32)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_mochi as M
+from tests.checks import fp8_scaled
 from tests.test_mochi_dit import inputs, tiny_dit
 from tests.test_mochi_vae import tiny_vae
 
@@ -40,6 +41,24 @@ def test_dit_bf16_keeps_rope_and_qk_norms_fp32(tmp_path):
     with torch.no_grad():
         a, b = ref(x, torch.tensor([0.5]), y, mask), m(x, torch.tensor([0.5]), y, mask)
     assert b.dtype == torch.float32 and ((a - b).norm() / a.norm()) < 0.05
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfyui_fp8_scaled_dit(tmp_path, prefix):
+    """ComfyUI's mochi_preview_fp8_scaled.safetensors layout: fp8 block weights with fp32 scales, the marker; read
+    dequantized (in fp32, then cast), the config off the same header."""
+    ref = tiny_dit()
+    tensors, want = fp8_scaled(ref.state_dict(), prefix)
+    f = tmp_path / "mochi_preview_fp8_scaled.safetensors"
+    save_file(tensors, str(f))
+    assert not torch.equal(want["blocks.0.attn.qkv_x.weight"], ref.state_dict()["blocks.0.attn.qkv_x.weight"])
+    got = M.load_dit(f).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg, sd = M.read_dit_checkpoint(f, torch.bfloat16)
+    assert torch.equal(sd["blocks.1.mlp_x.w2.weight"], want["blocks.1.mlp_x.w2.weight"].to(torch.bfloat16))
+    assert sd["pos_frequencies"].dtype == torch.float32  # kept fp32, as from the plain file
+    assert cfg == M.read_dit_config(f) and cfg.depth == ref.cfg.depth
+    M.check_args(M.Args(mode="bench", dit_path=str(f)))
 
 
 def test_dit_wrong_file_is_named(tmp_path):

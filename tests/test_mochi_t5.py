@@ -142,6 +142,23 @@ def test_loader_layouts(hf_model, model, tok_dir, tmp_path, layout):
         assert torch.equal(te.model(ids, mask), model(ids, mask))
 
 
+def test_comfyui_t5xxl_fp8_scaled_file(hf_model, tok_dir, tmp_path):
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled.safetensors layout (transformers' keys, fp8 Linear weights with fp32
+    `.scale_weight`s, the `scaled_fp8` marker): each weight dequantized, weight.float() x scale."""
+    sd = {k: v.clone() for k, v in hf_model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    name = "encoder.block.0.layer.0.SelfAttention.q"
+    scale = sd[name + ".weight"].abs().max() / 448
+    sd[name + ".weight"] = (sd[name + ".weight"] / scale).to(torch.float8_e4m3fn)
+    sd[name + ".scale_weight"] = scale.reshape(())
+    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    te = M.load_text_encoder(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", tokenizer_path=tok_dir)
+    got = te.model.state_dict()
+    assert torch.equal(got[name + ".weight"], sd[name + ".weight"].float() * scale)
+    k = "encoder.block.0.layer.0.SelfAttention.k.weight"
+    assert torch.equal(got[k], hf_model.state_dict()[k])
+
+
 def test_official_weights_folder_without_t5_is_named_before_reading(tmp_path):
     """genmoai/mochi scripts/download_weights.py fills a folder with dit/encoder/decoder.safetensors only (upstream
     takes T5 from google/t5-v1_1-xxl): say so, instead of reading the 40 GB DiT as T5 weights."""

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_wan as W
+from tests.checks import fp8_scaled
 from tests.helpers import dit_inputs, tiny_dit
 
 
@@ -146,23 +147,6 @@ def test_diffusers_a14b_root_is_two_experts(tmp_path):
             assert set(sd) == set(want) and all(torch.equal(sd[k], want[k]) for k in want), e
     (tmp_path / "model_index.json").unlink()  # no boundary_ratio: upstream's own for the model type
     assert W.boundary_of(W.Args(ckpt_dir=str(tmp_path)), cfg) == 0.875
-
-
-def fp8_scaled(sd, prefix):
-    """ComfyUI's fp8_scaled layout: each 2-d block weight in float8_e4m3fn with a per-tensor fp32 .scale_weight and
-    a .scale_input, the unprefixed `scaled_fp8` marker, the rest as it is (fp32 here), all but the marker prefixed.
-    -> (the file's tensors, {key: the dequantized weight the loader must give})."""
-    out, want = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
-    for k, v in sd.items():
-        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2:
-            scale = v.abs().max() / 448
-            w8 = (v / scale).to(torch.float8_e4m3fn)
-            out[prefix + k], out[prefix + k[:-len("weight")] + "scale_weight"] = w8, scale.reshape(())
-            out[prefix + k[:-len("weight")] + "scale_input"] = torch.ones(())
-            want[k] = w8.float() * scale
-        else:
-            out[prefix + k], want[k] = v.contiguous(), v
-    return out, want
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
